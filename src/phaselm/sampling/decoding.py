@@ -1,0 +1,207 @@
+"""Batched autoregressive decoding with a KV cache for any transformers causal LM.
+
+:class:`Sampler` is plain decoding (greedy or temperature sampling with top-k / top-p / min-p);
+:class:`phaselm.PhaseSlipSampler` subclasses it and replaces only how next-token logits are made.
+A list of prompts runs as one batch (left padding, attention mask, position ids from the mask).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from phaselm.sampling.processors import SamplingConfig, choose_tokens
+
+
+@dataclass
+class GenerationOutput:
+    """Everything a generation produced.
+
+    ``texts[b]``: the continuation of prompt b (prompt not included). ``token_ids[b]``: its token
+    ids (EOS included when generated). ``diagnostics``: per-step tensors ``[B, steps]`` (for
+    Phase-Slip: ``entropy`` of the clean distribution in nats, ``clean_weight`` α_eff,
+    ``kl`` = KL(clean ‖ perturbed) in nats) and ``heads``, the (layer, kv_head) pairs perturbed.
+    """
+
+    texts: list[str]
+    token_ids: list[list[int]]
+    prompt_lengths: list[int]
+    new_tokens: int
+    seconds: float
+    diagnostics: dict = field(default_factory=dict)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
+class Sampler:
+    """Greedy or temperature sampling, batched, with the transformers KV cache.
+
+    >>> sampler = Sampler(model, tokenizer)
+    >>> sampler.generate("Once upon a time", max_new_tokens=20, temperature=0.8, top_k=40, seed=0)
+    """
+
+    default_temperature = 1.0
+
+    def __init__(self, model, tokenizer):
+        self.model = model
+        self.tokenizer = tokenizer
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
+        eos = eos if eos is not None else tokenizer.eos_token_id
+        self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+        self._forward_takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def context_length(self) -> int | None:
+        cfg = self.model.config
+        return getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+
+    # ------------------------------------------------------------------ public API
+    def generate(
+        self,
+        prompt_or_prompts: str | list[str],
+        max_new_tokens: int = 64,
+        temperature: float | None = None,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        min_p: float | None = None,
+        seed: int | None = None,
+        do_sample: bool = True,
+        stop_at_eos: bool = True,
+        return_details: bool = False,
+        progress: bool = False,
+    ):
+        """Continue one prompt (returns a str) or a list of prompts (returns a list of str).
+
+        With ``return_details=True`` returns a :class:`GenerationOutput` (token ids, timings,
+        per-step diagnostics). ``seed`` fixes the sampling draws (a private generator; the global
+        torch RNG is not touched). ``do_sample=False`` decodes greedily.
+        """
+        single = isinstance(prompt_or_prompts, str)
+        prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
+        cfg = SamplingConfig(
+            temperature=self.default_temperature if temperature is None else temperature,
+            top_k=top_k,
+            top_p=top_p,
+            min_p=min_p,
+            do_sample=do_sample,
+        )
+        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
+        ids, mask = self._encode(prompts, max_new_tokens)
+        out = self._decode(ids, mask, max_new_tokens, cfg, seed, stop_at_eos, progress)
+        if return_details:
+            return out
+        return out.texts[0] if single else out.texts
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def _make_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+    def _session(self, cache, seed: int | None):
+        """Context around the whole decode (subclasses install hooks and seed their RNGs here)."""
+        return nullcontext()
+
+    def _next_logits(self, cache, input_ids, attention_mask, position_ids, diagnostics) -> torch.Tensor:
+        """Next-token logits ``[B, V]`` after feeding ``input_ids [B, 1]``."""
+        return self._forward(cache, input_ids, attention_mask, position_ids).logits[:, -1].float()
+
+    # ------------------------------------------------------------------ internals
+    def _forward(self, cache, input_ids, attention_mask, position_ids, **extra):
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            **extra,
+        )
+
+    def _encode(self, prompts: list[str], max_new_tokens: int):
+        if not prompts:
+            raise ValueError("prompt_or_prompts is an empty list; pass at least one prompt")
+        for i, p in enumerate(prompts):
+            if not isinstance(p, str) or not p.strip():
+                raise ValueError(f"prompt {i} is empty; pass non-empty text")
+        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        lengths = mask.sum(-1)
+        if int(lengths.min()) == 0:
+            raise ValueError(f"prompt {int(lengths.argmin())} tokenizes to zero tokens; pass non-empty text")
+        ctx = self.context_length
+        if ctx is not None:
+            longest = int(lengths.max())
+            if longest > ctx:
+                raise ValueError(
+                    f"prompt has {longest} tokens, longer than the model's context of {ctx} tokens; shorten the prompt"
+                )
+            if longest + max_new_tokens > ctx:
+                raise ValueError(
+                    f"max_new_tokens={max_new_tokens} plus the prompt's {longest} tokens exceeds the model's context "
+                    f"of {ctx} tokens; use max_new_tokens <= {ctx - longest}"
+                )
+        return ids.to(self.device), mask.to(self.device)
+
+    @torch.no_grad()
+    def _decode(self, ids, mask, max_new_tokens, cfg, seed, stop_at_eos, progress) -> GenerationOutput:
+        batch, prompt_len = ids.shape
+        device = ids.device
+        generator = None
+        if cfg.do_sample:
+            generator = torch.Generator(device=device)
+            generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        cache = self._make_cache()
+        diagnostics: dict = {}
+        generated = torch.full((batch, max_new_tokens), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        lengths = torch.zeros(batch, dtype=torch.long, device=device)
+        eos = torch.tensor(sorted(self.eos_ids), device=device) if self.eos_ids else None
+        start = time.perf_counter()
+        with self._session(cache, seed):
+            if prompt_len > 1:  # prefill all but the last prompt token; the loop feeds that one
+                extra = {"logits_to_keep": 1} if self._forward_takes_logits_to_keep else {}
+                self._forward(cache, ids[:, :-1], mask[:, :-1], position_ids[:, :-1], **extra)
+            token, step_mask, step_pos = ids[:, -1:], mask, position_ids[:, -1:]
+            steps = tqdm(range(max_new_tokens), desc="generating", unit="tok", disable=not progress, leave=False)
+            for step in steps:
+                logits = self._next_logits(cache, token, step_mask, step_pos, diagnostics)
+                nxt = choose_tokens(logits, cfg, generator)
+                nxt = torch.where(finished, torch.full_like(nxt, self.tokenizer.pad_token_id), nxt)
+                generated[:, step] = nxt
+                lengths += (~finished).long()
+                if stop_at_eos and eos is not None:
+                    finished |= torch.isin(nxt, eos)
+                    if bool(finished.all()):
+                        break
+                token = nxt[:, None]
+                step_mask = torch.cat([step_mask, step_mask.new_ones(batch, 1)], dim=-1)
+                step_pos = step_pos + 1
+        seconds = time.perf_counter() - start
+        token_ids = [generated[b, : int(lengths[b])].tolist() for b in range(batch)]
+        texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in token_ids]
+        for key, value in list(diagnostics.items()):
+            if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+                diagnostics[key] = torch.stack(value, dim=-1).cpu()
+        return GenerationOutput(
+            texts=texts,
+            token_ids=token_ids,
+            prompt_lengths=mask.sum(-1).tolist(),
+            new_tokens=int(lengths.sum()),
+            seconds=seconds,
+            diagnostics=diagnostics,
+        )

@@ -1,0 +1,97 @@
+"""Model loading errors, the CLI's one-line errors, and end-to-end runs on the embedded model."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import phaselm
+from phaselm import ModelLoadError, PhaseSlipSampler, Sampler, load_causal_lm
+from phaselm.cli import main
+from tests.conftest import make_model, make_tokenizer
+
+
+@pytest.fixture
+def tiny_folder(tmp_path):
+    model, tok = make_model("llama"), make_tokenizer()
+    model.save_pretrained(tmp_path / "tiny")
+    tok.save_pretrained(tmp_path / "tiny")
+    return tmp_path / "tiny"
+
+
+def test_local_folder_loads_and_generates(tiny_folder):
+    model, tok = load_causal_lm(tiny_folder)
+    assert not model.training
+    out = PhaseSlipSampler(model, tok, heads=[(3, 0)]).generate("the king", max_new_tokens=4, seed=0)
+    assert isinstance(out, str)
+
+
+def test_unreachable_hub_name_is_one_clear_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="not a local folder") as err:
+        load_causal_lm("no-such-org/no-such-model-xyz")
+    assert "\n" not in str(err.value)
+
+
+def test_missing_gguf_and_encoder_only_models_are_rejected(tmp_path):
+    with pytest.raises(ModelLoadError, match="GGUF file not found"):
+        load_causal_lm(tmp_path / "missing.gguf")
+    from transformers import BertConfig, BertForMaskedLM
+
+    folder = tmp_path / "bert"
+    BertForMaskedLM(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                               intermediate_size=64)).save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    with pytest.raises(ModelLoadError, match="causal|cache|decoder"):
+        load_causal_lm(folder)
+
+
+def test_cli_bad_input_prints_one_line_and_exits_2(tiny_folder, capsys):
+    cases = [
+        ["generate", "", "--model", str(tiny_folder)],
+        ["generate", "the king", "--model", str(tiny_folder), "--top-p", "1.5"],
+        ["generate", "the king", "--model", str(tiny_folder), "--noise-scale", "-1"],
+        ["generate", "the king", "--model", str(tiny_folder), "--window", "0"],
+        ["generate", "the king", "--model", str(tiny_folder), "--sampler", "standard", "--temperature", "0"],
+        ["calibrate", "--model", str(tiny_folder), "--search-layers", "99"],
+        ["generate", "the king", "--model", "/no/such/folder.gguf"],
+    ]
+    for argv in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("phaselm ") and "error:" in err[0], (argv, err)
+
+
+def test_cli_generate_and_calibrate_on_a_local_model(tiny_folder, capsys):
+    assert main(["generate", "the king", "--model", str(tiny_folder), "--max-new-tokens", "5",
+                 "--search-layers", "2", "--num-heads", "1", "--diagnostics"]) == 0
+    assert capsys.readouterr().out.startswith("the king")
+    assert main(["calibrate", "--model", str(tiny_folder), "--search-layers", "2"]) == 0
+    assert "selected (layer, kv_head)" in capsys.readouterr().out
+
+
+@pytest.mark.embedded
+def test_embedded_model_end_to_end(embedded):
+    model, tok = embedded
+    assert model.config.num_hidden_layers == 30 and model.config.num_key_value_heads == 3
+    prompt = "The ancient door creaked open"
+    greedy = Sampler(model, tok).generate(prompt, max_new_tokens=12, do_sample=False, return_details=True)
+    ref = model.generate(**tok(prompt, return_tensors="pt"), max_new_tokens=12, do_sample=False)
+    assert greedy.token_ids[0] == ref[0, -12:].tolist()
+    sampler = PhaseSlipSampler(model, tok, noise_scale=0.0)
+    cal = sampler.calibrate_heads(search_layers=6)
+    assert len(cal.rows) == 18 and len(cal.selected) == 3 and all(l >= 24 for l, _ in cal.selected)
+    kw = dict(max_new_tokens=16, top_k=40, seed=11, return_details=True, stop_at_eos=False)
+    zero = sampler.generate([prompt, "Once upon a time"], **kw)
+    plain = Sampler(model, tok).generate([prompt, "Once upon a time"], temperature=0.65, **kw)
+    assert zero.token_ids == plain.token_ids
+    strong = PhaseSlipSampler(model, tok, noise_scale=1.0, heads=cal.selected).generate(prompt, **kw)
+    assert strong.diagnostics["kl"].mean() > 1e-4
+
+
+@pytest.mark.embedded
+def test_demo_command_runs(embedded):
+    proc = subprocess.run([sys.executable, "-m", "phaselm.cli", "demo", "--max-new-tokens", "8"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("tok/s") == 3 and "greedy" in proc.stdout and "phase-slip" in proc.stdout
