@@ -94,4 +94,4 @@ def test_demo_command_runs(embedded):
     proc = subprocess.run([sys.executable, "-m", "phaselm.cli", "demo", "--max-new-tokens", "8"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.count("tok/s") == 3 and "greedy" in proc.stdout and "phase-slip" in proc.stdout
+    assert proc.stdout.count("tok/s") == 4 and "greedy" in proc.stdout and "phase-slip" in proc.stdout
