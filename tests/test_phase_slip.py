@@ -47,7 +47,7 @@ class _ReferencePerturbedCache(DynamicCache):
         if layer_idx in self.rot:
             values = values.clone()
             w = min(self.window, values.shape[-2])
-            values[..., -w:, :] = torch.einsum("bhwd,hed->bhwe", values[..., -w:, :], self.rot[layer_idx][0])
+            values[..., -w:, :] = torch.einsum("bhwd,hed->bhwe", values[..., -w:, :], self.rot[layer_idx][0, 0])
         return keys, values
 
 
@@ -65,9 +65,9 @@ def test_row_groups_equal_a_full_perturbed_copy_and_leave_the_clean_cache_untouc
             model(ids[:, :-1], attention_mask=mask[:, :-1], position_ids=pos[:, :-1], past_key_values=cache, use_cache=True)
         token, step_mask, step_pos = ids[:, -1:], mask, pos[:, -1:]
         for _ in range(4):
-            rot = {layer: torch.eye(d).repeat(1, n_kv, 1, 1) for layer in (2, 3)}
-            rot[2][0, 0] = random_rotations(1, d, 1.0, generator=gen)[0]
-            rot[3][0, n_kv - 1] = random_rotations(1, d, 1.0, generator=gen)[0]
+            rot = {layer: torch.eye(d).repeat(1, 1, n_kv, 1, 1) for layer in (2, 3)}
+            rot[2][0, 0, 0] = random_rotations(1, d, 1.0, generator=gen)[0]
+            rot[3][0, 0, n_kv - 1] = random_rotations(1, d, 1.0, generator=gen)[0]
             oracle = _ReferencePerturbedCache(plain, rot, window)
             z_oracle = model(token, attention_mask=step_mask, position_ids=step_pos, past_key_values=oracle).logits[:, -1]
             z_plain = model(token, attention_mask=step_mask, position_ids=step_pos, past_key_values=plain).logits[:, -1]
@@ -182,3 +182,17 @@ def test_contrast_fusion_moves_away_from_the_perturbed_pass(tokenizer):
     assert not torch.allclose(captured["gate"], captured["contrast"])
     z_c = (captured["gate"] + captured["contrast"]) / 2
     assert int(z_c.argmax()) == clean.token_ids[0][0]
+
+
+def test_per_prompt_seeds_make_each_generation_independent_of_its_batch(tokenizer):
+    from tests.conftest import make_model
+
+    model = make_model("llama")
+    s = PhaseSlipSampler(model, tokenizer, noise_scale=1.0, heads=[(2, 0), (3, 1)])
+    kw = dict(max_new_tokens=10, temperature=1.0, stop_at_eos=False, return_details=True)
+    batched = s.generate(["the king", "the king", "a dark sea"], seed=[5, 6, 7], **kw)
+    alone = [s.generate(p, seed=sd, **kw).token_ids[0] for p, sd in (("the king", 5), ("the king", 6), ("a dark sea", 7))]
+    assert batched.token_ids == alone
+    assert batched.token_ids[0] != batched.token_ids[1]
+    with pytest.raises(ValueError, match="seed"):
+        s.generate(["a", "b"], seed=[1, 2, 3])

@@ -36,10 +36,10 @@ def test_each_filter_actually_restricts_the_draws():
     best = int(z.argmax())
     for cfg in [SamplingConfig(top_k=1), SamplingConfig(top_p=1e-6), SamplingConfig(min_p=0.999)]:
         g = torch.Generator().manual_seed(0)
-        draws = {int(choose_tokens(z, cfg, g)) for _ in range(50)}
+        draws = {int(choose_tokens(z, cfg, [g])) for _ in range(50)}
         assert draws == {best}, cfg
     g = torch.Generator().manual_seed(0)
-    assert len({int(choose_tokens(z, SamplingConfig(temperature=5.0), g)) for _ in range(50)}) > 10
+    assert len({int(choose_tokens(z, SamplingConfig(temperature=5.0), [g])) for _ in range(50)}) > 10
 
 
 def test_entropy_in_nats():

@@ -113,8 +113,8 @@ def calibrate_heads(
         per_layer: dict[int, torch.Tensor] = {}
         for g, t in enumerate(chunk):
             layer, head = trials[t]
-            rot = per_layer.setdefault(layer, eye.repeat(len(chunk), num_kv, 1, 1))
-            rot[g, head] = rotations[t]
+            rot = per_layer.setdefault(layer, eye.repeat(len(chunk), 1, num_kv, 1, 1))
+            rot[g, 0, head] = rotations[t]
         cache = RowGroupCache(config=model.config)
         with cache.attach(model, first_layer), cache.row_groups(1, {k: v.to(device) for k, v in per_layer.items()}, None):
             logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, :-1].float()

@@ -77,7 +77,7 @@ class Sampler:
         top_k: int | None = None,
         top_p: float | None = None,
         min_p: float | None = None,
-        seed: int | None = None,
+        seed: int | list[int] | None = None,
         do_sample: bool = True,
         stop_at_eos: bool = True,
         return_details: bool = False,
@@ -86,8 +86,10 @@ class Sampler:
         """Continue one prompt (returns a str) or a list of prompts (returns a list of str).
 
         With ``return_details=True`` returns a :class:`GenerationOutput` (token ids, timings,
-        per-step diagnostics). ``seed`` fixes the sampling draws (a private generator; the global
-        torch RNG is not touched). ``do_sample=False`` decodes greedily.
+        per-step diagnostics). ``seed`` fixes the sampling draws (private generators; the global
+        torch RNG is not touched): an int for the whole batch, or one int per prompt, so that each
+        generation depends only on its own seed and not on what it is batched with.
+        ``do_sample=False`` decodes greedily.
         """
         single = isinstance(prompt_or_prompts, str)
         prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
@@ -101,7 +103,12 @@ class Sampler:
         if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
         ids, mask = self._encode(prompts, max_new_tokens)
-        out = self._decode(ids, mask, max_new_tokens, cfg, seed, stop_at_eos, progress)
+        if seed is None:
+            seed = int(torch.randint(0, 2**31 - 1, ()).item())
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed)]
+        if len(seeds) not in (1, len(prompts)):
+            raise ValueError(f"seed: give one int or one per prompt ({len(prompts)}), got {len(seeds)}")
+        out = self._decode(ids, mask, max_new_tokens, cfg, seeds, stop_at_eos, progress)
         if return_details:
             return out
         return out.texts[0] if single else out.texts
@@ -112,7 +119,7 @@ class Sampler:
 
         return DynamicCache(config=self.model.config)
 
-    def _session(self, cache, seed: int | None):
+    def _session(self, cache, seeds: list[int]):
         """Context around the whole decode (subclasses install hooks and seed their RNGs here)."""
         return nullcontext()
 
@@ -157,13 +164,10 @@ class Sampler:
         return ids.to(self.device), mask.to(self.device)
 
     @torch.no_grad()
-    def _decode(self, ids, mask, max_new_tokens, cfg, seed, stop_at_eos, progress) -> GenerationOutput:
+    def _decode(self, ids, mask, max_new_tokens, cfg, seeds, stop_at_eos, progress) -> GenerationOutput:
         batch, prompt_len = ids.shape
         device = ids.device
-        generator = None
-        if cfg.do_sample:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**31 - 1, ()).item()))
+        generators = [torch.Generator(device=device).manual_seed(s) for s in seeds] if cfg.do_sample else None
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         cache = self._make_cache()
         diagnostics: dict = {}
@@ -172,7 +176,7 @@ class Sampler:
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         eos = torch.tensor(sorted(self.eos_ids), device=device) if self.eos_ids else None
         start = time.perf_counter()
-        with self._session(cache, seed):
+        with self._session(cache, seeds):
             if prompt_len > 1:  # prefill all but the last prompt token; the loop feeds that one
                 extra = {"logits_to_keep": 1} if self._forward_takes_logits_to_keep else {}
                 self._forward(cache, ids[:, :-1], mask[:, :-1], position_ids[:, :-1], **extra)
@@ -180,7 +184,7 @@ class Sampler:
             steps = tqdm(range(max_new_tokens), desc="generating", unit="tok", disable=not progress, leave=False)
             for step in steps:
                 logits = self._next_logits(cache, token, step_mask, step_pos, diagnostics)
-                nxt = choose_tokens(logits, cfg, generator)
+                nxt = choose_tokens(logits, cfg, generators)
                 nxt = torch.where(finished, torch.full_like(nxt, self.tokenizer.pad_token_id), nxt)
                 generated[:, step] = nxt
                 lengths += (~finished).long()

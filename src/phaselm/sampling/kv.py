@@ -10,7 +10,7 @@ run extra *row groups* through the upper part of the model in the same forward p
   row ``g·B + b`` is group ``g`` of prompt ``b``. Group 0 is the clean path.
 * In :meth:`RowGroupCache.update` group ``g`` attends to the *clean* past keys/values plus its own
   new entries; its value vectors at the last ``window`` positions are multiplied by
-  ``rotations[layer][g-1, kv_head]`` (``v ← R v``). Only group 0's new entries are stored, so the
+  ``rotations[layer][g-1, b, kv_head]`` (``v ← R v``). Only group 0's new entries are stored, so the
   cache stays exactly the clean cache: the perturbed state is discarded after every pass.
 
 Heads are key/value heads (GQA aware): a rotation of KV head h reaches every query head that
@@ -79,8 +79,9 @@ class RowGroupCache(DynamicCache):
     def row_groups(self, batch: int, rotations: dict[int, torch.Tensor], window: int | None):
         """Run ``1 + n_perturbed`` row groups in the forward passes inside the block.
 
-        ``rotations[layer]``: ``[n_perturbed, num_kv_heads, head_dim, head_dim]`` (identity for
-        heads left alone); layers without an entry are not rotated. ``window``: how many of the
+        ``rotations[layer]``: ``[n_perturbed, B or 1, num_kv_heads, head_dim, head_dim]`` (one
+        rotation per group, row and KV head; identity for heads left alone; a row axis of 1 is
+        shared by all rows); layers without an entry are not rotated. ``window``: how many of the
         most recent positions are rotated (``None``: all).
         """
         sizes = {r.shape[0] for r in rotations.values()}
@@ -126,5 +127,5 @@ class RowGroupCache(DynamicCache):
         if rot is not None:
             width = all_v.shape[-2] if self.window is None else min(self.window, all_v.shape[-2])
             window = all_v[1:, ..., -width:, :]  # [n-1, B, H, W, d]
-            all_v[1:, ..., -width:, :] = torch.einsum("gbhwd,ghed->gbhwe", window, rot.to(window.dtype))
+            all_v[1:, ..., -width:, :] = torch.einsum("gbhwd,gbhed->gbhwe", window, rot.to(window.dtype))
         return all_k.flatten(0, 1), all_v.flatten(0, 1)

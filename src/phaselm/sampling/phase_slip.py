@@ -118,22 +118,26 @@ class PhaseSlipSampler(Sampler):
         return RowGroupCache(config=self.model.config)
 
     @contextmanager
-    def _session(self, cache, seed):
+    def _session(self, cache, seeds):
         if self.heads is None:
             log.info("PhaseSlipSampler: no heads given; calibrating with the defaults")
             self.calibrate_heads(search_layers=min(6, self.num_layers))
-        self._rotation_rng = torch.Generator().manual_seed((0 if seed is None else seed) + 0x5EED)
+        # one rotation stream per seed (per row when seeds are per prompt), apart from the draws
+        self._rotation_rngs = [torch.Generator().manual_seed(s + 0x5EED) for s in seeds]
         with cache.attach(self.model, first_layer=min(layer for layer, _ in self.heads)):
             yield
 
     def _draw_rotations(self) -> dict[int, torch.Tensor]:
-        """Per perturbed layer, ``[1, num_kv_heads, d, d]``: a fresh rotation for selected heads, I elsewhere."""
-        fresh = random_rotations(len(self.heads), self.head_dim, self.noise_scale, generator=self._rotation_rng)
+        """Per perturbed layer, ``[1, rows, num_kv_heads, d, d]``: fresh rotations of the selected
+        heads (one stream per seed), identity elsewhere."""
+        rows = len(self._rotation_rngs)
+        fresh = torch.stack([random_rotations(len(self.heads), self.head_dim, self.noise_scale, generator=g)
+                             for g in self._rotation_rngs], dim=1)  # [heads, rows, d, d]
         rotations: dict[int, torch.Tensor] = {}
         eye = torch.eye(self.head_dim)
         for (layer, head), rot in zip(self.heads, fresh):
-            per_layer = rotations.setdefault(layer, eye.repeat(1, self.num_kv_heads, 1, 1))
-            per_layer[0, head] = rot
+            per_layer = rotations.setdefault(layer, eye.repeat(1, rows, self.num_kv_heads, 1, 1))
+            per_layer[0, :, head] = rot
         return {layer: r.to(self.device) for layer, r in rotations.items()}
 
     def _next_logits(self, cache, input_ids, attention_mask, position_ids, diagnostics) -> torch.Tensor:

@@ -59,12 +59,15 @@ def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     return z
 
 
-def choose_tokens(logits: torch.Tensor, cfg: SamplingConfig, generator: torch.Generator | None) -> torch.Tensor:
-    """Next tokens ``[B]`` from ``logits [B, V]``: argmax when greedy, else a draw from the processed softmax."""
+def choose_tokens(logits: torch.Tensor, cfg: SamplingConfig, generators: list[torch.Generator] | None) -> torch.Tensor:
+    """Next tokens ``[B]`` from ``logits [B, V]``: argmax when greedy, else a draw from the processed
+    softmax; with one generator per row (``generators[b]``) each row's draws depend only on its seed."""
     if not cfg.do_sample:
         return logits.argmax(-1)
     probs = process_logits(logits, cfg).softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if generators is None or len(generators) == 1:
+        return torch.multinomial(probs, 1, generator=None if generators is None else generators[0]).squeeze(-1)
+    return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generators)])
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
