@@ -60,6 +60,24 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.add_argument("--noise-scale", type=float, default=0.03)
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    bs = bench.add_parser("sampling", help="Phase-Slip vs standard sampling at matched diversity",
+                          description="Writes results.json, report.md and frontier.png under --out.")
+    _add_model(bs)
+    bs.add_argument("--judge", default=None, help="a second model whose perplexity of the generations is reported")
+    bs.add_argument("--protocol", choices=["phaselm", "published"], default="phaselm",
+                    help="published: its 5 prompts x 40 rounds x 200 tokens (unless --rounds/--max-new-tokens given)")
+    bs.add_argument("--rounds", type=int, default=None, help="generations per prompt (default 8)")
+    bs.add_argument("--max-new-tokens", type=int, default=None, help="default 64")
+    bs.add_argument("--prompts", default=None, help="a text file, one prompt per line (default: the published 5)")
+    bs.add_argument("--methods", default=None, help="comma-separated subset of the main methods")
+    bs.add_argument("--metrics", default=None, help="comma-separated subset of the metrics")
+    bs.add_argument("--no-sweep", action="store_true", help="skip the temperature / noise sweeps")
+    bs.add_argument("--temperatures", default=None, help="sweep temperatures, comma-separated")
+    bs.add_argument("--noise-scales", default=None, help="sweep noise scales (rad), comma-separated")
+    bs.add_argument("--human-passages", type=int, default=20, help="human-reference passages per source (0: none)")
+    bs.add_argument("--batch-size", type=int, default=8)
+    bs.add_argument("--out", default="results/sampling")
     return parser
 
 
@@ -68,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     from phaselm.pretrained import ModelLoadError
 
     try:
-        return {"generate": cmd_generate, "calibrate": cmd_calibrate, "demo": cmd_demo}[args.command](args)
+        return {"generate": cmd_generate, "calibrate": cmd_calibrate, "demo": cmd_demo,
+                "bench": cmd_bench}[args.command](args)
     except (ValueError, ModelLoadError) as err:
         print(f"phaselm {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -180,6 +199,66 @@ def cmd_demo(args) -> int:
         print()
     print("noise_scale is the rotation angle of the value vectors in radians; the same seed gives the same "
           "draws, so any difference from 'standard' is the perturbation's.")
+    return 0
+
+
+def _floats(text: str, name: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{name}: expected comma-separated numbers, got {text!r}") from None
+
+
+def cmd_bench(args) -> int:
+    import shlex
+
+    from phaselm.evaluation.sampling_bench import (
+        PUBLISHED_ROUNDS, PUBLISHED_TOKENS, BenchConfig, SamplingBench,
+    )
+    from phaselm.evaluation.sampling_report import write_all
+
+    cfg = BenchConfig()
+    if args.protocol == "published":
+        cfg.rounds, cfg.max_new_tokens, cfg.protocol = PUBLISHED_ROUNDS, PUBLISHED_TOKENS, "published"
+    if args.rounds is not None:
+        cfg.rounds = args.rounds
+    if args.max_new_tokens is not None:
+        cfg.max_new_tokens = args.max_new_tokens
+    if args.prompts:
+        try:
+            with open(args.prompts, encoding="utf-8") as f:
+                cfg.prompts = [line.strip() for line in f if line.strip()]
+        except OSError as err:
+            raise ValueError(f"--prompts: cannot read {args.prompts}: {err.strerror}") from None
+        if not cfg.prompts:
+            raise ValueError(f"--prompts: {args.prompts} has no prompts; write one prompt per line")
+    if args.methods:
+        cfg.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.metrics:
+        cfg.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    cfg.sweep = not args.no_sweep
+    if args.temperatures:
+        cfg.temperatures = _floats(args.temperatures, "--temperatures")
+    if args.noise_scales:
+        cfg.noise_scales = _floats(args.noise_scales, "--noise-scales")
+    cfg.human_passages, cfg.batch_size = args.human_passages, args.batch_size
+    cfg.validate()  # before loading any model
+    model, tok = _load(args)
+    judge = None
+    if args.judge:
+        from phaselm.pretrained import load_causal_lm
+
+        judge = load_causal_lm(args.judge, device=args.device)
+    bench = SamplingBench(model, tok, cfg, judge=judge, model_name=args.model or "embedded SmolLM2-135M-Instruct",
+                          judge_name=args.judge)
+    res = bench.run()
+    command = "phaselm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("phaselm") \
+        else "phaselm bench sampling ..."
+    for path in write_all(res, args.out, command):
+        print(f"wrote {path}")
+    from phaselm.evaluation.sampling_report import verdict
+
+    print(verdict(res))
     return 0
 
 

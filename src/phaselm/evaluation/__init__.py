@@ -1,0 +1,1 @@
+"""Evaluation: text metrics, scoring, benchmarks and reports."""
