@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from phaselm.pretrained import ModelLoadError
 
     try:
@@ -252,8 +254,7 @@ def cmd_bench(args) -> int:
     bench = SamplingBench(model, tok, cfg, judge=judge, model_name=args.model or "embedded SmolLM2-135M-Instruct",
                           judge_name=args.judge)
     res = bench.run()
-    command = "phaselm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("phaselm") \
-        else "phaselm bench sampling ..."
+    command = "phaselm " + shlex.join(args.argv)
     for path in write_all(res, args.out, command):
         print(f"wrote {path}")
     from phaselm.evaluation.sampling_report import verdict
