@@ -183,21 +183,22 @@ class SamplingBench:
         kw = dict(max_new_tokens=self.cfg.max_new_tokens, return_details=True)
         if spec.sampler != "greedy":
             kw.update(temperature=spec.temperature, top_k=spec.top_k, top_p=spec.top_p, min_p=spec.min_p)
+        # greedy is deterministic: one generation per prompt, copied to every round
+        n_rounds = 1 if spec.sampler == "greedy" else rounds
+        jobs = [(i, r) for i in range(len(prompts)) for r in range(n_rounds)]
         gens, seconds, tokens = [], 0.0, 0
-        for i, prompt in enumerate(prompts):
-            # greedy is deterministic: one generation per prompt, counted for every round
-            n_rounds = 1 if spec.sampler == "greedy" else rounds
-            for start in range(0, n_rounds, self.cfg.batch_size):
-                rs = list(range(start, min(start + self.cfg.batch_size, n_rounds)))
-                out = sampler.generate([prompt] * len(rs), seed=[seed_base + i * 1000 + r for r in rs],
-                                       do_sample=spec.sampler != "greedy", **kw)
-                seconds += out.seconds
-                tokens += out.new_tokens
-                for r, ids, text in zip(rs, out.token_ids, out.texts):
-                    gens.append({"prompt_index": i, "round": r, "token_ids": ids, "text": text})
-                bar.update(len(rs) if spec.sampler != "greedy" else rounds)
-            if spec.sampler == "greedy":
-                gens += [dict(gens[-1], round=r) for r in range(1, rounds)]
+        # batches may mix prompts: each row has its own seed, so a generation does not depend on its batch
+        for start in range(0, len(jobs), self.cfg.batch_size):
+            batch = jobs[start: start + self.cfg.batch_size]
+            out = sampler.generate([prompts[i] for i, _ in batch], seed=[seed_base + i * 1000 + r for i, r in batch],
+                                   do_sample=spec.sampler != "greedy", **kw)
+            seconds += out.seconds
+            tokens += out.new_tokens
+            for (i, r), ids, text in zip(batch, out.token_ids, out.texts):
+                gens.append({"prompt_index": i, "round": r, "token_ids": ids, "text": text})
+            bar.update(len(batch) * (rounds if spec.sampler == "greedy" else 1))
+        if spec.sampler == "greedy":
+            gens = [dict(g, round=r) for g in gens for r in range(rounds)]
         return {"generations": gens, "seconds": seconds, "new_tokens": tokens}
 
     # ------------------------------------------------------------------ metrics
