@@ -257,7 +257,8 @@ class SamplingBench:
             return float(np.exp(np.interp(d, xs, ys)))
 
         rows = []
-        candidates = [n for n in self.points if self.points[n].sampler == "phase_slip" and self.points[n].noise_scale > 0]
+        candidates = list({self.points[n]: n for n in reversed(list(self.points))
+                           if self.points[n].sampler == "phase_slip" and self.points[n].noise_scale > 0}.values())[::-1]
         for name in candidates:
             d, p = arrays(name)
             ref = interp(d.mean(), [(a.mean(), b.mean()) for a, b in std])
@@ -317,6 +318,7 @@ class SamplingBench:
     def run(self) -> dict:
         cfg = self.cfg
         t0 = time.perf_counter()
+        prov = provenance()  # the code that runs, recorded before it runs
         calib = PhaseSlipSampler(self.model, self.tokenizer)
         cal = calib.calibrate_heads(search_layers=min(6, self.model.config.num_hidden_layers))
         self.heads = cal.selected
@@ -354,7 +356,7 @@ class SamplingBench:
             "published_table": PUBLISHED_TABLE,
             "generations": {n: [{k: v for k, v in g.items() if k != "token_ids"} for g in self._runs[s]["generations"][: 2]]
                             for n, s in self.points.items()},
-            "provenance": provenance(), "wall_seconds": time.perf_counter() - t0,
+            "provenance": prov, "wall_seconds": time.perf_counter() - t0,
         }
 
 

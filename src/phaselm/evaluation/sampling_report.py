@@ -27,7 +27,8 @@ def verdict(res: dict) -> str:
         lines.append(
             f"At matched diversity (unique-word ratio), {len(better)} of {len(rows)} Phase-Slip settings have a "
             f"perplexity significantly below standard sampling's curve, {len(worse)} significantly above, and "
-            f"{len(rows) - len(better) - len(worse)} are indistinguishable (95% bootstrap CI includes 0)."
+            f"{len(rows) - len(better) - len(worse)} are indistinguishable (95% bootstrap CI includes 0); with "
+            f"{len(rows)} comparisons at 95% and no correction, about {len(rows) / 20:.1f} would fall outside by chance."
         )
         default = next((r for r in rows if r["method"] == "phase_slip"), None)
         if default:
@@ -157,3 +158,13 @@ def write_all(res: dict, out_dir: str | Path, command: str) -> list[Path]:
     write_markdown(res, out_dir / "report.md", command)
     plot_frontier(res, out_dir / "frontier.png")
     return [out_dir / "results.json", out_dir / "report.md", out_dir / "frontier.png"]
+
+
+if __name__ == "__main__":  # re-render report.md and frontier.png from a results.json
+    import sys
+
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "results/sampling")
+    data = json.loads((folder / "results.json").read_text())
+    write_markdown(data, folder / "report.md", data["command"])
+    plot_frontier(data, folder / "frontier.png")
+    print(f"re-rendered {folder / 'report.md'} and {folder / 'frontier.png'}")

@@ -32,7 +32,7 @@ import torch
 from phaselm.sampling.decoding import Sampler
 from phaselm.sampling.kv import RowGroupCache, kv_geometry
 from phaselm.sampling.processors import entropy
-from phaselm.sampling.rotation import random_rotations
+from phaselm.sampling.rotation import rotations_from_gaussian
 
 log = logging.getLogger("phaselm")
 
@@ -129,16 +129,21 @@ class PhaseSlipSampler(Sampler):
 
     def _draw_rotations(self) -> dict[int, torch.Tensor]:
         """Per perturbed layer, ``[1, rows, num_kv_heads, d, d]``: fresh rotations of the selected
-        heads (one stream per seed), identity elsewhere."""
-        rows = len(self._rotation_rngs)
-        fresh = torch.stack([random_rotations(len(self.heads), self.head_dim, self.noise_scale, generator=g)
-                             for g in self._rotation_rngs], dim=1)  # [heads, rows, d, d]
+        heads (one seeded stream per row), identity elsewhere. Gaussians are drawn on the CPU, the
+        QR runs once, batched, on the model's device."""
+        rows, n_heads, d = len(self._rotation_rngs), len(self.heads), self.head_dim
+        if self.noise_scale == 0:
+            fresh = torch.eye(d, device=self.device).expand(n_heads, rows, d, d)
+        else:
+            gauss = torch.stack([torch.randn(n_heads, d, d, generator=g, dtype=torch.float64)
+                                 for g in self._rotation_rngs], dim=1)  # [heads, rows, d, d]
+            fresh = rotations_from_gaussian(gauss.to(self.device), self.noise_scale).float()
+        eye = torch.eye(d, device=self.device)
         rotations: dict[int, torch.Tensor] = {}
-        eye = torch.eye(self.head_dim)
         for (layer, head), rot in zip(self.heads, fresh):
             per_layer = rotations.setdefault(layer, eye.repeat(1, rows, self.num_kv_heads, 1, 1))
             per_layer[0, :, head] = rot
-        return {layer: r.to(self.device) for layer, r in rotations.items()}
+        return rotations
 
     def _next_logits(self, cache, input_ids, attention_mask, position_ids, diagnostics) -> torch.Tensor:
         batch = input_ids.shape[0]

@@ -15,6 +15,8 @@ by which each perturbed value vector turns (``noise_scale = 0`` gives exactly th
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -28,18 +30,23 @@ def random_rotations(
     """
     if angle < 0:
         raise ValueError(f"rotation angle must be >= 0 radians, got {angle}")
-    eye = torch.eye(dim, dtype=torch.float64).expand(n, dim, dim)
     if angle == 0 or n == 0:
-        return eye.to(dtype=dtype, device=device).clone()
+        return torch.eye(dim, dtype=dtype, device=device).expand(n, dim, dim).clone()
     gauss = torch.randn(n, dim, dim, generator=generator, dtype=torch.float64)
+    return rotations_from_gaussian(gauss.to(device), angle).to(dtype)
+
+
+def rotations_from_gaussian(gauss: torch.Tensor, angle: float) -> torch.Tensor:
+    """Rotations ``[..., d, d]`` by ``angle`` from Gaussian matrices ``[..., d, d]`` (one batched QR,
+    on whatever device ``gauss`` lives; draw ``gauss`` with seeded CPU generators for determinism)."""
+    dim = gauss.shape[-1]
     q, r = torch.linalg.qr(gauss)
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)  # Haar measure
-    c, s = torch.cos(torch.tensor(angle, dtype=torch.float64)), torch.sin(torch.tensor(angle, dtype=torch.float64))
-    block = eye.clone()
-    even = torch.arange(0, dim - 1, 2)
-    block[:, even, even] = c
-    block[:, even + 1, even + 1] = c
-    block[:, even, even + 1] = -s
-    block[:, even + 1, even] = s
-    rot = q @ block @ q.transpose(-1, -2)
-    return rot.to(dtype=dtype, device=device)
+    c, s = math.cos(angle), math.sin(angle)
+    block = torch.eye(dim, dtype=gauss.dtype, device=gauss.device).expand(gauss.shape).clone()
+    even = torch.arange(0, dim - 1, 2, device=gauss.device)
+    block[..., even, even] = c
+    block[..., even + 1, even + 1] = c
+    block[..., even, even + 1] = -s
+    block[..., even + 1, even] = s
+    return q @ block @ q.transpose(-1, -2)
