@@ -14,8 +14,13 @@ def _fmt(s: dict | None, digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
+def _distinct_rows(res: dict) -> list[dict]:
+    """Matched-diversity rows, one per distinct setting (a setting can appear under two names)."""
+    return list({r["describe"]: r for r in reversed(res["matched_diversity"])}.values())[::-1]
+
+
 def verdict(res: dict) -> str:
-    rows = [r for r in res["matched_diversity"] if r["relative_difference"] is not None]
+    rows = [r for r in _distinct_rows(res) if r["relative_difference"] is not None]
     sanity = res.get("sanity") or {}
     lines = []
     if not rows:
@@ -25,7 +30,7 @@ def verdict(res: dict) -> str:
         better = [r for r in rows if r["ci95"][1] is not None and r["ci95"][1] < 0]
         worse = [r for r in rows if r["ci95"][0] is not None and r["ci95"][0] > 0]
         lines.append(
-            f"At matched diversity (unique-word ratio), {len(better)} of {len(rows)} Phase-Slip settings have a "
+            f"At matched diversity (unique-word ratio), {len(better)} of {len(rows)} distinct Phase-Slip settings have a "
             f"perplexity significantly below standard sampling's curve, {len(worse)} significantly above, and "
             f"{len(rows) - len(better) - len(worse)} are indistinguishable (95% bootstrap CI includes 0); with "
             f"{len(rows)} comparisons at 95% and no correction, about {len(rows) / 20:.1f} would fall outside by chance."
@@ -70,7 +75,7 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
             "the same mean unique-word ratio (bootstrap over generations, 1000 resamples).", "",
             "| Phase-Slip setting | diversity | PPL | standard PPL at same diversity | difference [95% CI] |",
             "|---|---|---|---|---|"]
-    for r in res["matched_diversity"]:
+    for r in _distinct_rows(res):
         if r["relative_difference"] is None:
             out.append(f"| {r['describe']} | {r['diversity']:.3f} | {r['perplexity']:.2f} | outside the curve | – |")
         else:
