@@ -1,0 +1,154 @@
+"""Text datasets, tokenisers and memory-mapped token caches for training and evaluation.
+
+Datasets (``load_splits(name, path)``):
+
+* ``shakespeare``: the 37 plays (~4.85 MB), split per play 90/5/5 (:mod:`phaselm.data.corpora`);
+* ``tiny-shakespeare``: the same split of 9 fixed plays (:data:`TINY_PLAYS`, ~1.15 MB), the
+  CPU-scale corpus;
+* ``text``: a local file or a folder of ``*.txt`` files (``path=``), split the same way (per file);
+* any other name: a Hugging Face ``datasets`` dataset (e.g. ``wikitext-2-raw-v1``), for users
+  online; offline this is a one-line error that says so.
+
+Tokenisers (``get_tokenizer(spec, train_text)``): ``"char"`` (vocabulary = the sorted characters
+of the train split), ``"bpe"`` (the embedded SmolLM2 tokenizer), or any tokenizer name/folder
+that ``transformers.AutoTokenizer`` loads. Token ids of a split are cached once as a flat
+``uint16``/``uint32`` array under ``$PHASELM_CACHE_DIR/tokens`` and opened with ``np.memmap``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from phaselm.data import corpora
+from phaselm.pretrained import cache_dir
+
+TINY_PLAYS = ("hamlet", "macbeth", "romeo_and_juliet", "julius_caesar", "tempest", "midsummer_nights_dream",
+              "othello", "lear", "twelfth_night")
+HUB_ALIASES = {"wikitext-2-raw-v1": ("wikitext", "wikitext-2-raw-v1"), "wikitext-103-raw-v1": ("wikitext", "wikitext-103-raw-v1")}
+
+
+def load_splits(name: str, path: str | os.PathLike | None = None) -> dict[str, str]:
+    """``{"train": text, "val": text, "test": text}`` of a dataset (see the module doc)."""
+    if name == "shakespeare":
+        return {s: corpora.shakespeare(s) for s in corpora.SPLITS}
+    if name == "tiny-shakespeare":
+        plays = corpora.shakespeare_plays()
+        return {s: "".join(corpora.split_text(plays[p], s) for p in TINY_PLAYS) for s in corpora.SPLITS}
+    if name == "text":
+        return _local_splits(path)
+    return _hub_splits(name)
+
+
+def _local_splits(path) -> dict[str, str]:
+    if path is None:
+        raise ValueError("data.path: dataset 'text' needs a path to a .txt file or a folder of .txt files")
+    p = Path(path).expanduser()
+    files = sorted(p.glob("**/*.txt")) if p.is_dir() else [p]
+    if not p.exists() or not files:
+        raise ValueError(f"data.path: {p} does not exist or holds no .txt files")
+    docs = [f.read_text(encoding="utf-8", errors="replace").replace("\r\n", "\n") for f in files]
+    return {s: "".join(corpora.split_text(d, s) for d in docs) for s in corpora.SPLITS}
+
+
+def _hub_splits(name: str) -> dict[str, str]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"data.name: '{name}' is not a built-in dataset (shakespeare, tiny-shakespeare, text); "
+                         "hub datasets need `pip install datasets`") from None
+    args = HUB_ALIASES.get(name, (name,))
+    try:
+        ds = datasets.load_dataset(*args)
+    except Exception as err:  # noqa: BLE001 - offline, unknown name, ...
+        raise ValueError(f"data.name: could not load the hub dataset '{name}' ({type(err).__name__}); it needs the "
+                         "Hugging Face Hub (offline here?). Use shakespeare, tiny-shakespeare or text with data.path") from None
+    names = {"train": "train", "val": "validation" if "validation" in ds else "val", "test": "test"}
+    return {s: "\n".join(ds[n]["text"]) for s, n in names.items()}
+
+
+def split_hashes(splits: dict[str, str]) -> dict[str, str]:
+    """sha256 of each split's UTF-8 text (the split is identical on every machine iff these are)."""
+    return {s: hashlib.sha256(t.encode("utf-8")).hexdigest() for s, t in splits.items()}
+
+
+class CharTokenizer:
+    """Character-level tokenizer; ids are indices into the sorted character vocabulary."""
+
+    def __init__(self, chars: list[str]):
+        self.chars = list(chars)
+        self.index = {c: i for i, c in enumerate(self.chars)}
+        self.vocab_size = len(self.chars)
+        self.name = "char:" + hashlib.sha256("".join(self.chars).encode()).hexdigest()[:12]
+
+    @classmethod
+    def from_text(cls, text: str) -> "CharTokenizer":
+        return cls(sorted(set(text)))
+
+    def encode(self, text: str) -> list[int]:
+        try:
+            return [self.index[c] for c in text]
+        except KeyError as err:
+            raise ValueError(f"character {err.args[0]!r} is not in the character vocabulary (built from train)") from None
+
+    def decode(self, ids) -> str:
+        return "".join(self.chars[int(i)] for i in ids)
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "char", "chars": self.chars})
+
+
+class HFTokenizer:
+    """Wraps a transformers tokenizer with the same encode/decode/vocab_size interface."""
+
+    def __init__(self, tokenizer, name: str):
+        self.tok, self.name = tokenizer, name
+        self.vocab_size = len(tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids])
+
+    def to_json(self) -> str:
+        return json.dumps({"type": "hf", "name": self.name})
+
+
+def get_tokenizer(spec: str, train_text: str | None = None):
+    """``"char"`` (needs ``train_text``), ``"bpe"`` (the embedded model's tokenizer) or a tokenizer name."""
+    if spec == "char":
+        if train_text is None:
+            raise ValueError("tokenizer 'char' needs the train text to build its vocabulary")
+        return CharTokenizer.from_text(train_text)
+    from transformers import AutoTokenizer
+
+    if spec == "bpe":
+        from phaselm.pretrained import EMBEDDED_NAME, _cached_gguf_folder, embedded_gguf_path
+
+        return HFTokenizer(AutoTokenizer.from_pretrained(_cached_gguf_folder(embedded_gguf_path(), EMBEDDED_NAME)), "bpe")
+    try:
+        return HFTokenizer(AutoTokenizer.from_pretrained(spec), spec)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"tokenizer: could not load '{spec}' ({str(err).splitlines()[0]}); use char, bpe, a local "
+                         "tokenizer folder, or a hub name while online") from None
+
+
+def tokenized(text: str, tokenizer) -> np.ndarray:
+    """The token ids of ``text`` as a read-only memory-mapped array, cached by (text, tokenizer)."""
+    key = hashlib.sha256((tokenizer.to_json() + "\0").encode() + text.encode("utf-8")).hexdigest()[:20]
+    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+    path = cache_dir() / "tokens" / f"{key}.{np.dtype(dtype).name}"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        ids = np.asarray(tokenizer.encode(text), dtype=dtype)
+        tmp = path.with_suffix(".tmp")
+        ids.tofile(tmp)
+        os.replace(tmp, path)
+    if path.stat().st_size == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r")

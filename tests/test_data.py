@@ -1,0 +1,51 @@
+"""Datasets: a fixed split identical on every machine, disjoint splits, tokenisers, token cache."""
+import numpy as np
+import pytest
+
+from phaselm.data import corpora
+from phaselm.data.datasets import CharTokenizer, get_tokenizer, load_splits, split_hashes, tokenized
+
+# sha256 of each split's UTF-8 text; a change here means the data or the split changed
+SHAKESPEARE_HASHES = {
+    "train": "780f8968292050ac6eb3ea9200a9c3eaba977f8f7890d9435ec7aedeb7706b13",
+    "val": "7756feb8c450f09b5fe555579963ecbc763d4dd65ee00168af811fcce38e6f03",
+    "test": "dbc8e89ed5040e3a73092182a978610ba20efa1bb2de03feb6b2832a92abbdf9",
+}
+TINY_HASHES = {
+    "train": "f8e9bfdb0c15f99f7eefed49448cb718d1c6b3fcf8cbb4f9545cb0f5f590c326",
+    "val": "0956774d536040a4e6bc51748af641b16d24d2c1f548c4d1eb9f07c8c886facc",
+    "test": "b4773ea89b9552b12e4d58beaa0ee977289856044f6e6be4eb7071f339f3da52",
+}
+
+
+def test_shakespeare_splits_are_fixed_by_hash():
+    assert split_hashes(load_splits("shakespeare")) == SHAKESPEARE_HASHES
+    tiny = load_splits("tiny-shakespeare")
+    assert split_hashes(tiny) == TINY_HASHES
+    assert 1.0e6 < sum(map(len, tiny.values())) < 1.3e6
+
+
+def test_each_play_is_partitioned_without_overlap():
+    for text in corpora.shakespeare_plays().values():
+        parts = [corpora.split_text(text, s) for s in ("train", "val", "test")]
+        assert "".join(parts) == text  # a partition: nothing lost, nothing in two splits
+        assert all(p for p in parts) and all(p.endswith("\n") for p in parts[:2])
+
+
+def test_local_text_and_errors(tmp_path):
+    (tmp_path / "a.txt").write_text("line one\n" * 100)
+    splits = load_splits("text", tmp_path)
+    assert "".join(splits[s] for s in ("train", "val", "test")) == "line one\n" * 100
+    with pytest.raises(ValueError, match="data.path"):
+        load_splits("text", tmp_path / "missing")
+
+
+def test_char_tokenizer_roundtrip_and_memmap_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PHASELM_CACHE_DIR", str(tmp_path))
+    tok = get_tokenizer("char", "hello world\n")
+    ids = tokenized("hello world\n", tok)
+    assert isinstance(ids, np.memmap) and ids.dtype == np.uint16
+    assert tok.decode(ids) == "hello world\n"
+    assert np.array_equal(tokenized("hello world\n", tok), ids)  # second call reads the cache
+    with pytest.raises(ValueError, match="vocabulary"):
+        CharTokenizer.from_text("abc").encode("abd")
