@@ -7,6 +7,7 @@ status 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 DEMO_PROMPT = "The ancient door creaked open"
@@ -60,6 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--max-new-tokens", type=int, default=48)
     demo.add_argument("--noise-scale", type=float, default=0.03)
+    tr = sub.add_parser("train", help="train a model from a YAML config (runs under torchrun too)")
+    tr.add_argument("config", help="YAML config file")
+    tr.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_iters=200")
+    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    ev = sub.add_parser("eval", help="val/test perplexity of a checkpoint, and a few samples")
+    ev.add_argument("checkpoint", help="a run folder (train.out_dir) or a checkpoints/step-* folder")
+    ev.add_argument("--split", choices=["val", "test"], default="test")
+    ev.add_argument("--device", default="cpu")
+    sp = sub.add_parser("sample", help="continue a prompt with a trained checkpoint")
+    sp.add_argument("checkpoint")
+    sp.add_argument("prompt")
+    sp.add_argument("--max-new-tokens", type=int, default=200)
+    sp.add_argument("--temperature", type=float, default=0.8)
+    sp.add_argument("--top-k", type=int, default=None)
+    sp.add_argument("--seed", type=int, default=0)
+    sp.add_argument("--device", default="cpu")
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bs = bench.add_parser("sampling", help="Phase-Slip vs standard sampling at matched diversity",
                           description="Writes results.json, report.md and frontier.png under --out.")
@@ -86,11 +104,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = argv
     from phaselm.pretrained import ModelLoadError
+    from phaselm.training.trainer import TrainingError
 
     try:
-        return {"generate": cmd_generate, "calibrate": cmd_calibrate, "demo": cmd_demo,
-                "bench": cmd_bench}[args.command](args)
-    except (ValueError, ModelLoadError) as err:
+        return {"generate": cmd_generate, "calibrate": cmd_calibrate, "demo": cmd_demo, "bench": cmd_bench,
+                "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}[args.command](args)
+    except (ValueError, ModelLoadError, TrainingError) as err:
         print(f"phaselm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -202,6 +221,54 @@ def cmd_demo(args) -> int:
     print("noise_scale is the rotation angle of the value vectors in radians; the same seed gives the same "
           "draws, so any difference from 'standard' is the perturbation's.")
     return 0
+
+
+def cmd_train(args) -> int:
+    from phaselm.training.config import load_config
+    from phaselm.training.trainer import Trainer
+
+    cfg = load_config(args.config, args.overrides)
+    summary = Trainer(cfg, resume=args.resume).train()
+    if int(os.environ.get("RANK", 0)) == 0:
+        val = summary["final_val"]
+        tail = f", final val loss {val['loss']:.4f} (ppl {val['ppl']:.3f})" if val else ""
+        print(f"trained to iteration {summary['iters']}: best val loss {summary['best_val_loss']:.4f}{tail}; "
+              f"run folder {cfg.train.out_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from phaselm.data.datasets import load_splits, tokenized
+    from phaselm.training.trainer import evaluate, load_for_inference
+
+    model, tok, cfg, state = load_for_inference(args.checkpoint, args.device)
+    tokens = tokenized(load_splits(cfg.data.name, cfg.data.path)[args.split], tok)
+    res = evaluate(model, tokens, cfg.model.block_size, torch_device(args.device))
+    print(f"checkpoint step {state['step']}: {args.split} loss {res['loss']:.4f} nats/token, perplexity "
+          f"{res['ppl']:.3f} over {res['tokens']} tokens")
+    return 0
+
+
+def cmd_sample(args) -> int:
+    import torch
+
+    from phaselm.training.trainer import load_for_inference
+
+    model, tok, cfg, _ = load_for_inference(args.checkpoint, args.device)
+    ids = tok.encode(args.prompt)
+    if not ids:
+        raise ValueError("prompt is empty; pass non-empty text")
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    out = model.generate(torch.tensor([ids], device=args.device), args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, generator=gen)
+    print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def torch_device(name: str):
+    import torch
+
+    return torch.device(name)
 
 
 def _floats(text: str, name: str) -> list[float]:

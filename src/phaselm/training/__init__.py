@@ -1,0 +1,1 @@
+"""Training: configs, checkpoints, the trainer."""
