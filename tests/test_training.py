@@ -1,0 +1,127 @@
+"""Trainer: config validation, exact resume, atomic checkpoints, NaN stop, 2-process DDP."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from phaselm.cli import main
+from phaselm.training import checkpoint as ckpt
+from phaselm.training.config import ConfigError, load_config
+from phaselm.training.trainer import Trainer, TrainingError
+
+TINY = """
+data: {name: tiny-shakespeare, tokenizer: char}
+model: {block_size: 16, n_layer: 1, n_head: 2, n_embd: 16}
+train: {max_iters: 8, lr_decay_iters: 8, batch_size: 4, warmup_iters: 2, eval_interval: 4,
+        eval_max_tokens: 400, log_interval: 1, device: cpu, seed: 3}
+"""
+
+
+def config_file(tmp_path, text=TINY):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return path
+
+
+def rows(out_dir, split):
+    lines = (Path(out_dir) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["split"] == split]
+
+
+@pytest.mark.parametrize("text, override, needle", [
+    ("train:\n  max_iters: 5\n  lr_decay: 3\n", [], "unknown key 'train.lr_decay'"),
+    (TINY, ["train.max_iters=abc"], "train.max_iters must be int"),
+    (TINY, ["model.n_layers=2"], "unknown key 'model.n_layers'"),
+    (TINY, ["data.name=text", "data.path=/no/such/file.txt"], "data.path"),
+    (TINY, ["train.lr=-1"], "train.lr"),
+])
+def test_config_errors_name_the_key(tmp_path, text, override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(")):
+        load_config(config_file(tmp_path, text), override)
+
+
+def test_cli_config_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "missing.yaml")]) == 2
+    assert main(["train", str(config_file(tmp_path)), "train.batch_size=x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "file not found" in err[0] and "train.batch_size" in err[1]
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    cfg_path = config_file(tmp_path)
+    full = load_config(cfg_path, [f"train.out_dir={tmp_path / 'full'}"])
+    Trainer(full, progress=False).train()
+    half = load_config(cfg_path, [f"train.out_dir={tmp_path / 'half'}", "train.max_iters=4"])
+    Trainer(half, progress=False).train()
+    rest = load_config(cfg_path, [f"train.out_dir={tmp_path / 'half'}"])
+    Trainer(rest, resume=True, progress=False).train()
+    a, b = rows(tmp_path / "full", "train"), rows(tmp_path / "half", "train")
+    assert [r["iter"] for r in a] == [r["iter"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-6)
+    va, vb = rows(tmp_path / "full", "val"), rows(tmp_path / "half", "val")
+    assert [r["iter"] for r in va] == [r["iter"] for r in vb] and va[-1]["loss"] == pytest.approx(vb[-1]["loss"], abs=1e-6)
+    with pytest.raises(TrainingError, match="already holds a run"):
+        Trainer(full, progress=False).train()
+
+
+def test_a_killed_save_leaves_the_previous_checkpoint_readable(tmp_path, monkeypatch):
+    cfg = load_config(config_file(tmp_path), [f"train.out_dir={tmp_path / 'run'}", "train.max_iters=4"])
+    Trainer(cfg, progress=False).train()
+    before = ckpt.latest_checkpoint(tmp_path / "run")
+    assert before.name == "step-000004"
+
+    def crash(*a, **k):
+        raise OSError("killed while writing")
+
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(ckpt, "save_file", crash)
+    with pytest.raises(OSError):
+        ckpt.save_checkpoint(tmp_path / "run", 8, model, torch.optim.AdamW(model.parameters()), {}, {})
+    assert ckpt.latest_checkpoint(tmp_path / "run") == before
+    assert not [p for p in (tmp_path / "run" / "checkpoints").iterdir() if ".tmp" in p.name]
+    assert main(["eval", str(tmp_path / "run"), "--split", "val"]) == 0
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    from phaselm.models.gpt import GPT
+
+    calls = {"n": 0}
+    original = GPT.forward
+
+    def poisoned(self, idx, targets=None):
+        logits, loss = original(self, idx, targets)
+        if targets is not None:
+            calls["n"] += 1
+            if calls["n"] > 5:
+                loss = loss * float("nan")
+        return logits, loss
+
+    monkeypatch.setattr(GPT, "forward", poisoned)
+    cfg = load_config(config_file(tmp_path), [f"train.out_dir={tmp_path / 'run'}"])
+    with pytest.raises(TrainingError, match="non-finite training loss .* iteration 5.*last good checkpoint is .*step-000004"):
+        Trainer(cfg, progress=False).train()
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-000004"
+
+
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
+    cfg_path = config_file(tmp_path)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "phaselm.cli", "train", str(cfg_path), f"train.out_dir={tmp_path / 'one'}"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+                          "-m", "phaselm.cli", "train", str(cfg_path), f"train.out_dir={tmp_path / 'two'}"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    a, b = rows(tmp_path / "one", "train"), rows(tmp_path / "two", "train")
+    assert len(a) == len(b) == 8
+    for ra, rb in zip(a, b):
+        assert ra["loss"] == pytest.approx(rb["loss"], abs=1e-5)
+    wa = ckpt.load_file(str(ckpt.latest_checkpoint(tmp_path / "one") / "model.safetensors"))
+    wb = ckpt.load_file(str(ckpt.latest_checkpoint(tmp_path / "two") / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
