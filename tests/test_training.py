@@ -125,3 +125,27 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     wa = ckpt.load_file(str(ckpt.latest_checkpoint(tmp_path / "one") / "model.safetensors"))
     wb = ckpt.load_file(str(ckpt.latest_checkpoint(tmp_path / "two") / "model.safetensors"))
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path, monkeypatch):
+    import phaselm.training.trainer as trainer_mod
+
+    cfg_path = config_file(tmp_path)
+    Trainer(load_config(cfg_path, [f"train.out_dir={tmp_path / 'full'}"]), progress=False).train()
+    original = trainer_mod.lr_at
+
+    def interrupt_at_6(it, cfg):
+        if it == 6:
+            raise KeyboardInterrupt
+        return original(it, cfg)
+
+    monkeypatch.setattr(trainer_mod, "lr_at", interrupt_at_6)
+    cfg = load_config(cfg_path, [f"train.out_dir={tmp_path / 'cut'}"])
+    with pytest.raises(TrainingError, match="interrupted at iteration 6.*--resume"):
+        Trainer(cfg, progress=False).train()
+    assert ckpt.latest_checkpoint(tmp_path / "cut").name == "step-000006"
+    monkeypatch.setattr(trainer_mod, "lr_at", original)
+    Trainer(cfg, resume=True, progress=False).train()
+    a, b = rows(tmp_path / "full", "train"), rows(tmp_path / "cut", "train")
+    assert [r["iter"] for r in b] == list(range(1, 9))
+    assert all(ra["loss"] == pytest.approx(rb["loss"], abs=1e-6) for ra, rb in zip(a, b))

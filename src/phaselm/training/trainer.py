@@ -189,7 +189,11 @@ class Trainer:
             self._truncate_metrics(start_iter)
         self.tb = None
         if t.tensorboard and self.rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise TrainingError("train.tensorboard is true but the 'tensorboard' package is not installed; "
+                                    "pip install tensorboard, or set train.tensorboard=false") from None
 
             self.tb = SummaryWriter(str(self.out / "tensorboard"))
         model = torch.compile(self.raw_model) if t.compile else self.raw_model
