@@ -149,3 +149,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path,
     a, b = rows(tmp_path / "full", "train"), rows(tmp_path / "cut", "train")
     assert [r["iter"] for r in b] == list(range(1, 9))
     assert all(ra["loss"] == pytest.approx(rb["loss"], abs=1e-6) for ra, rb in zip(a, b))
+
+
+def test_model_section_checks_run_at_load_time(tmp_path):
+    with pytest.raises(ConfigError, match="n_embd"):
+        load_config(config_file(tmp_path), ["model.n_embd=31"])

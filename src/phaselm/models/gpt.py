@@ -32,7 +32,7 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"model.n_embd ({self.n_embd}) must be divisible by model.n_head ({self.n_head})")
         for key in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"model.{key} must be >= 1, got {getattr(self, key)}")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
@@ -101,6 +101,8 @@ class GPT(nn.Module):
 
     def __init__(self, cfg: GPTConfig, attention_factory: AttentionFactory | None = None):
         super().__init__()
+        if cfg.vocab_size is None:
+            raise ValueError("model.vocab_size must be set (the trainer takes it from the tokenizer)")
         self.config = cfg
         make_attn = attention_factory or (lambda c, i: CausalSelfAttention(c))
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)

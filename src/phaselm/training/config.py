@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from phaselm.models.gpt import GPTConfig
+
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
@@ -28,15 +30,12 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    type: str = "gpt"
+class ModelConfig(GPTConfig):
+    """The model section: the architecture (``type``) and its :class:`GPTConfig` fields; the
+    field checks of ``GPTConfig`` run when the config is loaded."""
+
     vocab_size: int | None = None  # None: the tokenizer's
-    block_size: int = 128
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    dropout: float = 0.0
-    bias: bool = False
+    type: str = "gpt"
 
 
 @dataclass
@@ -144,7 +143,10 @@ def from_dict(data: dict | None, cls=RunConfig, prefix: str = ""):
             kwargs[f.name] = from_dict(data[f.name], hint, f"{prefix}{f.name}.")
         else:
             kwargs[f.name] = _check_type(prefix + f.name, data[f.name], hint)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as err:  # a dataclass's own field checks (e.g. GPTConfig.__post_init__)
+        raise ConfigError(f"config: {err}") from None
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:

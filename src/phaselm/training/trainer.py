@@ -15,6 +15,7 @@ checkpoints.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -45,10 +46,8 @@ def tokenizer_from_json(text: str):
 
 
 def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
-    m = cfg.model
-    gpt_cfg = GPTConfig(vocab_size=m.vocab_size or vocab_size, block_size=m.block_size, n_layer=m.n_layer,
-                        n_head=m.n_head, n_embd=m.n_embd, dropout=m.dropout, bias=m.bias)
-    return GPT(gpt_cfg)
+    fields = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(GPTConfig)}
+    return GPT(GPTConfig(**dict(fields, vocab_size=cfg.model.vocab_size or vocab_size)))
 
 
 def lr_at(it: int, cfg) -> float:
