@@ -1,0 +1,135 @@
+"""Kuramoto oscillators: dynamics, order parameters and anti-over-synchronisation controls.
+
+Shared by PhaseGPT (phase-coupled attention) and PMA (phase-modulated attention).
+
+Dynamics, for oscillators θ_i coupled along one axis (tokens, or a population):
+
+    dθ_i/dt = ω_i + (K/n_i) Σ_{j ∈ C(i)} sin(θ_j − θ_i)
+
+Positive K pulls phases together. ``causal=True``: C(i) = {j ≤ i} along the coupling axis (token i
+never sees later tokens), else all j. The sum is computed through the mean-field identity
+
+    (1/n_i) Σ_{j ∈ C(i)} sin(θ_j − θ_i) = R_i · sin(ψ_i − θ_i),   R_i e^{iψ_i} = mean_{j ∈ C(i)} e^{iθ_j}
+
+with the (running) mean taken by a cumulative sum, so a step costs O(T·N) and never builds a
+[T, T] tensor. Shapes: ``theta [..., T, N]`` with the coupling axis ``dim`` (default −2, tokens)
+and oscillators independent along the other axes; ω and K broadcast against θ.
+
+Order parameter R = |mean e^{iθ}| over any axes (circular statistics; angles are never averaged
+linearly). Controls that act in training: phase noise (``noise_std``), frequency jitter
+(:func:`jitter_frequencies`) and a coherence regulariser (:func:`coherence_penalty`) that takes R
+computed from phases *with* gradients.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def _mean_phasor(theta: torch.Tensor, dim: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real and imaginary parts of mean_{j ∈ C(i)} e^{iθ_j}: running along ``dim`` if ``causal``,
+    else the full mean (kept as a size-1 axis, broadcastable)."""
+    c, s = torch.cos(theta), torch.sin(theta)
+    if not causal:
+        return c.mean(dim, keepdim=True), s.mean(dim, keepdim=True)
+    axis = dim % theta.ndim
+    count = torch.arange(1, theta.shape[axis] + 1, device=theta.device, dtype=theta.dtype)
+    count = count.view(-1, *([1] * (theta.ndim - axis - 1)))
+    return c.cumsum(axis) / count, s.cumsum(axis) / count
+
+
+def mean_field(theta: torch.Tensor, dim: int = -2, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R, ψ)``: modulus and angle of the (running, if ``causal``) mean of e^{iθ} along ``dim``."""
+    mc, ms = _mean_phasor(theta, dim, causal)
+    return torch.sqrt(mc * mc + ms * ms), torch.atan2(ms, mc)
+
+
+def coupling_term(theta: torch.Tensor, dim: int = -2, causal: bool = True) -> torch.Tensor:
+    """(1/n_i) Σ_{j ∈ C(i)} sin(θ_j − θ_i) = R_i sin(ψ_i − θ_i), in O(T·N).
+
+    R sin(ψ − θ) = Im(z e^{−iθ}) with z = mc + i·ms, i.e. ms·cos θ − mc·sin θ (no atan2, so the
+    gradient is smooth where R = 0)."""
+    mc, ms = _mean_phasor(theta, dim, causal)
+    return ms * torch.cos(theta) - mc * torch.sin(theta)
+
+
+def velocity(theta: torch.Tensor, omega, coupling, dim: int = -2, causal: bool = True) -> torch.Tensor:
+    """dθ/dt = ω + K · (1/n_i) Σ_j sin(θ_j − θ_i)."""
+    return omega + coupling * coupling_term(theta, dim, causal)
+
+
+def integrate(
+    theta: torch.Tensor,
+    omega,
+    coupling,
+    steps: int = 1,
+    dt: float = 0.1,
+    method: str = "euler",
+    dim: int = -2,
+    causal: bool = True,
+    noise_std: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Integrate the Kuramoto ODE for ``steps`` steps of ``dt`` (explicit Euler or RK4).
+
+    ``noise_std`` adds phase noise √dt·σ·ξ per step (Euler–Maruyama; only when σ > 0), which keeps
+    a population from locking completely. Differentiable in θ, ω and K.
+    """
+    if method not in ("euler", "rk4"):
+        raise ValueError(f"method must be 'euler' or 'rk4', got {method!r}")
+    if steps < 0 or dt <= 0:
+        raise ValueError(f"steps must be >= 0 and dt > 0, got steps={steps}, dt={dt}")
+
+    def f(th):
+        return velocity(th, omega, coupling, dim, causal)
+
+    for _ in range(steps):
+        if method == "euler":
+            theta = theta + dt * f(theta)
+        else:
+            k1 = f(theta)
+            k2 = f(theta + 0.5 * dt * k1)
+            k3 = f(theta + 0.5 * dt * k2)
+            k4 = f(theta + dt * k3)
+            theta = theta + dt / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
+        if noise_std > 0:
+            noise = torch.randn(theta.shape, generator=generator, device=theta.device, dtype=theta.dtype)
+            theta = theta + math.sqrt(dt) * noise_std * noise
+    return theta
+
+
+def order_parameter(theta: torch.Tensor, dim=-1, keepdim: bool = False) -> torch.Tensor:
+    """R = |mean e^{iθ}| over ``dim`` (an int or a tuple of axes): 1 = all phases equal, ≈ 0 = spread."""
+    c = torch.cos(theta).mean(dim, keepdim=keepdim)
+    s = torch.sin(theta).mean(dim, keepdim=keepdim)
+    return torch.sqrt(c * c + s * s + 1e-12)
+
+
+def jitter_frequencies(omega: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """ω + std·ξ (ξ ~ N(0, 1)): frequency jitter, drawn fresh per call (e.g. per training step)."""
+    if std <= 0:
+        return omega
+    return omega + std * torch.randn(omega.shape, generator=generator, device=omega.device, dtype=omega.dtype)
+
+
+def coherence_penalty(r: torch.Tensor, mode: str = "ceiling", target: float = 0.45, width: float = 0.1) -> torch.Tensor:
+    """Coherence regulariser on R (mean over its elements), to be added to the loss with a weight λ.
+
+    ``ceiling``: relu(R − R*)²; ``center``: (R − R*)²; ``band``: relu(|R − R*| − width)².
+    """
+    if mode == "ceiling":
+        pen = torch.relu(r - target) ** 2
+    elif mode == "center":
+        pen = (r - target) ** 2
+    elif mode == "band":
+        pen = torch.relu((r - target).abs() - width) ** 2
+    else:
+        raise ValueError(f"mode must be 'ceiling', 'center' or 'band', got {mode!r}")
+    return pen.mean()
+
+
+def critical_coupling(density_at_zero: float) -> float:
+    """Kuramoto's K_c = 2 / (π g(0)) for a unimodal symmetric frequency density g."""
+    return 2.0 / (math.pi * density_at_zero)
