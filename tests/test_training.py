@@ -154,3 +154,22 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path,
 def test_model_section_checks_run_at_load_time(tmp_path):
     with pytest.raises(ConfigError, match="n_embd"):
         load_config(config_file(tmp_path), ["model.n_embd=31"])
+
+
+def test_phasegpt_trains_logs_r_per_layer_and_applies_the_regulariser(tmp_path):
+    overrides = [f"train.out_dir={tmp_path / 'p'}", "train.max_iters=4", "model.type=phasegpt", "model.n_layer=2",
+                 "model.phase_layers=[1]", "model.n_osc=4", "model.coherence_reg=0.1", "model.coherence_target=0.0"]
+    Trainer(load_config(config_file(tmp_path), overrides), progress=False).train()
+    last = rows(tmp_path / "p", "train")[-1]
+    assert 0 < last["layer1.R_mean"] <= 1 and "layer0.R_mean" not in last
+    assert last["coherence_reg"] > 0
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["model.phase_layers=[0]"], "only used by model.type: phasegpt"),
+    (["model.type=phasegpt", "model.phase_layers=[5]"], "outside"),
+    (["model.type=phasegpt", "model.phase_layers=one"], "must be a list"),
+])
+def test_phasegpt_config_errors(tmp_path, override, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_config(config_file(tmp_path), override)

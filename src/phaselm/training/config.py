@@ -35,7 +35,21 @@ class ModelConfig(GPTConfig):
     field checks of ``GPTConfig`` run when the config is loaded."""
 
     vocab_size: int | None = None  # None: the tokenizer's
-    type: str = "gpt"
+    type: str = "gpt"  # gpt | phasegpt
+    # phasegpt (phaselm.attention.PhaseCoupledAttention in these layers; the others stay standard)
+    phase_layers: list[int] = field(default_factory=list)
+    n_osc: int = 32
+    coupling_init: float = 1.0
+    kuramoto_steps: int = 2
+    kuramoto_dt: float = 0.1
+    integrator: str = "euler"  # euler | rk4
+    coherence_init: float = 0.5
+    phase_noise: float = 0.0
+    freq_jitter: float = 0.0
+    coherence_reg: float = 0.0  # λ: loss += λ · Σ_layers coherence_penalty(R)
+    coherence_mode: str = "ceiling"  # ceiling | center | band
+    coherence_target: float = 0.45
+    coherence_width: float = 0.1
 
 
 @dataclass
@@ -80,11 +94,22 @@ class RunConfig:
             ("train.log_interval", t.log_interval >= 1), ("train.keep_checkpoints", t.keep_checkpoints >= 1),
             ("train.device", t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")),
             ("train.dtype", t.dtype in ("auto", "float32", "bfloat16", "float16")),
-            ("model.type", self.model.type in ("gpt",)),
+            ("model.type", self.model.type in ("gpt", "phasegpt")),
+            ("model.integrator", self.model.integrator in ("euler", "rk4")),
+            ("model.coherence_mode", self.model.coherence_mode in ("ceiling", "center", "band")),
+            ("model.n_osc", self.model.n_osc >= 1), ("model.kuramoto_steps", self.model.kuramoto_steps >= 0),
+            ("model.kuramoto_dt", self.model.kuramoto_dt > 0), ("model.coherence_reg", self.model.coherence_reg >= 0),
         ]
         for key, ok in checks:
             if not ok:
                 raise ConfigError(f"config: invalid value for {key}: {_get(self, key)!r}")
+        bad_layers = [i for i in self.model.phase_layers if not 0 <= i < self.model.n_layer]
+        if bad_layers:
+            raise ConfigError(f"config: model.phase_layers {bad_layers} outside 0..{self.model.n_layer - 1}")
+        if self.model.type == "phasegpt" and not self.model.phase_layers:
+            raise ConfigError("config: model.phase_layers is empty; model.type phasegpt needs at least one phase layer")
+        if self.model.type == "gpt" and self.model.phase_layers:
+            raise ConfigError("config: model.phase_layers is only used by model.type: phasegpt (it would be ignored)")
         if self.data.name == "text" and not self.data.path:
             raise ConfigError("config: data.path is required when data.name is 'text'")
         if self.data.path and not Path(self.data.path).expanduser().exists():
@@ -103,6 +128,11 @@ def _get(obj, dotted: str):
 
 def _check_type(key: str, value, annotation):
     """Return ``value`` converted to ``annotation`` where that is lossless, else raise ConfigError."""
+    if typing.get_origin(annotation) is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config: {key} must be a list, got {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(annotation)
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     args = typing.get_args(annotation)
     options = args if args else (annotation,)
     if value is None:

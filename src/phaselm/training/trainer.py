@@ -29,7 +29,9 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from phaselm.data.datasets import CharTokenizer, HFTokenizer, get_tokenizer, load_splits, tokenized
-from phaselm.models.gpt import GPT, GPTConfig
+from phaselm import oscillators as osc
+from phaselm.attention import PhaseCoupledAttention
+from phaselm.models.gpt import GPT, CausalSelfAttention, GPTConfig
 from phaselm.training import checkpoint as ckpt
 from phaselm.training.config import RunConfig, from_dict
 
@@ -46,8 +48,29 @@ def tokenizer_from_json(text: str):
 
 
 def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
-    fields = {f.name: getattr(cfg.model, f.name) for f in dataclasses.fields(GPTConfig)}
-    return GPT(GPTConfig(**dict(fields, vocab_size=cfg.model.vocab_size or vocab_size)))
+    m = cfg.model
+    fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(GPTConfig)}
+    gpt_cfg = GPTConfig(**dict(fields, vocab_size=m.vocab_size or vocab_size))
+    if m.type == "gpt":
+        return GPT(gpt_cfg)
+
+    def attention(c, i):
+        if i not in m.phase_layers:
+            return CausalSelfAttention(c)
+        return PhaseCoupledAttention(c, n_osc=m.n_osc, coupling_init=m.coupling_init, steps=m.kuramoto_steps,
+                                     dt=m.kuramoto_dt, method=m.integrator, coherence_init=m.coherence_init,
+                                     phase_noise=m.phase_noise, freq_jitter=m.freq_jitter)
+
+    return GPT(gpt_cfg, attention_factory=attention)
+
+
+def coherence_loss(model: torch.nn.Module, m) -> torch.Tensor | None:
+    """λ · Σ over phase layers of the coherence penalty on their R (with gradients), or None."""
+    if m.coherence_reg <= 0:
+        return None
+    rs = [b.attn.last_r for b in model.blocks if isinstance(b.attn, PhaseCoupledAttention)]
+    return m.coherence_reg * sum(osc.coherence_penalty(r, m.coherence_mode, m.coherence_target, m.coherence_width)
+                                 for r in rs)
 
 
 def lr_at(it: int, cfg) -> float:
@@ -226,14 +249,17 @@ class Trainer:
                 lr = lr_at(it, t)
                 for group in self.optimizer.param_groups:
                     group["lr"] = lr
-                loss_sum = 0.0
+                loss_sum, reg_sum = 0.0, 0.0
                 for micro in range(t.grad_accum):
                     x, y = self._batch(train_tokens, batch_gen)
                     sync = self.ddp and micro < t.grad_accum - 1
                     with (model.no_sync() if sync else nullcontext()), self.autocast():
                         _, loss = model(x, y)
-                    scaler.scale(loss / t.grad_accum).backward()
+                        reg = coherence_loss(self.raw_model, cfg.model)
+                    total = loss if reg is None else loss + reg
+                    scaler.scale(total / t.grad_accum).backward()
                     loss_sum += loss.item() / t.grad_accum
+                    reg_sum += 0.0 if reg is None else reg.item() / t.grad_accum
                 if self.ddp:  # the logged loss is the global-batch mean on every rank
                     lt = torch.tensor([loss_sum], device=self.device)
                     dist.all_reduce(lt)
@@ -255,6 +281,8 @@ class Trainer:
                 if it % t.log_interval == 0 or it == t.max_iters:
                     row = {"iter": it, "split": "train", "loss": loss_sum, "ppl": math.exp(min(loss_sum, 50)),
                            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_iter / dt}
+                    if cfg.model.coherence_reg > 0:
+                        row["coherence_reg"] = reg_sum
                     for i, block in enumerate(self.raw_model.blocks):
                         if hasattr(block.attn, "metrics"):
                             row.update({f"layer{i}.{k}": v for k, v in block.attn.metrics().items()})
