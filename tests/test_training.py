@@ -173,3 +173,10 @@ def test_phasegpt_trains_logs_r_per_layer_and_applies_the_regulariser(tmp_path):
 def test_phasegpt_config_errors(tmp_path, override, needle):
     with pytest.raises(ConfigError, match=needle):
         load_config(config_file(tmp_path), override)
+
+
+def test_every_committed_config_loads():
+    paths = sorted(Path(__file__).parent.parent.glob("configs/**/*.yaml"))
+    assert len(paths) >= 20
+    for path in paths:
+        load_config(path)
