@@ -163,6 +163,25 @@ def test_phasegpt_trains_logs_r_per_layer_and_applies_the_regulariser(tmp_path):
     last = rows(tmp_path / "p", "train")[-1]
     assert 0 < last["layer1.R_mean"] <= 1 and "layer0.R_mean" not in last
     assert last["coherence_reg"] > 0
+    # interpret the trained checkpoint on real text
+    text = tmp_path / "text.txt"
+    text.write_text("ROMEO.\nBut soft, what light through yonder window breaks?\n" * 10)
+    assert main(["interpret", str(tmp_path / "p"), "--text", str(text), "--out", str(tmp_path / "interp")]) == 0
+    summary = json.loads((tmp_path / "interp" / "summary.json").read_text())
+    layer = summary["layers"]["1"]
+    assert len(layer["R_per_head"]) == 2 and all(0 <= r <= 1 for r in layer["R_per_head"])
+    assert len(layer["R_over_time"]) == 16
+    for png in ("r_by_layer_head", "r_over_time", "phase_heatmap", "coherence"):
+        assert (tmp_path / "interp" / f"{png}.png").stat().st_size > 1000
+
+
+def test_interpret_needs_a_phasegpt_checkpoint(tmp_path, capsys):
+    Trainer(load_config(config_file(tmp_path), [f"train.out_dir={tmp_path / 'g'}", "train.max_iters=4"]),
+            progress=False).train()
+    text = tmp_path / "t.txt"
+    text.write_text("some real text here\n" * 5)
+    assert main(["interpret", str(tmp_path / "g"), "--text", str(text)]) == 2
+    assert "no phase layers" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("override, needle", [

@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="cpu")
 
+    it = sub.add_parser("interpret", help="phase synchrony (R, phases, coherence) of a PhaseGPT checkpoint on a text")
+    it.add_argument("checkpoint")
+    it.add_argument("--text", required=True, help="a text file (real text, not random ids)")
+    it.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/interpret)")
+    it.add_argument("--head", type=int, default=0)
+    it.add_argument("--device", default="cpu")
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bs = bench.add_parser("sampling", help="Phase-Slip vs standard sampling at matched diversity",
                           description="Writes results.json, report.md and frontier.png under --out.")
@@ -108,7 +115,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return {"generate": cmd_generate, "calibrate": cmd_calibrate, "demo": cmd_demo, "bench": cmd_bench,
-                "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample}[args.command](args)
+                "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
+                "interpret": cmd_interpret}[args.command](args)
     except (ValueError, ModelLoadError, TrainingError) as err:
         print(f"phaselm {args.command}: error: {err}", file=sys.stderr)
         return 2
@@ -262,6 +270,25 @@ def cmd_sample(args) -> int:
     out = model.generate(torch.tensor([ids], device=args.device), args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, generator=gen)
     print(tok.decode(out[0].tolist()))
+    return 0
+
+
+def cmd_interpret(args) -> int:
+    from pathlib import Path
+
+    from phaselm.evaluation.interpret import interpret
+    from phaselm.training.trainer import load_for_inference
+
+    try:
+        text = Path(args.text).read_text(encoding="utf-8")
+    except OSError as err:
+        raise ValueError(f"--text: cannot read {args.text}: {err.strerror}") from None
+    model, tok, _, _ = load_for_inference(args.checkpoint, args.device)
+    out = Path(args.out) if args.out else Path(args.checkpoint) / "interpret"
+    summary = interpret(model, tok, text, out, head=args.head)
+    for layer, entry in summary["layers"].items():
+        print(f"layer {layer}: R mean {entry['R_mean']:.3f}; per head " + " ".join(f"{r:.3f}" for r in entry["R_per_head"]))
+    print(f"wrote {out}/summary.json and 4 PNGs")
     return 0
 
 
