@@ -114,7 +114,7 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     one = subprocess.run([sys.executable, "-m", "phaselm.cli", "train", str(cfg_path), f"train.out_dir={tmp_path / 'one'}"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                           "-m", "phaselm.cli", "train", str(cfg_path), f"train.out_dir={tmp_path / 'two'}"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
