@@ -49,3 +49,19 @@ def test_char_tokenizer_roundtrip_and_memmap_cache(tmp_path, monkeypatch):
     assert np.array_equal(tokenized("hello world\n", tok), ids)  # second call reads the cache
     with pytest.raises(ValueError, match="vocabulary"):
         CharTokenizer.from_text("abc").encode("abd")
+
+
+def test_grid_report_mean_and_t_interval(tmp_path):
+    import json
+
+    from phaselm.evaluation.grid_report import mean_ci, table
+
+    mean, half = mean_ci([4.0, 4.2, 4.4])
+    assert mean == pytest.approx(4.2) and half == pytest.approx(4.303 * 0.2 / 3 ** 0.5)
+    for arm, ppls in (("baseline", [5.0, 5.2]), ("phase_a_winner", [4.9, 5.0])):
+        for s, p in enumerate(ppls):
+            d = tmp_path / arm / f"seed-{s}"
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps({"final_val_ppl": p}))
+    text = table(tmp_path)
+    assert "| baseline | 2 |" in text and "-2.9%" in text
