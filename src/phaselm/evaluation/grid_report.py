@@ -1,7 +1,9 @@
 """Summarise a grid of runs (``RUNS/ARM/seed-S/summary.json``, made by ``run_report``) into a table:
-final val perplexity per arm, mean ± 95% t-interval over seeds, and the difference to ``baseline``.
+final val perplexity per arm, mean ± 95% t-interval over seeds, and the difference to the
+reference arm (``--baseline``, default ``baseline``).
 
     python -m phaselm.evaluation.grid_report results/phasegpt/runs [--out results/phasegpt/table.md]
+    python -m phaselm.evaluation.grid_report results/pma/runs --baseline tiny
 """
 
 from __future__ import annotations
@@ -33,16 +35,16 @@ def collect(root: Path) -> dict[str, list[dict]]:
     return arms
 
 
-def table(root: Path) -> str:
+def table(root: Path, baseline: str = "baseline") -> str:
     arms = collect(root)
-    base = [r["final_val_ppl"] for r in arms.get("baseline", [])]
+    base = [r["final_val_ppl"] for r in arms.get(baseline, [])]
     base_mean = sum(base) / len(base) if base else None
-    lines = ["| arm | seeds | final val PPL (mean ± 95% CI) | Δ vs baseline | per seed |", "|---|---:|---|---|---|"]
-    for arm, runs in sorted(arms.items(), key=lambda kv: (kv[0] != "baseline", kv[0])):
+    lines = [f"| arm | seeds | final val PPL (mean ± 95% CI) | Δ vs {baseline} | per seed |", "|---|---:|---|---|---|"]
+    for arm, runs in sorted(arms.items(), key=lambda kv: (kv[0] != baseline, kv[0])):
         ppl = [r["final_val_ppl"] for r in runs]
         mean, half = mean_ci(ppl)
         ci = f"{mean:.3f} ± {half:.3f}" if half is not None else f"{mean:.3f} (1 seed)"
-        delta = f"{mean / base_mean - 1:+.1%}" if base_mean and arm != "baseline" else "–"
+        delta = f"{mean / base_mean - 1:+.1%}" if base_mean and arm != baseline else "–"
         lines.append(f"| {arm} | {len(runs)} | {ci} | {delta} | {', '.join(f'{p:.3f}' for p in ppl)} |")
     return "\n".join(lines) + "\n"
 
@@ -51,8 +53,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--baseline", default="baseline", help="the arm the Δ column compares with")
     args = ap.parse_args()
-    text = table(Path(args.runs))
+    text = table(Path(args.runs), args.baseline)
     if args.out:
         Path(args.out).write_text(text)
     print(text, end="")

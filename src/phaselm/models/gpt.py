@@ -94,7 +94,25 @@ class Block(nn.Module):
 AttentionFactory = Callable[[GPTConfig, int], nn.Module]
 
 
-class GPT(nn.Module):
+class GenerateMixin:
+    """``generate`` for a causal LM whose ``forward(idx)`` returns ``(logits [B, T, V], ...)`` and
+    whose ``config.block_size`` bounds the context."""
+
+    @torch.no_grad()
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Append ``max_new_tokens`` sampled tokens to ``idx [B, T]`` (context cropped to block_size)."""
+        from phaselm.sampling.processors import SamplingConfig, choose_tokens
+
+        cfg = SamplingConfig(temperature=temperature, top_k=top_k)
+        for _ in range(max_new_tokens):
+            logits, _ = self(idx[:, -self.config.block_size:])
+            nxt = choose_tokens(logits[:, -1], cfg, None if generator is None else [generator])
+            idx = torch.cat([idx, nxt[:, None]], dim=1)
+        return idx
+
+
+class GPT(GenerateMixin, nn.Module):
     """GPT language model. ``attention_factory(cfg, layer_idx)`` builds each layer's attention
     (default :class:`CausalSelfAttention`); a module with a ``metrics()`` method exposes extra
     per-layer metrics to the trainer."""
@@ -130,6 +148,11 @@ class GPT(nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wpe.weight.numel() if non_embedding else n
 
+    def layer_metrics(self) -> dict[str, float]:
+        """``layer{i}.{name}`` for every attention module with a ``metrics()`` method (for logging)."""
+        return {f"layer{i}.{k}": v for i, b in enumerate(self.blocks) if hasattr(b.attn, "metrics")
+                for k, v in b.attn.metrics().items()}
+
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         """Logits ``[B, T, V]`` and, with ``targets [B, T]``, the mean cross-entropy in nats/token."""
         b, t = idx.shape
@@ -144,16 +167,3 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
         return logits, loss
-
-    @torch.no_grad()
-    def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Append ``max_new_tokens`` sampled tokens to ``idx [B, T]`` (context cropped to block_size)."""
-        from phaselm.sampling.processors import SamplingConfig, choose_tokens
-
-        cfg = SamplingConfig(temperature=temperature, top_k=top_k)
-        for _ in range(max_new_tokens):
-            logits, _ = self(idx[:, -self.config.block_size:])
-            nxt = choose_tokens(logits[:, -1], cfg, None if generator is None else [generator])
-            idx = torch.cat([idx, nxt[:, None]], dim=1)
-        return idx

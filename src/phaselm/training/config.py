@@ -35,7 +35,7 @@ class ModelConfig(GPTConfig):
     field checks of ``GPTConfig`` run when the config is loaded."""
 
     vocab_size: int | None = None  # None: the tokenizer's
-    type: str = "gpt"  # gpt | phasegpt
+    type: str = "gpt"  # gpt | phasegpt | pma
     # phasegpt (phaselm.attention.PhaseCoupledAttention in these layers; the others stay standard)
     phase_layers: list[int] = field(default_factory=list)
     n_osc: int = 32
@@ -50,6 +50,20 @@ class ModelConfig(GPTConfig):
     coherence_mode: str = "ceiling"  # ceiling | center | band
     coherence_target: float = 0.45
     coherence_width: float = 0.1
+    # pma (phaselm.models.pma; n_embd is d_model, n_layer counts SSM + PMA blocks; the Kuramoto
+    # fields above are shared, n_osc is not used: one oscillator per head and token)
+    n_ssm: int = 0  # Mamba blocks (n_layer: pure Mamba, 0: no SSM)
+    layout: str = "ssm_first"  # ssm_first | interleaved
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    lambda_init: float = 0.1
+    lambda_trainable: bool = True
+    tau_base_init: float = 1.0
+    tau_alpha_init: float = 0.1
+    tau_beta_init: float = 0.1
+    coupling_mode: str = "context"  # context | constant
+    scan: str = "auto"  # auto | parallel | sequential | cuda
 
 
 @dataclass
@@ -94,7 +108,12 @@ class RunConfig:
             ("train.log_interval", t.log_interval >= 1), ("train.keep_checkpoints", t.keep_checkpoints >= 1),
             ("train.device", t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")),
             ("train.dtype", t.dtype in ("auto", "float32", "bfloat16", "float16")),
-            ("model.type", self.model.type in ("gpt", "phasegpt")),
+            ("model.type", self.model.type in ("gpt", "phasegpt", "pma")),
+            ("model.layout", self.model.layout in ("ssm_first", "interleaved")),
+            ("model.coupling_mode", self.model.coupling_mode in ("context", "constant")),
+            ("model.scan", self.model.scan in ("auto", "parallel", "sequential", "cuda")),
+            ("model.n_ssm", 0 <= self.model.n_ssm <= self.model.n_layer),
+            ("model.lambda_init", 0 <= self.model.lambda_init < 0.5),
             ("model.integrator", self.model.integrator in ("euler", "rk4")),
             ("model.coherence_mode", self.model.coherence_mode in ("ceiling", "center", "band")),
             ("model.n_osc", self.model.n_osc >= 1), ("model.kuramoto_steps", self.model.kuramoto_steps >= 0),
@@ -108,7 +127,7 @@ class RunConfig:
             raise ConfigError(f"config: model.phase_layers {bad_layers} outside 0..{self.model.n_layer - 1}")
         if self.model.type == "phasegpt" and not self.model.phase_layers:
             raise ConfigError("config: model.phase_layers is empty; model.type phasegpt needs at least one phase layer")
-        if self.model.type == "gpt" and self.model.phase_layers:
+        if self.model.type != "phasegpt" and self.model.phase_layers:
             raise ConfigError("config: model.phase_layers is only used by model.type: phasegpt (it would be ignored)")
         if self.data.name == "text" and not self.data.path:
             raise ConfigError("config: data.path is required when data.name is 'text'")

@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from phaselm.data.datasets import CharTokenizer, HFTokenizer, get_tokenizer, load_splits, tokenized
 from phaselm import oscillators as osc
-from phaselm.attention import PhaseCoupledAttention
+from phaselm.attention import PhaseCoupledAttention, PhaseModulatedAttention
 from phaselm.models.gpt import GPT, CausalSelfAttention, GPTConfig
+from phaselm.models.pma import PhaseModulatedAttentionLM, PMAConfig
 from phaselm.training import checkpoint as ckpt
 from phaselm.training.config import RunConfig, from_dict
 
@@ -53,6 +54,8 @@ def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
     gpt_cfg = GPTConfig(**dict(fields, vocab_size=m.vocab_size or vocab_size))
     if m.type == "gpt":
         return GPT(gpt_cfg)
+    if m.type == "pma":
+        return PhaseModulatedAttentionLM(pma_config(m, vocab_size))
 
     def attention(c, i):
         if i not in m.phase_layers:
@@ -64,11 +67,17 @@ def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
     return GPT(gpt_cfg, attention_factory=attention)
 
 
+def pma_config(m, vocab_size: int) -> PMAConfig:
+    """The :class:`PMAConfig` of a ``model.type: pma`` section (``n_embd`` is ``d_model``)."""
+    names = {f.name for f in dataclasses.fields(PMAConfig)} - {"d_model", "vocab_size"}
+    return PMAConfig(d_model=m.n_embd, vocab_size=m.vocab_size or vocab_size, **{k: getattr(m, k) for k in names})
+
+
 def coherence_loss(model: torch.nn.Module, m) -> torch.Tensor | None:
     """λ · Σ over phase layers of the coherence penalty on their R (with gradients), or None."""
     if m.coherence_reg <= 0:
         return None
-    rs = [b.attn.last_r for b in model.blocks if isinstance(b.attn, PhaseCoupledAttention)]
+    rs = [a.last_r for a in model.modules() if isinstance(a, (PhaseCoupledAttention, PhaseModulatedAttention))]
     return m.coherence_reg * sum(osc.coherence_penalty(r, m.coherence_mode, m.coherence_target, m.coherence_width)
                                  for r in rs)
 
@@ -283,9 +292,7 @@ class Trainer:
                            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_iter / dt}
                     if cfg.model.coherence_reg > 0:
                         row["coherence_reg"] = reg_sum
-                    for i, block in enumerate(self.raw_model.blocks):
-                        if hasattr(block.attn, "metrics"):
-                            row.update({f"layer{i}.{k}": v for k, v in block.attn.metrics().items()})
+                    row.update(self.raw_model.layer_metrics())
                     self._log(row)
                     bar.set_postfix_str(f"loss {loss_sum:.3f} ppl {row['ppl']:.2f} {row['tokens_per_s']:.0f} tok/s")
         except KeyboardInterrupt:

@@ -1,0 +1,71 @@
+"""PMA attention (fast SDPA path) vs plain causal SDPA attention, forward + backward, one run.
+
+    python benchmarks/pma_speed.py [--device cpu|cuda] [--repeats 5] [--json FILE]
+
+Whole attention layers with the same q/k/v/output projections: :class:`PhaseModulatedAttention`
+(phases, Kuramoto steps, Var(P), τ, and one SDPA call with 3× head size) against
+:class:`CausalSelfAttention` (one SDPA call), at the tiny config's shapes (d 128, 4 heads, T 128,
+batch 16) and the 130M config's (d 768, 12 heads, T 1024, batch 2 on CPU, 8 on GPU); the explicit
+[T, T] path is timed too. Medians of ``--repeats`` interleaved timings. The last line is the
+130M-shape ratio PMA fast / plain (``ratio: X``; target <= 1.6).
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from phaselm.attention import PhaseModulatedAttention
+from phaselm.models.gpt import CausalSelfAttention, GPTConfig
+
+
+def timed(layer, x, context, device, **kw) -> float:
+    start = time.perf_counter()
+    out = layer(x, context, **kw) if context is not None else layer(x)
+    out.square().mean().backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    res = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__, "cases": {}}
+    big_batch = 8 if args.device == "cuda" else 2
+    cases = {"tiny": (128, 4, 128, 16), "130m": (768, 12, 1024, big_batch)}
+    for name, (d, h, t, b) in cases.items():
+        cfg = GPTConfig(vocab_size=65, block_size=t, n_layer=2, n_head=h, n_embd=d)
+        torch.manual_seed(0)
+        pma, plain = PhaseModulatedAttention(cfg).to(args.device), CausalSelfAttention(cfg).to(args.device)
+        x = torch.randn(b, t, d, device=args.device, requires_grad=True)
+        ctx = torch.randn(b, t, d, device=args.device)
+        runs = {"plain": lambda: timed(plain, x, None, args.device),
+                "pma_fast": lambda: timed(pma, x, ctx, args.device, explicit=False),
+                "pma_explicit": lambda: timed(pma, x, ctx, args.device, explicit=True)}
+        for fn in runs.values():
+            fn()  # warm-up
+        times = {k: [] for k in runs}
+        for _ in range(args.repeats):
+            for k, fn in runs.items():
+                times[k].append(fn())
+        med = {k: statistics.median(v) for k, v in times.items()}
+        ratio = med["pma_fast"] / med["plain"]
+        res["cases"][name] = {"d_T_heads_batch": (d, t, h, b), **{f"{k}_s": v for k, v in med.items()},
+                              "ratio_fast": ratio, "ratio_explicit": med["pma_explicit"] / med["plain"]}
+        print(f"{name} (d {d}, {h} heads, T {t}, batch {b}): plain {med['plain'] * 1e3:.1f} ms, PMA fast "
+              f"{med['pma_fast'] * 1e3:.1f} ms ({ratio:.2f}x), explicit {med['pma_explicit'] * 1e3:.1f} ms "
+              f"({med['pma_explicit'] / med['plain']:.2f}x)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    print(f"ratio: {res['cases']['130m']['ratio_fast']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

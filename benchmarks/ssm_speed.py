@@ -1,0 +1,59 @@
+"""Selective scan: the parallel (Blelloch) scan vs the sequential loop, forward + backward, one run.
+
+    python benchmarks/ssm_speed.py [--device cpu|cuda] [--repeats 3] [--json FILE]
+
+Shapes of the tiny PMA config's Mamba blocks (E = 256 inner channels, N = 16 states; batch 1) at
+L = 256 and 1024, and of the 130M config's (E = 1536, N = 16) at L = 1024. Each number is the
+median of ``--repeats`` interleaved timings of ``selective_scan`` forward + backward. The last
+line is the tiny-shape ratio at L = 1024, sequential time / parallel time (``ratio: X``; target >= 8).
+"""
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from phaselm.ssm import selective_scan
+
+
+def timed(scan: str, batch: int, length: int, e: int, n: int, device: str) -> float:
+    g = torch.Generator().manual_seed(0)
+    u, delta = torch.randn(batch, length, e, generator=g), torch.rand(batch, length, e, generator=g) * 0.1
+    A, D = -torch.rand(e, n, generator=g) - 0.5, torch.ones(e)
+    B, C = torch.randn(batch, length, n, generator=g), torch.randn(batch, length, n, generator=g)
+    tensors = [t.to(device).requires_grad_() for t in (u, delta, A, B, C, D)]
+    start = time.perf_counter()
+    selective_scan(*tensors, scan=scan).square().sum().backward()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    res = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__, "cases": {}}
+    cases = {"tiny_L256": (1, 256, 256, 16), "tiny_L1024": (1, 1024, 256, 16), "130m_L1024": (1, 1024, 1536, 16)}
+    for name, shape in cases.items():
+        timed("parallel", *shape, args.device)  # warm-up
+        par, seq = [], []
+        for _ in range(args.repeats):
+            par.append(timed("parallel", *shape, args.device))
+            seq.append(timed("sequential", *shape, args.device))
+        p, s = statistics.median(par), statistics.median(seq)
+        res["cases"][name] = {"batch_L_E_N": shape, "parallel_s": p, "sequential_s": s, "ratio": s / p}
+        print(f"{name} (B, L, E, N = {shape}): parallel {p * 1e3:.1f} ms, sequential {s * 1e3:.1f} ms, "
+              f"ratio {s / p:.1f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+    print(f"ratio: {res['cases']['tiny_L1024']['ratio']:.1f}")
+
+
+if __name__ == "__main__":
+    main()
