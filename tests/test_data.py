@@ -65,3 +65,26 @@ def test_grid_report_mean_and_t_interval(tmp_path):
             (d / "summary.json").write_text(json.dumps({"final_val_ppl": p}))
     text = table(tmp_path)
     assert "| baseline | 2 |" in text and "-2.9%" in text
+
+
+def test_python_docs_stand_in_is_fixed_by_hash():
+    from phaselm.data import corpora
+
+    try:
+        splits = load_splits("python-docs")
+    except RuntimeError as err:
+        if "could not download" in str(err):
+            pytest.skip(str(err))  # the Debian mirror is unreachable from here
+        raise
+    assert len(corpora.python_docs()) == 497
+    assert split_hashes(splits) == {
+        "train": "8762958f65bc936b74005234004f965774c87134ab3f8bcd93717f61a871226b",
+        "val": "45a4ff09e8031f5e6656de5f15cc437a8c4b44cf2de23d35e7ca3db0c1ebf1b7",
+        "test": "4ec70a4c5f8b5f64400598a85287a19bb0b9a6981ff4392384915f76fd8e185c"}
+
+
+def test_rst_is_reduced_to_text():
+    from phaselm.data.corpora import _rst_to_text
+
+    rst = ".. note::\nUse :func:`len` or :class:`~collections.OrderedDict` and :ref:`the guide <guide>`.\n\n\n\nEnd"
+    assert _rst_to_text(rst) == "Use len or collections.OrderedDict and the guide.\n\nEnd\n"

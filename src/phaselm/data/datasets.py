@@ -5,6 +5,8 @@ Datasets (``load_splits(name, path)``):
 * ``shakespeare``: the 37 plays (~4.85 MB), split per play 90/5/5 (:mod:`phaselm.data.corpora`);
 * ``tiny-shakespeare``: the same split of 9 fixed plays (:data:`TINY_PLAYS`, ~1.15 MB), the
   CPU-scale corpus;
+* ``python-docs``: the Python 3.11 documentation from Debian's ``python3.11-doc`` (~11 MB of
+  mixed English), split per page 90/5/5; the offline stand-in for WikiText-2;
 * ``text``: a local file or a folder of ``*.txt`` files (``path=``), split the same way (per file);
 * any other name: a Hugging Face ``datasets`` dataset (e.g. ``wikitext-2-raw-v1``), for users
   online; offline this is a one-line error that says so.
@@ -39,6 +41,9 @@ def load_splits(name: str, path: str | os.PathLike | None = None) -> dict[str, s
     if name == "tiny-shakespeare":
         plays = corpora.shakespeare_plays()
         return {s: "".join(corpora.split_text(plays[p], s) for p in TINY_PLAYS) for s in corpora.SPLITS}
+    if name == "python-docs":
+        docs = corpora.python_docs().values()
+        return {s: "".join(corpora.split_text(d, s) for d in docs) for s in corpora.SPLITS}
     if name == "text":
         return _local_splits(path)
     return _hub_splits(name)
