@@ -12,7 +12,7 @@ model's context length, characters or tokens of its tokenizer):
 * ``modern``: modern English prose (out of domain).
 
 For every K in ``K_GRID`` (``set_coupling_override``; all PMA layers) and every R in ``R_GRID``
-(``override(R=...)``): mean next-token entropy (nats) over the second half of each window, the R
+(``override(R=...)``), and for interventions of known size (:data:`REFERENCE`): mean next-token entropy (nats) over the second half of each window, the R
 the model actually reaches (K sweep), and tr F of the next-token distribution w.r.t. the phase
 parameters (:func:`phaselm.metrics.fisher_trace`, model-sampled, K sweep). Writes
 ``intervention.json`` and ``intervention.png`` (mean over runs, band = min..max over runs).
@@ -28,11 +28,15 @@ from pathlib import Path
 import torch
 
 from phaselm.data.datasets import load_splits
+from phaselm.hooks import hooks
 from phaselm.interventions import override
 from phaselm.metrics import fisher_trace, next_token_entropy
 
 K_GRID = [0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 R_GRID = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+# interventions of known size, for scale: λ at its bounds, τ halved / doubled, the PMA heads' output zeroed
+REFERENCE = {"lambda=0": {"lam": 0.0}, "lambda=0.49": {"lam": 0.49}, "tau=0.5": {"tau": 0.5}, "tau=2": {"tau": 2.0},
+             "pma_attention_knocked_out": "knockout"}
 MODERN = ("The committee will meet again next week to review the budget, and the report is expected to show "
           "that spending on software and travel rose sharply while the cost of office space fell. Several members "
           "asked whether the new policy on remote work had changed how often people came into the building. ")
@@ -87,7 +91,17 @@ def sweep_run(model, prompts: dict[str, torch.Tensor], fisher_prompts: int = 4) 
         out["R"][kind] = rows
         ent, r = _entropy_and_r(model, ids)
         out.setdefault("unmodified", {})[kind] = {"entropy": ent, "R_measured": r}
+        out.setdefault("reference", {})[kind] = {name: _entropy_and_r_with(model, ids, values)[0]
+                                                 for name, values in REFERENCE.items()}
     return out
+
+
+def _entropy_and_r_with(model, ids, values: dict) -> tuple[float, float]:
+    if values == "knockout":
+        with hooks(model, [(lambda n: n.endswith("pma.hook_z"), lambda z, hook: torch.zeros_like(z))]):
+            return _entropy_and_r(model, ids)
+    with override(model, **values):
+        return _entropy_and_r(model, ids)
 
 
 def summarize(per_run: list[dict]) -> dict:
@@ -105,6 +119,8 @@ def summarize(per_run: list[dict]) -> dict:
             "entropy_range_over_R": max(mean_r) - min(mean_r),
             "entropy_unmodified": sum(r["unmodified"][kind]["entropy"] for r in per_run) / len(per_run),
             "R_unmodified": sum(r["unmodified"][kind]["R_measured"] for r in per_run) / len(per_run),
+            "reference_entropy_change": {name: sum(r["reference"][kind][name] - r["unmodified"][kind]["entropy"]
+                                                   for r in per_run) / len(per_run) for name in REFERENCE},
         }
     return summary
 
