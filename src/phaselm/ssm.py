@@ -119,8 +119,8 @@ class _SelectiveScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, dt, dtu, A, B, C):
         # dt, dtu [L, Bt, E]; A [E, N]; B, C [L, Bt, N]
-        a = torch.exp(dt[..., None] * A)
-        b = dtu[..., None] * B[:, :, None, :]
+        a = (dt[..., None] * A).exp_()
+        b = dtu[..., None] * B[:, :, None, :]  # Δu ⊗ B
         h = _scan_(a, b)  # [L, Bt, E, N]
         ctx.save_for_backward(dt, dtu, A, B, C, h)
         return (h @ C[..., None])[..., 0]
@@ -133,8 +133,7 @@ class _SelectiveScan(torch.autograd.Function):
         m[-1] = 0
         g = _scan_(m, dy[..., None] * C[:, :, None, :], reverse=True)
         del m
-        w = h - dtu[..., None] * B[:, :, None, :]  # a_t h_{t-1}
-        w.mul_(g)
+        w = torch.addcmul(h, dtu[..., None], B[:, :, None, :], value=-1).mul_(g)  # (h_t − b_t) g_t = a_t h_{t−1} g_t
         d_A = (w * dt[..., None]).sum((0, 1))
         d_dt = w.mul_(A).sum(-1)
         del w
