@@ -246,13 +246,10 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from phaselm.data.datasets import load_splits, tokenized
-    from phaselm.training.trainer import evaluate, load_for_inference
+    from phaselm.training.trainer import evaluate_split
 
-    model, tok, cfg, state = load_for_inference(args.checkpoint, args.device)
-    tokens = tokenized(load_splits(cfg.data.name, cfg.data.path)[args.split], tok)
-    res = evaluate(model, tokens, cfg.model.block_size, torch_device(args.device))
-    print(f"checkpoint step {state['step']}: {args.split} loss {res['loss']:.4f} nats/token, perplexity "
+    res = evaluate_split(args.checkpoint, args.split, str(torch_device(args.device)))
+    print(f"checkpoint step {res['step']}: {args.split} loss {res['loss']:.4f} nats/token, perplexity "
           f"{res['ppl']:.3f} over {res['tokens']} tokens")
     return 0
 

@@ -1,5 +1,5 @@
 """Summarise a grid of runs (``RUNS/ARM/seed-S/summary.json``, made by ``run_report``) into a table:
-final val perplexity per arm, mean ± 95% t-interval over seeds, and the difference to the
+final val (and test) perplexity per arm, mean ± 95% t-interval over seeds, and the difference to the
 reference arm (``--baseline``, default ``baseline``).
 
     python -m phaselm.evaluation.grid_report results/phasegpt/runs [--out results/phasegpt/table.md]
@@ -39,13 +39,19 @@ def table(root: Path, baseline: str = "baseline") -> str:
     arms = collect(root)
     base = [r["final_val_ppl"] for r in arms.get(baseline, [])]
     base_mean = sum(base) / len(base) if base else None
-    lines = [f"| arm | seeds | final val PPL (mean ± 95% CI) | Δ vs {baseline} | per seed |", "|---|---:|---|---|---|"]
+    lines = [f"| arm | seeds | final val PPL (mean ± 95% CI) | Δ vs {baseline} | test PPL (mean ± 95% CI) | per seed (val) |",
+             "|---|---:|---|---|---|---|"]
     for arm, runs in sorted(arms.items(), key=lambda kv: (kv[0] != baseline, kv[0])):
         ppl = [r["final_val_ppl"] for r in runs]
         mean, half = mean_ci(ppl)
         ci = f"{mean:.3f} ± {half:.3f}" if half is not None else f"{mean:.3f} (1 seed)"
         delta = f"{mean / base_mean - 1:+.1%}" if base_mean and arm != baseline else "–"
-        lines.append(f"| {arm} | {len(runs)} | {ci} | {delta} | {', '.join(f'{p:.3f}' for p in ppl)} |")
+        tests = [r["final_test_ppl"] for r in runs if "final_test_ppl" in r]
+        test = "–"
+        if len(tests) == len(runs):
+            t_mean, t_half = mean_ci(tests)
+            test = f"{t_mean:.3f} ± {t_half:.3f}" if t_half is not None else f"{t_mean:.3f} (1 seed)"
+        lines.append(f"| {arm} | {len(runs)} | {ci} | {delta} | {test} | {', '.join(f'{p:.3f}' for p in ppl)} |")
     return "\n".join(lines) + "\n"
 
 

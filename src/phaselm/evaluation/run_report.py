@@ -1,4 +1,5 @@
-"""Summarise a training run for ``results/``: ``summary.json``, the metrics JSONL and a loss curve.
+"""Summarise a training run for ``results/``: ``summary.json`` (with the final checkpoint's loss on
+the whole test split), the metrics JSONL and a loss curve.
 
     python -m phaselm.evaluation.run_report RUN_DIR OUT_DIR ["the command that made the run"]
 """
@@ -23,10 +24,14 @@ def summarize_run(run_dir: str | Path, out_dir: str | Path, command: str = "") -
     from phaselm.evaluation.sampling_bench import provenance
 
     best = min(val, key=lambda r: r["loss"])
+    from phaselm.training.trainer import evaluate_split
+
+    test = evaluate_split(run_dir, "test")
     summary = {
         "command": command, "config": state["config"], "provenance": provenance(),
         "iters": state["step"], "final_val_loss": val[-1]["loss"], "final_val_ppl": val[-1]["ppl"],
         "best_val_loss": best["loss"], "best_val_iter": best["iter"], "val_tokens": val[-1].get("tokens"),
+        "final_test_loss": test["loss"], "final_test_ppl": test["ppl"], "test_tokens": test["tokens"],
         "mean_train_tokens_per_s": sum(r["tokens_per_s"] for r in train) / max(1, len(train)),
     }
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))

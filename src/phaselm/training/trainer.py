@@ -323,6 +323,16 @@ class Trainer:
         os.replace(tmp, path)
 
 
+def evaluate_split(path: str | Path, split: str = "test", device: str = "cpu", max_tokens: int | None = None) -> dict:
+    """Loss (nats/token), perplexity and token count of a trained run's latest checkpoint on a
+    split of its own dataset (the whole split by default), plus the checkpoint ``step``."""
+    from phaselm.data.datasets import load_splits
+
+    model, tok, cfg, state = load_for_inference(path, device)
+    tokens = tokenized(load_splits(cfg.data.name, cfg.data.path)[split], tok)
+    return {**evaluate(model, tokens, cfg.model.block_size, torch.device(device), max_tokens), "step": state["step"]}
+
+
 def load_for_inference(path: str | Path, device: str = "cpu"):
     """``(model, tokenizer, cfg, state)`` from a run folder or checkpoint folder."""
     folder = ckpt.latest_checkpoint(path)
