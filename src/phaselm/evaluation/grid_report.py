@@ -3,7 +3,11 @@ final val (and test) perplexity per arm, mean ± 95% t-interval over seeds, and 
 reference arm (``--baseline``, default ``baseline``).
 
     python -m phaselm.evaluation.grid_report results/phasegpt/runs [--out results/phasegpt/table.md]
-    python -m phaselm.evaluation.grid_report results/pma/runs --baseline tiny
+    python -m phaselm.evaluation.grid_report results/pma/runs --baseline tiny --plots results/pma
+
+``--plots DIR`` also draws ``DIR/val_curves.png`` (val loss against iteration, mean over seeds per
+arm) and ``DIR/r_curves.png`` (the logged order parameter ``layer{L}.R_mean`` of every phase layer
+against iteration, mean over seeds, one panel per arm that has one).
 """
 
 from __future__ import annotations
@@ -55,13 +59,71 @@ def table(root: Path, baseline: str = "baseline") -> str:
     return "\n".join(lines) + "\n"
 
 
+def _curves(runs_dir: Path, arm: str, split: str, key: str) -> dict[int, float]:
+    """Mean over the arm's seeds of ``key`` per iteration (rows of ``split`` in metrics.jsonl)."""
+    sums: dict[int, list[float]] = {}
+    for path in sorted((runs_dir / arm).glob("seed-*/metrics.jsonl")):
+        for row in map(json.loads, path.read_text().splitlines()):
+            if row.get("split") == split and key in row:
+                sums.setdefault(row["iter"], []).append(row[key])
+    return {it: sum(v) / len(v) for it, v in sorted(sums.items())}
+
+
+def plots(root: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = sorted(collect(root))
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for arm in arms:
+        curve = _curves(root, arm, "val", "loss")
+        ax.plot(list(curve), list(curve.values()), "o-", ms=3, label=arm)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("val loss (nats/token), mean over seeds")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "val_curves.png", dpi=110)
+    plt.close(fig)
+    with_r = {}
+    for arm in arms:
+        first = next((root / arm).glob("seed-*/metrics.jsonl"), None)
+        keys = set() if first is None else {k for r in map(json.loads, first.read_text().splitlines())
+                                            for k in r if k.startswith("layer") and k.endswith(".R_mean")}
+        if keys:
+            with_r[arm] = sorted(keys, key=lambda k: int(k[5:].split(".")[0]))
+    if not with_r:
+        return
+    fig, axes = plt.subplots(1, len(with_r), figsize=(4.2 * len(with_r), 3.6), squeeze=False)
+    for ax, (arm, keys) in zip(axes[0], with_r.items()):
+        for key in keys:
+            curve = _curves(root, arm, "train", key)
+            ax.plot(list(curve), list(curve.values()), label=key.split(".")[0])
+        ax.set_title(arm, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("R (mean over heads, batch, tokens)")
+    fig.tight_layout()
+    fig.savefig(out / "r_curves.png", dpi=110)
+    plt.close(fig)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs")
     ap.add_argument("--out", default=None)
     ap.add_argument("--baseline", default="baseline", help="the arm the Δ column compares with")
+    ap.add_argument("--plots", default=None, help="folder for val_curves.png and r_curves.png")
     args = ap.parse_args()
     text = table(Path(args.runs), args.baseline)
+    if args.plots:
+        Path(args.plots).mkdir(parents=True, exist_ok=True)
+        plots(Path(args.runs), Path(args.plots))
     if args.out:
         Path(args.out).write_text(text)
     print(text, end="")
