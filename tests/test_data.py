@@ -88,3 +88,23 @@ def test_rst_is_reduced_to_text():
 
     rst = ".. note::\nUse :func:`len` or :class:`~collections.OrderedDict` and :ref:`the guide <guide>`.\n\n\n\nEnd"
     assert _rst_to_text(rst) == "Use len or collections.OrderedDict and the guide.\n\nEnd\n"
+
+
+def test_phase_b_criteria_answer_yes_or_no(tmp_path):
+    import json
+
+    from phaselm.evaluation.phase_b_criteria import criteria, markdown
+
+    arms = {"baseline": ([5.0, 5.4, 5.2], None), "K0.75": ([5.3, 5.35, 5.3], 0.45), "K0.50": ([5.6, 5.2, 6.0], 0.9)}
+    for arm, (ppls, r) in arms.items():
+        for s, p in enumerate(ppls):
+            d = tmp_path / arm / f"seed-{s}"
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps({"final_val_ppl": p}))
+            rows = [{"iter": 10, "split": "train", **({"layer4.R_mean": 0.1} if r else {})},
+                    {"iter": 20, "split": "train", **({"layer4.R_mean": r} if r else {})}]
+            (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+    c = criteria(tmp_path)
+    assert c["K0.75"]["ppl_ok"] and c["K0.75"]["R_ok"] and c["K0.75"]["variance_ok"]
+    assert not c["K0.50"]["ppl_ok"] and not c["K0.50"]["R_ok"] and not c["K0.50"]["variance_ok"]
+    assert "| K0.75 | 3 | **yes**" in markdown(c)
