@@ -13,13 +13,12 @@
 The last line is the seed-shape ratio (``ratio: X``; target <= 1.3).
 """
 
-import argparse
-import json
 import statistics
 import time
 
 import torch
 
+from common import arg_parser, finish, machine
 from phaselm.attention import PhaseCoupledAttention
 from phaselm.models.gpt import GPT, CausalSelfAttention, GPTConfig
 
@@ -79,12 +78,8 @@ def peak_memory_mb(kind: str, t: int, device: str) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    res = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    args = arg_parser(__doc__, repeats=3).parse_args()
+    res = {**machine(args)}
     shapes = {
         "cpu_scale": (GPTConfig(vocab_size=65, block_size=128, n_layer=6, n_head=4, n_embd=128), 4, 32, 128),
         "seed_shapes": (GPTConfig(vocab_size=65, block_size=512, n_layer=12, n_head=12, n_embd=768), 7,
@@ -105,10 +100,7 @@ def main():
         res["memory_mb"][t] = mem
         print(f"T={t}: memory of one layer's forward+backward: standard {mem['standard']:.1f} MB, "
               f"phase {mem['phase']:.1f} MB")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    print(f"ratio: {res['seed_shapes']['ratio']:.2f}")
+    finish(res, args, res['seed_shapes']['ratio'], digits=2)
 
 
 if __name__ == "__main__":

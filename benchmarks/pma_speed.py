@@ -10,13 +10,12 @@ batch 16) and the 130M config's (d 768, 12 heads, T 1024, batch 2 on CPU, 8 on G
 130M-shape ratio PMA fast / plain (``ratio: X``; target <= 1.6).
 """
 
-import argparse
-import json
 import statistics
 import time
 
 import torch
 
+from common import arg_parser, finish, machine
 from phaselm.attention import PhaseModulatedAttention
 from phaselm.models.gpt import CausalSelfAttention, GPTConfig
 
@@ -31,12 +30,8 @@ def timed(layer, x, context, device, **kw) -> float:
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    res = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__, "cases": {}}
+    args = arg_parser(__doc__, repeats=5).parse_args()
+    res = {**machine(args), "cases": {}}
     big_batch = 8 if args.device == "cuda" else 2
     cases = {"tiny": (128, 4, 128, 16), "130m": (768, 12, 1024, big_batch)}
     for name, (d, h, t, b) in cases.items():
@@ -61,10 +56,7 @@ def main():
         print(f"{name} (d {d}, {h} heads, T {t}, batch {b}): plain {med['plain'] * 1e3:.1f} ms, PMA fast "
               f"{med['pma_fast'] * 1e3:.1f} ms ({ratio:.2f}x), explicit {med['pma_explicit'] * 1e3:.1f} ms "
               f"({med['pma_explicit'] / med['plain']:.2f}x)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    print(f"ratio: {res['cases']['130m']['ratio_fast']:.2f}")
+    finish(res, args, res['cases']['130m']['ratio_fast'], digits=2)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ median of ``--repeats`` interleaved timings of ``selective_scan`` forward + back
 line is the tiny-shape ratio at L = 1024, sequential time / parallel time (``ratio: X``; target >= 8).
 """
 
-import argparse
-import json
 import statistics
 import time
 
 import torch
 
+from common import arg_parser, finish, machine
 from phaselm.ssm import selective_scan
 
 
@@ -32,12 +31,8 @@ def timed(scan: str, batch: int, length: int, e: int, n: int, device: str) -> fl
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    res = {"device": args.device, "threads": torch.get_num_threads(), "torch": torch.__version__, "cases": {}}
+    args = arg_parser(__doc__, repeats=3).parse_args()
+    res = {**machine(args), "cases": {}}
     cases = {"tiny_L256": (1, 256, 256, 16), "tiny_L1024": (1, 1024, 256, 16), "130m_L1024": (1, 1024, 1536, 16)}
     for name, shape in cases.items():
         timed("parallel", *shape, args.device)  # warm-up
@@ -49,10 +44,7 @@ def main():
         res["cases"][name] = {"batch_L_E_N": shape, "parallel_s": p, "sequential_s": s, "ratio": s / p}
         print(f"{name} (B, L, E, N = {shape}): parallel {p * 1e3:.1f} ms, sequential {s * 1e3:.1f} ms, "
               f"ratio {s / p:.1f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    print(f"ratio: {res['cases']['tiny_L1024']['ratio']:.1f}")
+    finish(res, args, res['cases']['tiny_L1024']['ratio'], digits=1)
 
 
 if __name__ == "__main__":

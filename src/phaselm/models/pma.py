@@ -27,7 +27,7 @@ from torch import nn
 
 from phaselm.attention import PhaseModulatedAttention
 from phaselm.hooks import HookPoint, hook_names, name_hook_points
-from phaselm.models.gpt import MLP, GenerateMixin, GPTConfig
+from phaselm.models.gpt import GPT, MLP, GenerateMixin, GPTConfig
 from phaselm.ssm import MambaConfig, MambaMixer
 
 
@@ -144,7 +144,7 @@ class PhaseModulatedAttentionLM(GenerateMixin, nn.Module):
         self.norm_f = nn.RMSNorm(config.d_model)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
-        self.apply(self._init_weights)
+        self.apply(GPT._init_weights)  # N(0, 0.02) weights, zero biases
         for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
             if name.endswith((".pma.proj.weight", ".mlp.proj.weight", ".ssm.out_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
@@ -154,13 +154,6 @@ class PhaseModulatedAttentionLM(GenerateMixin, nn.Module):
             if isinstance(m, PhaseModulatedAttention):
                 m.reset_parameters_after_init()
         name_hook_points(self)
-
-    @staticmethod
-    def _init_weights(module):
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            if getattr(module, "bias", None) is not None:
-                nn.init.zeros_(module.bias)
 
     def pma_layers(self) -> dict[int, PhaseModulatedAttention]:
         return {i: b.pma for i, b in enumerate(self.blocks) if isinstance(b, PMABlock)}
