@@ -65,6 +65,20 @@ def test_grid_report_mean_and_t_interval(tmp_path):
             (d / "summary.json").write_text(json.dumps({"final_val_ppl": p}))
     text = table(tmp_path)
     assert "| baseline | 2 |" in text and "-2.9%" in text
+    d = tmp_path / "phase_b" / "baseline" / "seed-1"
+    d.mkdir(parents=True)
+    (d / "summary.json").write_text(json.dumps({"final_val_ppl": 9.0}))
+    assert "phase_b" in table(tmp_path) and "phase_b" not in table(tmp_path, exclude=("phase_b",))
+
+
+def test_loss_spike_is_the_largest_rise_above_the_running_minimum(tmp_path):
+    import json
+
+    from phaselm.evaluation.grid_report import loss_spike
+
+    rows = [{"split": "train", "loss": v} for v in (4.0, 3.0, 3.5, 2.0, 2.1, 1.0)] + [{"split": "val", "loss": 9.0}]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert loss_spike(tmp_path / "m.jsonl") == pytest.approx(0.5)
 
 
 def test_python_docs_stand_in_is_fixed_by_hash():

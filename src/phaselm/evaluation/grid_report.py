@@ -1,8 +1,10 @@
 """Summarise a grid of runs (``RUNS/ARM/seed-S/summary.json``, made by ``run_report``) into a table:
 final val (and test) perplexity per arm, mean ± 95% t-interval over seeds, and the difference to the
-reference arm (``--baseline``, default ``baseline``).
+reference arm (``--baseline``, default ``baseline``), and the largest loss spike of any seed (the
+rise of the logged train loss above the lowest value logged before it; a smoothly trained run has
+a value near 0, a run that destabilises a large one).
 
-    python -m phaselm.evaluation.grid_report results/phasegpt/runs [--out results/phasegpt/table.md]
+    python -m phaselm.evaluation.grid_report results/phasegpt/runs --exclude phase_b [--out results/phasegpt/table.md]
     python -m phaselm.evaluation.grid_report results/pma/runs --baseline tiny --plots results/pma
 
 ``--plots DIR`` also draws ``DIR/val_curves.png`` (val loss against iteration, mean over seeds per
@@ -31,20 +33,33 @@ def mean_ci(values: list[float]) -> tuple[float, float | None]:
     return mean, _T95.get(n - 1, 1.96) * sd / math.sqrt(n)
 
 
-def collect(root: Path) -> dict[str, list[dict]]:
+def collect(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, list[dict]]:
+    """The summaries of every ``ARM/seed-S/`` under ``root``, by arm; arms under an ``exclude`` prefix are left out."""
     arms: dict[str, list[dict]] = {}
     for summary in sorted(root.glob("**/seed-*/summary.json")):
-        arm = str(summary.parent.parent.relative_to(root))
+        arm = summary.parent.parent.relative_to(root).as_posix()
+        if any(arm == e or arm.startswith(e.rstrip("/") + "/") for e in exclude):
+            continue
         arms.setdefault(arm, []).append(json.loads(summary.read_text()))
     return arms
 
 
-def table(root: Path, baseline: str = "baseline") -> str:
-    arms = collect(root)
+def loss_spike(metrics_path: Path) -> float:
+    """max_t (loss_t − min_{s<t} loss_s) over the train rows of a metrics.jsonl; 0 for a monotone curve."""
+    best, spike = math.inf, 0.0
+    for row in map(json.loads, metrics_path.read_text().splitlines()):
+        if row.get("split") == "train" and "loss" in row:
+            spike = max(spike, row["loss"] - best)
+            best = min(best, row["loss"])
+    return spike
+
+
+def table(root: Path, baseline: str = "baseline", exclude: tuple[str, ...] = ()) -> str:
+    arms = collect(root, exclude)
     base = [r["final_val_ppl"] for r in arms.get(baseline, [])]
     base_mean = sum(base) / len(base) if base else None
-    lines = [f"| arm | seeds | final val PPL (mean ± 95% CI) | Δ vs {baseline} | test PPL (mean ± 95% CI) | per seed (val) |",
-             "|---|---:|---|---|---|---|"]
+    lines = [f"| arm | seeds | final val PPL (mean ± 95% CI) | Δ vs {baseline} | test PPL (mean ± 95% CI) | per seed (val) | largest loss spike |",
+             "|---|---:|---|---|---|---|---:|"]
     for arm, runs in sorted(arms.items(), key=lambda kv: (kv[0] != baseline, kv[0])):
         ppl = [r["final_val_ppl"] for r in runs]
         mean, half = mean_ci(ppl)
@@ -55,7 +70,9 @@ def table(root: Path, baseline: str = "baseline") -> str:
         if len(tests) == len(runs):
             t_mean, t_half = mean_ci(tests)
             test = f"{t_mean:.3f} ± {t_half:.3f}" if t_half is not None else f"{t_mean:.3f} (1 seed)"
-        lines.append(f"| {arm} | {len(runs)} | {ci} | {delta} | {test} | {', '.join(f'{p:.3f}' for p in ppl)} |")
+        spikes = [loss_spike(m) for m in (root / arm).glob("seed-*/metrics.jsonl")]
+        spike = f"{max(spikes):.3f}" if spikes else "–"
+        lines.append(f"| {arm} | {len(runs)} | {ci} | {delta} | {test} | {', '.join(f'{p:.3f}' for p in ppl)} | {spike} |")
     return "\n".join(lines) + "\n"
 
 
@@ -69,13 +86,13 @@ def _curves(runs_dir: Path, arm: str, split: str, key: str) -> dict[int, float]:
     return {it: sum(v) / len(v) for it, v in sorted(sums.items())}
 
 
-def plots(root: Path, out: Path) -> None:
+def plots(root: Path, out: Path, exclude: tuple[str, ...] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    arms = sorted(collect(root))
+    arms = sorted(collect(root, exclude))
     fig, ax = plt.subplots(figsize=(8, 5))
     for arm in arms:
         curve = _curves(root, arm, "val", "loss")
@@ -97,8 +114,12 @@ def plots(root: Path, out: Path) -> None:
             with_r[arm] = sorted(keys, key=lambda k: int(k[5:].split(".")[0]))
     if not with_r:
         return
-    fig, axes = plt.subplots(1, len(with_r), figsize=(4.2 * len(with_r), 3.6), squeeze=False)
-    for ax, (arm, keys) in zip(axes[0], with_r.items()):
+    cols = min(4, len(with_r))
+    rows = -(-len(with_r) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(with_r):]:
+        ax.set_visible(False)
+    for ax, (arm, keys) in zip(axes.flat, with_r.items()):
         for key in keys:
             curve = _curves(root, arm, "train", key)
             ax.plot(list(curve), list(curve.values()), label=key.split(".")[0])
@@ -107,7 +128,8 @@ def plots(root: Path, out: Path) -> None:
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    axes[0][0].set_ylabel("R (mean over heads, batch, tokens)")
+    for row in axes:
+        row[0].set_ylabel("R (mean over heads, batch, tokens)")
     fig.tight_layout()
     fig.savefig(out / "r_curves.png", dpi=110)
     plt.close(fig)
@@ -119,12 +141,17 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--baseline", default="baseline", help="the arm the Δ column compares with")
     ap.add_argument("--plots", default=None, help="folder for val_curves.png and r_curves.png")
+    ap.add_argument("--exclude", action="append", default=[], help="leave out the arms under this prefix (repeatable)")
     args = ap.parse_args()
-    text = table(Path(args.runs), args.baseline)
+    if not Path(args.runs).is_dir():
+        ap.error(f"{args.runs} is not a folder of runs (expected RUNS/ARM/seed-S/summary.json)")
+    exclude = tuple(args.exclude)
+    text = table(Path(args.runs), args.baseline, exclude)
     if args.plots:
         Path(args.plots).mkdir(parents=True, exist_ok=True)
-        plots(Path(args.runs), Path(args.plots))
+        plots(Path(args.runs), Path(args.plots), exclude)
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
     print(text, end="")
 

@@ -78,6 +78,7 @@ def main():
     args = ap.parse_args()
     text = markdown(criteria(Path(args.runs)))
     if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(text)
     print(text, end="")
 
