@@ -173,6 +173,9 @@ def test_phasegpt_trains_logs_r_per_layer_and_applies_the_regulariser(tmp_path):
     assert len(layer["R_over_time"]) == 16
     for png in ("r_by_layer_head", "r_over_time", "phase_heatmap", "coherence"):
         assert (tmp_path / "interp" / f"{png}.png").stat().st_size > 1000
+    # or on a split of the run's own dataset
+    assert main(["interpret", str(tmp_path / "p"), "--split", "val", "--windows", "2", "--out", str(tmp_path / "iv")]) == 0
+    assert json.loads((tmp_path / "iv" / "summary.json").read_text())["windows"] == 2
 
 
 def test_interpret_needs_a_phasegpt_checkpoint(tmp_path, capsys):

@@ -80,7 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     it = sub.add_parser("interpret", help="phase synchrony (R, phases, coherence) of a PhaseGPT checkpoint on a text")
     it.add_argument("checkpoint")
-    it.add_argument("--text", required=True, help="a text file (real text, not random ids)")
+    src = it.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="a text file (real text, not random ids)")
+    src.add_argument("--split", choices=["train", "val", "test"], help="a split of the run's own dataset instead of --text")
+    it.add_argument("--windows", type=int, default=8, help="how many block_size windows of the text to run (default 8)")
     it.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/interpret)")
     it.add_argument("--head", type=int, default=0)
     it.add_argument("--device", default="cpu")
@@ -276,13 +279,20 @@ def cmd_interpret(args) -> int:
     from phaselm.evaluation.interpret import interpret
     from phaselm.training.trainer import load_for_inference
 
-    try:
-        text = Path(args.text).read_text(encoding="utf-8")
-    except OSError as err:
-        raise ValueError(f"--text: cannot read {args.text}: {err.strerror}") from None
-    model, tok, _, _ = load_for_inference(args.checkpoint, args.device)
+    if args.windows < 1:
+        raise ValueError(f"--windows must be at least 1, got {args.windows}")
+    model, tok, cfg, _ = load_for_inference(args.checkpoint, args.device)
+    if args.split:
+        from phaselm.data.datasets import load_splits
+
+        text = load_splits(cfg.data.name, cfg.data.path)[args.split]
+    else:
+        try:
+            text = Path(args.text).read_text(encoding="utf-8")
+        except OSError as err:
+            raise ValueError(f"--text: cannot read {args.text}: {err.strerror}") from None
     out = Path(args.out) if args.out else Path(args.checkpoint) / "interpret"
-    summary = interpret(model, tok, text, out, head=args.head)
+    summary = interpret(model, tok, text, out, max_windows=args.windows, head=args.head)
     for layer, entry in summary["layers"].items():
         print(f"layer {layer}: R mean {entry['R_mean']:.3f}; per head " + " ".join(f"{r:.3f}" for r in entry["R_per_head"]))
     print(f"wrote {out}/summary.json and 4 PNGs")
