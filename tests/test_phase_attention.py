@@ -1,8 +1,9 @@
 """PhaseGPT attention: fast SDPA path == explicit formula (forward and gradients), causality, gradient flow."""
+import pytest
 import torch
 
-from phaselm.attention import PhaseCoupledAttention
-from phaselm.models.gpt import GPT, CausalSelfAttention, GPTConfig
+from phaselm.attention import PhaseCoupledAttention, phase_gpt
+from phaselm.models.gpt import CausalSelfAttention, GPTConfig
 
 CFG = GPTConfig(vocab_size=40, block_size=24, n_layer=2, n_head=2, n_embd=16)
 
@@ -24,12 +25,17 @@ def test_fast_path_equals_the_explicit_formula_forward_and_backward():
         assert torch.allclose(a, b, atol=1e-9)
 
 
-def test_phase_attention_is_causal_inside_a_model():
-    def factory(cfg, i):  # phase coupling in layer 1 only
-        return PhaseCoupledAttention(cfg, n_osc=4) if i == 1 else CausalSelfAttention(cfg)
+def test_phase_gpt_puts_phase_attention_in_the_named_layers_only():
+    model = phase_gpt(CFG, [1], n_osc=4)
+    assert type(model.blocks[0].attn) is CausalSelfAttention and isinstance(model.blocks[1].attn, PhaseCoupledAttention)
+    assert model.blocks[1].attn.n_osc == 4
+    with pytest.raises(ValueError, match=r"phase_layers \[2\] are outside 0..1"):
+        phase_gpt(CFG, [2])
 
+
+def test_phase_attention_is_causal_inside_a_model():
     torch.manual_seed(0)
-    model = GPT(CFG, attention_factory=factory).eval()
+    model = phase_gpt(CFG, [1], n_osc=4).eval()  # phase coupling in layer 1 only
     x = torch.randint(0, 40, (1, 20))
     y = x.clone()
     y[:, 12:] = torch.randint(0, 40, (1, 8))

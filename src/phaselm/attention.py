@@ -93,6 +93,22 @@ class PhaseCoupledAttention(CausalSelfAttention):
         return out
 
 
+def phase_gpt(cfg: GPTConfig, phase_layers, **phase_kwargs):
+    """A :class:`~phaselm.models.gpt.GPT` whose layers ``phase_layers`` (0-based) use
+    :class:`PhaseCoupledAttention` (``phase_kwargs``: n_osc, coupling_init, steps, dt, method,
+    coherence_init, phase_noise, freq_jitter) and the others standard causal attention."""
+    from phaselm.models.gpt import GPT
+
+    phase_layers = set(phase_layers)
+    if bad := sorted(i for i in phase_layers if not 0 <= i < cfg.n_layer):
+        raise ValueError(f"phase_layers {bad} are outside 0..{cfg.n_layer - 1} (the model has n_layer={cfg.n_layer})")
+
+    def attention(c: GPTConfig, i: int) -> CausalSelfAttention:
+        return PhaseCoupledAttention(c, **phase_kwargs) if i in phase_layers else CausalSelfAttention(c)
+
+    return GPT(cfg, attention_factory=attention)
+
+
 def inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 

@@ -30,8 +30,8 @@ from tqdm.auto import tqdm
 
 from phaselm.data.datasets import CharTokenizer, HFTokenizer, get_tokenizer, load_splits, tokenized
 from phaselm import oscillators as osc
-from phaselm.attention import PhaseCoupledAttention, PhaseModulatedAttention
-from phaselm.models.gpt import GPT, CausalSelfAttention, GPTConfig
+from phaselm.attention import PhaseCoupledAttention, PhaseModulatedAttention, phase_gpt
+from phaselm.models.gpt import GPT, GPTConfig
 from phaselm.models.pma import PhaseModulatedAttentionLM, PMAConfig
 from phaselm.training import checkpoint as ckpt
 from phaselm.training.config import RunConfig, from_dict
@@ -56,15 +56,9 @@ def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
         return GPT(gpt_cfg)
     if m.type == "pma":
         return PhaseModulatedAttentionLM(pma_config(m, vocab_size))
-
-    def attention(c, i):
-        if i not in m.phase_layers:
-            return CausalSelfAttention(c)
-        return PhaseCoupledAttention(c, n_osc=m.n_osc, coupling_init=m.coupling_init, steps=m.kuramoto_steps,
-                                     dt=m.kuramoto_dt, method=m.integrator, coherence_init=m.coherence_init,
-                                     phase_noise=m.phase_noise, freq_jitter=m.freq_jitter)
-
-    return GPT(gpt_cfg, attention_factory=attention)
+    return phase_gpt(gpt_cfg, m.phase_layers, n_osc=m.n_osc, coupling_init=m.coupling_init, steps=m.kuramoto_steps,
+                     dt=m.kuramoto_dt, method=m.integrator, coherence_init=m.coherence_init,
+                     phase_noise=m.phase_noise, freq_jitter=m.freq_jitter)
 
 
 def pma_config(m, vocab_size: int) -> PMAConfig:
