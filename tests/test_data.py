@@ -65,6 +65,9 @@ def test_grid_report_mean_and_t_interval(tmp_path):
             (d / "summary.json").write_text(json.dumps({"final_val_ppl": p}))
     text = table(tmp_path)
     assert "| baseline | 2 |" in text and "-2.9%" in text
+    # paired by seed: 4.9/5.0 − 1 = −2%, 5.0/5.2 − 1 = −3.85%
+    mean, half = mean_ci([4.9 / 5.0 - 1, 5.0 / 5.2 - 1])
+    assert f"{mean:+.1%} ± {half:.1%} (n=2)" in text
     d = tmp_path / "phase_b" / "baseline" / "seed-1"
     d.mkdir(parents=True)
     (d / "summary.json").write_text(json.dumps({"final_val_ppl": 9.0}))

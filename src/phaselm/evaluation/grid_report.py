@@ -1,6 +1,8 @@
 """Summarise a grid of runs (``RUNS/ARM/seed-S/summary.json``, made by ``run_report``) into a table:
 final val (and test) perplexity per arm, mean ± 95% t-interval over seeds, and the difference to the
-reference arm (``--baseline``, default ``baseline``), and the largest loss spike of any seed (the
+reference arm (``--baseline``, default ``baseline``): of the means, and paired by seed (the same
+seed draws the same training batches in every arm, so the paired difference removes the data-order
+part of the seed noise), and the largest loss spike of any seed (the
 rise of the logged train loss above the lowest value logged before it; a smoothly trained run has
 a value near 0, a run that destabilises a large one).
 
@@ -40,8 +42,17 @@ def collect(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, list[dict]]:
         arm = summary.parent.parent.relative_to(root).as_posix()
         if any(arm == e or arm.startswith(e.rstrip("/") + "/") for e in exclude):
             continue
-        arms.setdefault(arm, []).append(json.loads(summary.read_text()))
+        arms.setdefault(arm, []).append({**json.loads(summary.read_text()), "run": summary.parent.name})
     return arms
+
+
+def paired_delta(runs: list[dict], base_runs: list[dict]) -> tuple[float, float | None, int] | None:
+    """Relative difference in final val PPL to the baseline run of the *same seed* (the trainer draws
+    the same batches for the same seed), mean and 95% t half-width over the seeds both have, and how
+    many; None if they share no seed."""
+    base = {r["run"]: r["final_val_ppl"] for r in base_runs}
+    diffs = [r["final_val_ppl"] / base[r["run"]] - 1 for r in runs if r["run"] in base]
+    return (*mean_ci(diffs), len(diffs)) if diffs else None
 
 
 def loss_spike(metrics_path: Path) -> float:
@@ -58,13 +69,18 @@ def table(root: Path, baseline: str = "baseline", exclude: tuple[str, ...] = ())
     arms = collect(root, exclude)
     base = [r["final_val_ppl"] for r in arms.get(baseline, [])]
     base_mean = sum(base) / len(base) if base else None
-    lines = [f"| arm | seeds | final val PPL (mean ± 95% CI) | Δ vs {baseline} | test PPL (mean ± 95% CI) | per seed (val) | largest loss spike |",
-             "|---|---:|---|---|---|---|---:|"]
+    lines = [f"| arm | seeds | final val PPL (mean ± 95% CI) | Δ vs {baseline} | paired Δ (same seeds, 95% CI) | test PPL (mean ± 95% CI) | per seed (val) | largest loss spike |",
+             "|---|---:|---|---|---|---|---|---:|"]
     for arm, runs in sorted(arms.items(), key=lambda kv: (kv[0] != baseline, kv[0])):
         ppl = [r["final_val_ppl"] for r in runs]
         mean, half = mean_ci(ppl)
         ci = f"{mean:.3f} ± {half:.3f}" if half is not None else f"{mean:.3f} (1 seed)"
         delta = f"{mean / base_mean - 1:+.1%}" if base_mean and arm != baseline else "–"
+        paired = "–" if arm == baseline else None
+        if paired is None:
+            pd = paired_delta(runs, arms.get(baseline, []))
+            paired = "–" if pd is None else (f"{pd[0]:+.1%} ± {pd[1]:.1%} (n={pd[2]})" if pd[1] is not None
+                                             else f"{pd[0]:+.1%} (n=1)")
         tests = [r["final_test_ppl"] for r in runs if "final_test_ppl" in r]
         test = "–"
         if len(tests) == len(runs):
@@ -72,7 +88,7 @@ def table(root: Path, baseline: str = "baseline", exclude: tuple[str, ...] = ())
             test = f"{t_mean:.3f} ± {t_half:.3f}" if t_half is not None else f"{t_mean:.3f} (1 seed)"
         spikes = [loss_spike(m) for m in (root / arm).glob("seed-*/metrics.jsonl")]
         spike = f"{max(spikes):.3f}" if spikes else "–"
-        lines.append(f"| {arm} | {len(runs)} | {ci} | {delta} | {test} | {', '.join(f'{p:.3f}' for p in ppl)} | {spike} |")
+        lines.append(f"| {arm} | {len(runs)} | {ci} | {delta} | {paired} | {test} | {', '.join(f'{p:.3f}' for p in ppl)} | {spike} |")
     return "\n".join(lines) + "\n"
 
 
