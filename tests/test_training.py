@@ -202,3 +202,13 @@ def test_every_committed_config_loads():
     assert len(paths) >= 20
     for path in paths:
         load_config(path)
+
+
+def test_a_character_only_in_val_or_test_still_trains_and_evaluates(tmp_path):
+    # the text dataset splits each file 90/5/5 by lines, so 'é' and '⁻' land in val/test only
+    (tmp_path / "corpus.txt").write_text("to be or not to be\n" * 180 + "café\n" * 10 + "x⁻¹\n" * 10)
+    cfg = TINY.replace("{name: tiny-shakespeare, tokenizer: char}",
+                       f"{{name: text, path: {tmp_path / 'corpus.txt'}, tokenizer: char}}")
+    Trainer(load_config(config_file(tmp_path, cfg), [f"train.out_dir={tmp_path / 'r'}", "train.max_iters=2"]),
+            progress=False).train()
+    assert main(["eval", str(tmp_path / "r"), "--split", "test"]) == 0

@@ -11,8 +11,9 @@ Datasets (``load_splits(name, path)``):
 * any other name: a Hugging Face ``datasets`` dataset (e.g. ``wikitext-2-raw-v1``), for users
   online; offline this is a one-line error that says so.
 
-Tokenisers (``get_tokenizer(spec, train_text)``): ``"char"`` (vocabulary = the sorted characters
-of the train split), ``"bpe"`` (the embedded SmolLM2 tokenizer), or any tokenizer name/folder
+Tokenisers (``get_tokenizer(spec, text)``): ``"char"`` (vocabulary = the sorted characters of
+``text``; the trainer passes all splits, as nanoGPT does, so that a character seen only in val or
+test still has an id; the set of characters carries no information about their order), ``"bpe"`` (the embedded SmolLM2 tokenizer), or any tokenizer name/folder
 that ``transformers.AutoTokenizer`` loads. Token ids of a split are cached once as a flat
 ``uint16``/``uint32`` array under ``$PHASELM_CACHE_DIR/tokens`` and opened with ``np.memmap``.
 """
@@ -98,7 +99,8 @@ class CharTokenizer:
         try:
             return [self.index[c] for c in text]
         except KeyError as err:
-            raise ValueError(f"character {err.args[0]!r} is not in the character vocabulary (built from train)") from None
+            raise ValueError(f"character {err.args[0]!r} is not in the character vocabulary of this tokenizer; "
+                             "a char tokenizer encodes only the characters of the text it was built from") from None
 
     def decode(self, ids) -> str:
         return "".join(self.chars[int(i)] for i in ids)
@@ -124,12 +126,13 @@ class HFTokenizer:
         return json.dumps({"type": "hf", "name": self.name})
 
 
-def get_tokenizer(spec: str, train_text: str | None = None):
-    """``"char"`` (needs ``train_text``), ``"bpe"`` (the embedded model's tokenizer) or a tokenizer name."""
+def get_tokenizer(spec: str, text: str | None = None):
+    """``"char"`` (its vocabulary: the characters of ``text``), ``"bpe"`` (the embedded model's
+    tokenizer) or a tokenizer name."""
     if spec == "char":
-        if train_text is None:
-            raise ValueError("tokenizer 'char' needs the train text to build its vocabulary")
-        return CharTokenizer.from_text(train_text)
+        if text is None:
+            raise ValueError("tokenizer 'char' needs a text to build its vocabulary from")
+        return CharTokenizer.from_text(text)
     from transformers import AutoTokenizer
 
     if spec == "bpe":
