@@ -154,7 +154,7 @@ def tokenized(text: str, tokenizer) -> np.ndarray:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         ids = np.asarray(tokenizer.encode(text), dtype=dtype)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: concurrent runs may build it at once
         ids.tofile(tmp)
         os.replace(tmp, path)
     if path.stat().st_size == 0:
