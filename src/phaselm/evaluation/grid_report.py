@@ -46,13 +46,17 @@ def collect(root: Path, exclude: tuple[str, ...] = ()) -> dict[str, list[dict]]:
     return arms
 
 
-def paired_delta(runs: list[dict], base_runs: list[dict]) -> tuple[float, float | None, int] | None:
-    """Relative difference in final val PPL to the baseline run of the *same seed* (the trainer draws
-    the same batches for the same seed), mean and 95% t half-width over the seeds both have, and how
-    many; None if they share no seed."""
+def ci_text(values: list[float], spec: str = ".3f", half_spec: str | None = None, single: str = " (1 seed)") -> str:
+    """``mean ± half-width`` of the 95% t-interval, or ``mean`` + ``single`` for one value."""
+    mean, half = mean_ci(values)
+    return f"{mean:{spec}}{single}" if half is None else f"{mean:{spec}} ± {half:{half_spec or spec}}"
+
+
+def paired_deltas(runs: list[dict], base_runs: list[dict]) -> list[float]:
+    """Relative differences in final val PPL to the baseline run of the *same seed* (the trainer draws
+    the same batches for the same seed), one per seed both have."""
     base = {r["run"]: r["final_val_ppl"] for r in base_runs}
-    diffs = [r["final_val_ppl"] / base[r["run"]] - 1 for r in runs if r["run"] in base]
-    return (*mean_ci(diffs), len(diffs)) if diffs else None
+    return [r["final_val_ppl"] / base[r["run"]] - 1 for r in runs if r["run"] in base]
 
 
 def loss_spike(metrics_path: Path) -> float:
@@ -73,22 +77,15 @@ def table(root: Path, baseline: str = "baseline", exclude: tuple[str, ...] = ())
              "|---|---:|---|---|---|---|---|---:|"]
     for arm, runs in sorted(arms.items(), key=lambda kv: (kv[0] != baseline, kv[0])):
         ppl = [r["final_val_ppl"] for r in runs]
-        mean, half = mean_ci(ppl)
-        ci = f"{mean:.3f} ± {half:.3f}" if half is not None else f"{mean:.3f} (1 seed)"
+        mean = sum(ppl) / len(ppl)
         delta = f"{mean / base_mean - 1:+.1%}" if base_mean and arm != baseline else "–"
-        paired = "–" if arm == baseline else None
-        if paired is None:
-            pd = paired_delta(runs, arms.get(baseline, []))
-            paired = "–" if pd is None else (f"{pd[0]:+.1%} ± {pd[1]:.1%} (n={pd[2]})" if pd[1] is not None
-                                             else f"{pd[0]:+.1%} (n=1)")
+        diffs = paired_deltas(runs, arms.get(baseline, [])) if arm != baseline else []
+        paired = f"{ci_text(diffs, '+.1%', '.1%', '')} (n={len(diffs)})" if diffs else "–"
         tests = [r["final_test_ppl"] for r in runs if "final_test_ppl" in r]
-        test = "–"
-        if len(tests) == len(runs):
-            t_mean, t_half = mean_ci(tests)
-            test = f"{t_mean:.3f} ± {t_half:.3f}" if t_half is not None else f"{t_mean:.3f} (1 seed)"
+        test = ci_text(tests) if len(tests) == len(runs) else "–"
         spikes = [loss_spike(m) for m in (root / arm).glob("seed-*/metrics.jsonl")]
         spike = f"{max(spikes):.3f}" if spikes else "–"
-        lines.append(f"| {arm} | {len(runs)} | {ci} | {delta} | {paired} | {test} | {', '.join(f'{p:.3f}' for p in ppl)} | {spike} |")
+        lines.append(f"| {arm} | {len(runs)} | {ci_text(ppl)} | {delta} | {paired} | {test} | {', '.join(f'{p:.3f}' for p in ppl)} | {spike} |")
     return "\n".join(lines) + "\n"
 
 
