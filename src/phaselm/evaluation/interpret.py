@@ -1,4 +1,4 @@
-"""``phaselm interpret CHECKPOINT --text FILE``: phase synchrony of a trained PhaseGPT on real text.
+"""``phaselm interpret CHECKPOINT --text FILE`` (or ``--split val``): phase synchrony of a trained PhaseGPT on real text.
 
 Runs the model on windows of the text (``block_size`` tokens each) and records, for every phase
 layer, the phases θ ``[B, H, T, N]`` after the Kuramoto steps. Writes to ``--out``:
