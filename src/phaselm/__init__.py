@@ -6,7 +6,8 @@ from phaselm.models.pma import PhaseModulatedAttentionLM, PMAConfig, create_130m
 from phaselm.pretrained import ModelLoadError, load_causal_lm
 from phaselm.sampling import GenerationOutput, HeadCalibration, PhaseSlipSampler, Sampler
 
-__all__ = ["GPT", "GPTConfig", "phase_gpt", "PhaseCoupledAttention", "PhaseModulatedAttention", "load_causal_lm", "ModelLoadError", "PhaseSlipSampler", "Sampler", "GenerationOutput", "HeadCalibration",
+__all__ = ["load_causal_lm", "ModelLoadError", "PhaseSlipSampler", "Sampler", "GenerationOutput", "HeadCalibration",
+           "GPT", "GPTConfig", "phase_gpt", "PhaseCoupledAttention", "PhaseModulatedAttention",
            "PhaseModulatedAttentionLM", "PMAConfig", "create_130m_config", "create_tiny_config",
            "set_coupling_override", "override", "clear_overrides"]
 __version__ = "0.1.0"

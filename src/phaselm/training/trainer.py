@@ -182,7 +182,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
         splits = load_splits(cfg.data.name, cfg.data.path)
-        self.tokenizer = get_tokenizer(cfg.data.tokenizer, "".join(splits[k] for k in ("train", "val", "test")))
+        self.tokenizer = get_tokenizer(cfg.data.tokenizer, "".join(splits.values()))  # char: all splits
         train_tokens, val_tokens = tokenized(splits["train"], self.tokenizer), tokenized(splits["val"], self.tokenizer)
         if len(train_tokens) <= cfg.model.block_size + 1:
             raise TrainingError(f"the train split has {len(train_tokens)} tokens, too few for model.block_size "
