@@ -15,7 +15,8 @@ Tokenisers (``get_tokenizer(spec, text)``): ``"char"`` (vocabulary = the sorted 
 ``text``; the trainer passes all splits, as nanoGPT does, so that a character seen only in val or
 test still has an id; the set of characters carries no information about their order), ``"bpe"``
 (the embedded SmolLM2 tokenizer), or any tokenizer name/folder that ``transformers.AutoTokenizer``
-loads. Token ids of a split are cached once as a flat ``uint16``/``uint32`` array under ``$PHASELM_CACHE_DIR/tokens`` and opened with ``np.memmap``.
+loads. Token ids of a split are cached once as a flat ``uint16``/``uint32`` array under
+``$PHASELM_CACHE_DIR/tokens`` and opened with ``np.memmap``.
 """
 
 from __future__ import annotations
