@@ -67,6 +67,7 @@ def load_causal_lm(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    device = check_device(device)
     if name_or_path is None:
         folder = _cached_gguf_folder(embedded_gguf_path(), label=EMBEDDED_NAME)
     elif str(name_or_path).endswith(".gguf"):
@@ -87,16 +88,14 @@ def load_causal_lm(
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-    except (OSError, ValueError, KeyError) as err:
+    except Exception as err:  # noqa: BLE001 - damaged files raise many kinds (SafetensorError, struct.error, ...)
         raise ModelLoadError(_explain_load_failure(str(name_or_path), err)) from None
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    if getattr(model.config, "is_encoder_decoder", False):
-        raise ModelLoadError(
-            f"'{name_or_path}' is an encoder-decoder model; phaselm needs a decoder-only causal LM "
-            "(e.g. GPT-2, Llama, Qwen2, Mistral, SmolLM2)"
-        )
+    reason = unsupported_model_reason(model, name=str(name_or_path))
+    if reason:
+        raise ModelLoadError(reason)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
@@ -105,6 +104,62 @@ def load_causal_lm(
     if check:
         check_causal_lm(model, name=str(name_or_path or EMBEDDED_NAME))
     return model, tokenizer
+
+
+def check_device(device):
+    """``device`` as a :class:`torch.device` (or ``None``), or a one-line :class:`ModelLoadError` for
+    a name torch does not know or a device this machine does not have (checked before loading)."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ModelLoadError(f"device {device!r} is not a torch device; use e.g. 'cpu', 'cuda', 'cuda:0' or 'mps'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but MPS is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu", "meta"):
+        raise ModelLoadError(f"device {device!r} is not supported by phaselm; use 'cpu' or 'cuda'")
+    return dev
+
+
+def unsupported_model_reason(model, name: str | None = None) -> str | None:
+    """Why ``model`` cannot be used as a decoder-only causal LM by phaselm (one line), or ``None``.
+
+    Checked from the object alone (no forward pass): a transformers model with a config, not an
+    encoder-decoder, able to generate, a decoder (``is_decoder`` for BERT-like models used as causal
+    LMs), with an LM head and at least one attention layer whose values Phase-Slip can rotate.
+    """
+    from phaselm.sampling.kv import attention_layers
+
+    label = f"'{name}'" if name else f"{type(model).__name__}"
+    config = getattr(model, "config", None)
+    if not isinstance(model, torch.nn.Module) or config is None or not hasattr(config, "get_text_config"):
+        return (f"{label} is not a transformers model (got {type(model).__name__}); "
+                "pass a causal LM from load_causal_lm() or AutoModelForCausalLM")
+    if getattr(config, "is_encoder_decoder", False):
+        return (f"{label} is an encoder-decoder model ({config.model_type}); phaselm needs a decoder-only causal "
+                "LM (e.g. GPT-2, Llama, Qwen2, Mistral, SmolLM2)")
+    can_generate = getattr(model, "can_generate", None)
+    if can_generate is None or not can_generate() or model.get_output_embeddings() is None:
+        return (f"{label} ({type(model).__name__}) is not a causal LM that can generate (a masked-LM or encoder "
+                "model?); load it with AutoModelForCausalLM / load_causal_lm")
+    text = config.get_text_config(decoder=True)
+    if hasattr(text, "is_decoder") and not text.is_decoder and type(model).__name__.startswith(
+            ("Bert", "Roberta", "Electra", "Ernie", "XLMRoberta", "Camembert", "Data2Vec", "RoCBert", "Roformer",
+             "BigBird", "RemBert", "MegatronBert", "Xmod", "BertGeneration")):
+        return f"{label} is an encoder used as a causal LM without config.is_decoder=True; set is_decoder=True or use a decoder-only LM"
+    try:
+        attn = attention_layers(model)
+    except Exception as err:  # noqa: BLE001
+        return f"{label}: cannot read its layer structure for Phase-Slip ({str(err).splitlines()[0]})"
+    if not attn:
+        return (f"{label} ({config.model_type}) has no attention layers with a key/value cache, so Phase-Slip has "
+                "no value vectors to rotate (a pure state-space / recurrent model); use plain sampling")
+    return None
 
 
 def check_causal_lm(model, name: str = "model") -> None:
@@ -163,6 +218,9 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 def _explain_load_failure(name: str, err: Exception) -> str:
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    kind = type(err).__name__
+    if kind == "SafetensorError" or "safetensors" in text.lower() or "header" in text.lower():
+        return f"could not load '{name}': a weights file is damaged or incomplete ({kind}: {text}); re-download or re-save the model"
     if isinstance(err, OSError) and not Path(name).expanduser().exists():
         return (
             f"could not load '{name}': it is not a local folder or .gguf file, and the Hugging Face Hub "
@@ -188,7 +246,8 @@ def _cached_gguf_folder(gguf: Path, label: str) -> str:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except Exception as err:  # noqa: BLE001
-        raise ModelLoadError(f"could not read GGUF file {gguf}: {err} (is the 'gguf' package installed?)") from None
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelLoadError(f"could not read GGUF file {gguf} (damaged or not a GGUF model?): {first}") from None
     # The dequantised weights are plain float tensors: drop the GGUF quantisation marker so the
     # saved folder loads as an ordinary model.
     if hasattr(model.config, "quantization_config"):

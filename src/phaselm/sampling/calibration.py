@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from phaselm.sampling.kv import RowGroupCache, kv_geometry
+from phaselm.sampling.kv import RowGroupCache, attention_layers, kv_geometry
 from phaselm.sampling.rotation import random_rotations
 
 DEFAULT_CALIBRATION_TEXT = (
@@ -84,7 +84,12 @@ def calibrate_heads(
     num_layers, num_kv, head_dim = kv_geometry(model)
     if not (isinstance(search_layers, int) and 1 <= search_layers <= num_layers):
         raise ValueError(f"search_layers must be an integer in [1, {num_layers}] (the model has {num_layers} layers), got {search_layers}")
-    candidates = [(layer, head) for layer in range(num_layers - search_layers, num_layers) for head in range(num_kv)]
+    attention = set(attention_layers(model))
+    searched = [layer for layer in range(num_layers - search_layers, num_layers) if layer in attention]
+    if not searched:
+        raise ValueError(f"the last {search_layers} layers have no attention (values to rotate); raise search_layers "
+                         f"(attention layers: {sorted(attention)})")
+    candidates = [(layer, head) for layer in searched for head in range(num_kv)]
     if not (isinstance(num_heads, int) and 1 <= num_heads <= len(candidates)):
         raise ValueError(f"num_heads must be an integer in [1, {len(candidates)}], got {num_heads}")
     if not (0 <= exclude_fraction < 1):

@@ -119,12 +119,14 @@ class Sampler:
 
         return DynamicCache(config=self.model.config)
 
-    def _session(self, cache, seeds: list[int]):
-        """Context around the whole decode (subclasses install hooks and seed their RNGs here)."""
+    def _session(self, cache, seeds: list[int], batch: int):
+        """Context around the whole decode of ``batch`` rows (subclasses install hooks and seed their
+        RNGs here)."""
         return nullcontext()
 
-    def _next_logits(self, cache, input_ids, attention_mask, position_ids, diagnostics) -> torch.Tensor:
-        """Next-token logits ``[B, V]`` after feeding ``input_ids [B, 1]``."""
+    def _next_logits(self, cache, input_ids, attention_mask, position_ids, diagnostics, cfg=None) -> torch.Tensor:
+        """Next-token logits ``[B, V]`` after feeding ``input_ids [B, 1]`` (``cfg``: the step's
+        :class:`SamplingConfig`, for samplers that need the plausible set)."""
         return self._forward(cache, input_ids, attention_mask, position_ids).logits[:, -1].float()
 
     # ------------------------------------------------------------------ internals
@@ -176,14 +178,14 @@ class Sampler:
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         eos = torch.tensor(sorted(self.eos_ids), device=device) if self.eos_ids else None
         start = time.perf_counter()
-        with self._session(cache, seeds):
+        with self._session(cache, seeds, batch):
             if prompt_len > 1:  # prefill all but the last prompt token; the loop feeds that one
                 extra = {"logits_to_keep": 1} if self._forward_takes_logits_to_keep else {}
                 self._forward(cache, ids[:, :-1], mask[:, :-1], position_ids[:, :-1], **extra)
             token, step_mask, step_pos = ids[:, -1:], mask, position_ids[:, -1:]
             steps = tqdm(range(max_new_tokens), desc="generating", unit="tok", disable=not progress, leave=False)
             for step in steps:
-                logits = self._next_logits(cache, token, step_mask, step_pos, diagnostics)
+                logits = self._next_logits(cache, token, step_mask, step_pos, diagnostics, cfg)
                 nxt = choose_tokens(logits, cfg, generators)
                 nxt = torch.where(finished, torch.full_like(nxt, self.tokenizer.pad_token_id), nxt)
                 generated[:, step] = nxt

@@ -1,26 +1,33 @@
-"""Perturbed copies of a KV cache that cost O(perturbed layers), for any transformers causal LM.
+"""Perturbed copies of a model's cache that cost O(perturbed layers), for any transformers causal LM.
 
-:class:`RowGroupCache` is a :class:`transformers.DynamicCache` (it *is* the clean cache) that can
-run extra *row groups* through the upper part of the model in the same forward pass:
+:class:`RowGroups` runs extra *row groups* through the upper part of a model, in the same forward
+pass as the clean rows, over any transformers :class:`~transformers.Cache` (the one ``generate``
+builds, or :class:`RowGroupCache`):
 
 * Below ``first_layer`` every group would compute the same thing, so the model runs the clean
   batch of B rows there.
 * From ``first_layer`` on, forward pre-hooks repeat the hidden state and every batch-shaped
   argument (attention mask, rotary embeddings, position ids) to ``n·B`` rows, group-major:
   row ``g·B + b`` is group ``g`` of prompt ``b``. Group 0 is the clean path.
-* In :meth:`RowGroupCache.update` group ``g`` attends to the *clean* past keys/values plus its own
-  new entries; its value vectors at the last ``window`` positions are multiplied by
-  ``rotations[layer][g-1, b, kv_head]`` (``v ← R v``). Only group 0's new entries are stored, so the
-  cache stays exactly the clean cache: the perturbed state is discarded after every pass.
+* Key/value layers (``cache.update(k, v, layer_idx)``, patched on the cache instance): group
+  ``g`` attends to the *clean* past keys/values plus its own new entries; its value vectors at the
+  last ``window`` positions are multiplied by ``rotations[layer][g-1, b, kv_head]`` (``v ← R v``).
+  Only group 0's new entries are stored.
+* Recurrent / convolutional layer states (transformers ``LinearAttentionLayer`` and the hybrid
+  layers, read with ``get_conv_state`` / ``get_recurrent_state`` and written with
+  ``update_conv_state`` / ``update_recurrent_state`` or in place): for the duration of the pass each
+  state ``[B, ...]`` is replaced by ``n`` copies of itself ``[n·B, ...]``, so every group reads the
+  clean state; afterwards rows ``0..B-1`` are copied back into the original tensor and the other
+  groups' updates are dropped.
 
-Heads are key/value heads (GQA aware): a rotation of KV head h reaches every query head that
-reads it. Everything goes through the public Cache API that transformers' attention layers call
-(``past_key_values.update(k, v, layer_idx)``), so GPT-2, Llama, Qwen2, Mistral, SmolLM2 and
-other decoder-only models work unchanged.
+So the cache stays exactly the clean cache: the perturbed state is discarded after every pass.
+Heads are key/value heads (GQA aware): a rotation of KV head h reaches every query head that reads
+it. Static, quantised and offloaded caches are refused (:func:`check_cache`).
 """
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 
 import torch
@@ -30,7 +37,7 @@ from transformers import DynamicCache
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The model's list of decoder blocks (``model.layers``, ``transformer.h``, ...)."""
-    n_layers = model.config.num_hidden_layers
+    n_layers = model.config.get_text_config(decoder=True).num_hidden_layers
     for _, module in model.named_modules():
         if isinstance(module, nn.ModuleList) and len(module) == n_layers:
             return module
@@ -38,23 +45,61 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 
 def kv_geometry(model: nn.Module) -> tuple[int, int, int]:
-    """``(num_layers, num_kv_heads, head_dim)`` of a transformers causal LM config."""
-    cfg = model.config
+    """``(num_layers, num_kv_heads, head_dim)`` of a transformers causal LM config (value head dim)."""
+    cfg = model.config.get_text_config(decoder=True)
     n_heads = cfg.num_attention_heads
     n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
+    if getattr(cfg, "multi_query", False) and not getattr(cfg, "new_decoder_architecture", False):
+        n_kv = 1  # Falcon / GPTBigCode multi-query attention: one shared key/value head
+    head_dim = getattr(cfg, "v_head_dim", None) or getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     return cfg.num_hidden_layers, n_kv, head_dim
 
 
-class RowGroupCache(DynamicCache):
-    """The clean KV cache, plus perturbed row groups from ``first_layer`` on (see module doc).
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "hybrid", "hybrid_sliding",
+                         "indexed_attention")
 
-    Use :meth:`attach` (a context manager) once around decoding to install the layer hooks, and
-    :meth:`row_groups` around each forward pass that should carry perturbed groups.
+
+def attention_layers(model: nn.Module) -> list[int]:
+    """Indices of the decoder layers that keep keys/values (the layers whose heads Phase-Slip can
+    rotate), from the cache layer types transformers derives from the config (``layer_types``)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    cfg = model.config.get_text_config(decoder=True)
+    if not getattr(cfg, "num_attention_heads", None):
+        return []
+    types, _ = get_layer_types_and_kwargs(cfg)
+    return [i for i, t in enumerate(types) if t in ATTENTION_LAYER_TYPES]
+
+
+def _is_state_layer(layer) -> bool:
+    return hasattr(layer, "conv_states") and hasattr(layer, "recurrent_states")
+
+
+def check_cache(cache) -> None:
+    """Raise ``ValueError`` unless every layer of ``cache`` is a dynamic key/value layer, a recurrent /
+    convolutional state layer, both, or a placeholder (the kinds :class:`RowGroups` handles)."""
+    from transformers.cache_utils import DummyLayer, DynamicLayer
+
+    if getattr(cache, "offloading", False):
+        raise ValueError("Phase-Slip cannot use an offloaded cache; pass a plain DynamicCache (the default)")
+    for i, layer in enumerate(getattr(cache, "layers", ())):
+        if isinstance(layer, (DynamicLayer, DummyLayer)) or (_is_state_layer(layer) and not hasattr(layer, "max_cache_len")):
+            continue
+        raise ValueError(
+            f"Phase-Slip needs a dynamic cache, but layer {i} is a {type(layer).__name__}; "
+            "use the default cache (no cache_implementation='static' / quantised cache)"
+        )
+
+
+class RowGroups:
+    """Perturbed row groups over ``cache`` from ``first_layer`` on (see the module doc).
+
+    Use :meth:`attach` (a context manager) once around decoding to install the layer hooks and the
+    cache patch, and :meth:`row_groups` around each forward pass that should carry perturbed groups.
     """
 
-    def __init__(self, config=None):
-        super().__init__(config=config)
+    def __init__(self, cache):
+        self.cache = cache
         self.n_groups = 1
         self.first_layer = 0
         self.batch = 0
@@ -63,17 +108,27 @@ class RowGroupCache(DynamicCache):
 
     @contextmanager
     def attach(self, model: nn.Module, first_layer: int):
-        """Install pre-hooks on decoder layers ``first_layer..L-1`` for the duration of the block."""
+        """Install pre-hooks on decoder layers ``first_layer..L-1`` and route ``cache.update`` through
+        :meth:`update` for the duration of the block."""
+        check_cache(self.cache)
         self.first_layer = first_layer
         layers = decoder_layers(model)
         handles = [
             layer.register_forward_pre_hook(self._repeat_rows, with_kwargs=True) for layer in layers[first_layer:]
         ]
+        own = vars(self.cache).get("update")
+        clean_update = self.cache.update
+        self._clean_update = clean_update
+        self.cache.update = self.update
         try:
             yield self
         finally:
             for handle in handles:
                 handle.remove()
+            if own is None:
+                vars(self.cache).pop("update", None)
+            else:
+                self.cache.update = own
 
     @contextmanager
     def row_groups(self, batch: int, rotations: dict[int, torch.Tensor], window: int | None):
@@ -90,11 +145,43 @@ class RowGroupCache(DynamicCache):
         if min(rotations) < self.first_layer:
             raise ValueError(f"rotation at layer {min(rotations)} is below the first hooked layer {self.first_layer}")
         self.n_groups, self.batch, self.rotations, self.window = 1 + sizes.pop(), batch, rotations, window
+        saved = self._expand_states()
         try:
             yield
         finally:
+            self._collapse_states(saved)
             self.n_groups, self.rotations = 1, {}
 
+    # ------------------------------------------------------------------ recurrent / conv states
+    def _expand_states(self) -> list:
+        """Replace every state ``[B, ...]`` of the state layers at or above ``first_layer`` by ``n``
+        stacked copies ``[n·B, ...]``; return what :meth:`_collapse_states` needs to undo it."""
+        saved = []
+        for layer in getattr(self.cache, "layers", ())[self.first_layer:]:
+            if not _is_state_layer(layer):
+                continue
+            for states in (layer.conv_states, layer.recurrent_states):
+                for idx, clean in list(states.items()):
+                    if clean is not None:
+                        states[idx] = clean.repeat(self.n_groups, *([1] * (clean.ndim - 1)))
+                    saved.append((states, idx, clean))
+        return saved
+
+    def _collapse_states(self, saved: list) -> None:
+        """Keep the clean rows of every expanded state (in the original tensor where the shape allows,
+        so a static address survives); drop the perturbed rows."""
+        b = self.batch
+        for states, idx, clean in saved:
+            grown = states[idx]
+            if grown is None:
+                continue
+            if clean is not None and clean.shape == grown[:b].shape:
+                clean.copy_(grown[:b])
+                states[idx] = clean
+            else:  # created (or resized) during this pass
+                states[idx] = grown[:b].clone()
+
+    # ------------------------------------------------------------------ hidden rows and KV
     def _repeat_rows(self, module, args, kwargs):
         n, b = self.n_groups, self.batch
         if n == 1:
@@ -113,12 +200,14 @@ class RowGroupCache(DynamicCache):
         )
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        """``cache.update`` during decoding: clean rows are stored as usual; every group gets the clean
+        past plus its own new entries, perturbed values rotated over the window (module doc)."""
         n = self.n_groups
         if n == 1 or layer_idx < self.first_layer:
-            return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+            return self._clean_update(key_states, value_states, layer_idx, *args, **kwargs)
         new_k = key_states.unflatten(0, (n, -1))  # [n, B, H, q, d]
         new_v = value_states.unflatten(0, (n, -1))
-        keys, values = super().update(new_k[0], new_v[0], layer_idx, *args, **kwargs)  # clean: [B, H, T, d]
+        keys, values = self._clean_update(new_k[0], new_v[0], layer_idx, *args, **kwargs)  # clean: [B, H, T, d]
         q = key_states.shape[-2]
         past_k, past_v = keys[..., : keys.shape[-2] - q, :], values[..., : values.shape[-2] - q, :]
         all_k = torch.cat([past_k.unsqueeze(0).expand(n, *past_k.shape), new_k], dim=-2)
@@ -129,3 +218,25 @@ class RowGroupCache(DynamicCache):
             window = all_v[1:, ..., -width:, :]  # [n-1, B, H, W, d]
             all_v[1:, ..., -width:, :] = torch.einsum("gbhwd,gbhed->gbhwe", window, rot.to(window.dtype))
         return all_k.flatten(0, 1), all_v.flatten(0, 1)
+
+
+class RowGroupCache(DynamicCache):
+    """A :class:`transformers.DynamicCache` with :class:`RowGroups` built in (the clean cache itself).
+
+    ``with cache.attach(model, first_layer): ... with cache.row_groups(B, rotations, window): model(...)``
+    """
+
+    def __init__(self, config=None):
+        super().__init__(config=config)
+        self._groups = RowGroups(self)
+
+    def attach(self, model: nn.Module, first_layer: int):
+        return self._groups.attach(model, first_layer)
+
+    def row_groups(self, batch: int, rotations: dict[int, torch.Tensor], window: int | None):
+        return self._groups.row_groups(batch, rotations, window)
+
+
+def forward_takes(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` has a parameter called ``name``."""
+    return name in inspect.signature(model.forward).parameters

@@ -1,5 +1,5 @@
 """Phase-Slip sampling: fuse the clean next-token distribution with one computed from a copy of
-the KV cache whose value vectors, in a few key/value heads and over the last W positions, are
+the cache whose value vectors, in a few key/value heads and over the last W positions, are
 rotated by an exact rotation.
 
 Each step, for the token just chosen (fed once, never twice):
@@ -15,90 +15,300 @@ Each step, for the token just chosen (fed once, never twice):
    α_eff = α + (1 − α)·sigmoid(c − H)
    ``fusion="gate"``:     z = α_eff·z_c + (1 − α_eff)·z_p
    ``fusion="contrast"``: z = z_c + (1 − α_eff)·(z_c − z_p)   (move away from the perturbed pass)
-4. temperature / top-k / top-p / min-p and a draw, as in :class:`phaselm.sampling.Sampler`;
-5. the perturbed keys/values are discarded: only the clean path's state carries on.
+4. the caller's logits processing and draw (phaselm's :class:`~phaselm.sampling.Sampler` knobs, or
+   the logits processors of ``model.generate``: :mod:`phaselm.sampling.generation`);
+5. the perturbed keys/values and recurrent states are discarded: only the clean state carries on.
 
 With ``noise_scale=0`` the rotation is exactly the identity, z_p = z_c, and the sampler gives
-the same tokens as plain temperature sampling with the same seed.
+the same tokens as plain sampling with the same seed.
+
+:class:`PhaseSlipStep` is the one implementation of steps 1-3 and 5; :class:`PhaseSlipSampler`
+(phaselm's short path) and :func:`phaselm.sampling.phase_slip_generate` (inside transformers'
+``generate``) both call it.
+
+Optional plausible set (``plausible_only=True``): the perturbed logits are computed only for the
+tokens the caller's filters (top-k / top-p / min-p) keep from the clean logits, and every other
+token gets probability 0 — contrastive decoding's plausibility constraint. The LM head of the
+perturbed rows then costs |set| rows instead of the vocabulary. It changes which tokens can be
+drawn, so it is off by default (``benchmarks/sampler_speed.py`` measures how often it changes a
+draw).
 """
 
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+import math
+import numbers
+from contextlib import ExitStack, contextmanager
+from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 from phaselm.sampling.decoding import Sampler
-from phaselm.sampling.kv import RowGroupCache, kv_geometry
+from phaselm.sampling.kernels import fast_linears
+from phaselm.sampling.kv import RowGroupCache, RowGroups, attention_layers, decoder_layers, kv_geometry
 from phaselm.sampling.processors import entropy
 from phaselm.sampling.rotation import rotations_from_gaussian
 
 log = logging.getLogger("phaselm")
 
 FUSIONS = ("gate", "contrast")
+# Configs whose logits are not head(h): the plausible-set option cannot compute them row by row.
+_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
-class PhaseSlipSampler(Sampler):
-    """Phase-Slip sampler for any transformers decoder-only causal LM.
+def _real(name: str, value, hint: str) -> float:
+    """``value`` as a finite float (Python or NumPy real scalars), else a one-line ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        shape = getattr(value, "shape", None)
+        what = f"an array of shape {tuple(shape)}" if shape is not None else type(value).__name__
+        raise ValueError(f"{name} must be a real number ({hint}), got {what}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number ({hint}), got {value}")
+    return value
+
+
+def _check_heads(heads, num_layers: int, num_kv_heads: int, attention: list[int] | None = None) -> list[tuple[int, int]]:
+    """``heads`` as a sorted list of distinct in-range ``(layer, kv_head)`` integer pairs, each in an
+    attention layer (``attention``: the layers that keep keys/values; ``None``: all)."""
+    example = "e.g. heads=[(2, 0), (3, 1)]"
+    if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
+        raise ValueError(f"heads must be a list of (layer, kv_head) pairs ({example}), got {heads!r}")
+    pairs = list(heads)
+    if not pairs:
+        raise ValueError("heads is empty; pass at least one (layer, kv_head) pair or None to calibrate")
+    out = set()
+    for pair in pairs:
+        if isinstance(pair, (str, bytes)) or not hasattr(pair, "__len__") or len(pair) != 2 or not all(
+            isinstance(x, numbers.Integral) and not isinstance(x, bool) for x in pair
+        ):
+            raise ValueError(f"heads must be a list of (layer, kv_head) integer pairs ({example}), got {heads!r}")
+        layer, head = int(pair[0]), int(pair[1])
+        if not (0 <= layer < num_layers and 0 <= head < num_kv_heads):
+            raise ValueError(
+                f"head ({layer}, {head}) is out of range: layers 0..{num_layers - 1}, kv heads 0..{num_kv_heads - 1}"
+            )
+        if attention is not None and layer not in attention:
+            raise ValueError(f"head ({layer}, {head}): layer {layer} has no attention (no values to rotate); "
+                             f"attention layers: {attention}")
+        out.add((layer, head))
+    return sorted(out)
+
+
+def check_model(model) -> None:
+    """Raise ``ValueError`` (one line) unless ``model`` is a decoder-only causal LM object that
+    Phase-Slip can drive (checked before anything is generated)."""
+    from phaselm.pretrained import unsupported_model_reason
+
+    reason = unsupported_model_reason(model)
+    if reason:
+        raise ValueError(reason)
+
+
+class PhaseSlipStep:
+    """One Phase-Slip step (module doc, steps 1-3 and 5), shared by every decoding loop.
 
     Args:
-        noise_scale: rotation angle θ in radians applied to each perturbed value vector (>= 0).
+        model: a transformers decoder-only causal LM.
+        noise_scale: rotation angle θ in radians, 0 <= θ <= π, applied to each perturbed value vector.
         logit_fusion_alpha: α in [0, 1], the clean weight floor of the entropy gate.
         perturbation_window: W >= 1, how many most recent positions are rotated.
         entropy_center: c in nats; the gate gives the perturbed pass weight (1 − α)·sigmoid(H − c).
-        heads: the (layer, kv_head) pairs to perturb; ``None`` calibrates on first use
-            (:meth:`calibrate_heads` over the last min(6, layers) layers).
+        heads: the (layer, kv_head) pairs to perturb, or ``None`` (set later, e.g. by calibration).
         fusion: ``"gate"`` (blend toward the perturbed pass) or ``"contrast"`` (away from it).
+        plausible_only: compute the perturbed logits only over the clean pass's plausible set.
+
+    Use: ``with step.session(cache, seeds): fused = step(run_forward, batch, diagnostics)``.
+    """
+
+    def __init__(self, model, noise_scale=0.03, logit_fusion_alpha=0.45, perturbation_window=12,
+                 entropy_center=2.5, heads=None, fusion="gate", plausible_only=False):
+        check_model(model)
+        self.model = model
+        self.noise_scale = _real("noise_scale", noise_scale, "a rotation angle in radians, 0 <= noise_scale <= π")
+        if not (0 <= self.noise_scale <= math.pi):
+            raise ValueError(
+                f"noise_scale must be in [0, π] (a rotation angle in radians; θ and 2π − θ turn vectors equally), "
+                f"got {self.noise_scale}"
+            )
+        self.alpha = _real("logit_fusion_alpha", logit_fusion_alpha, "the gate's clean weight floor in [0, 1]")
+        if not (0 <= self.alpha <= 1):
+            raise ValueError(f"logit_fusion_alpha must be in [0, 1], got {self.alpha}")
+        if isinstance(perturbation_window, bool) or not isinstance(perturbation_window, numbers.Integral) \
+                or perturbation_window < 1:
+            raise ValueError(f"perturbation_window must be an integer >= 1, got {perturbation_window!r}")
+        self.window = int(perturbation_window)
+        self.entropy_center = _real("entropy_center", entropy_center, "the gate's centre in nats, e.g. 2.5")
+        if fusion not in FUSIONS:
+            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
+        self.fusion = fusion
+        self.plausible_only = bool(plausible_only)
+        cfg = model.config.get_text_config(decoder=True)
+        if self.plausible_only and any(getattr(cfg, k, None) not in (None, 1, 1.0) for k in _LOGIT_POSTPROCESSING):
+            raise ValueError("plausible_only needs logits = lm_head(h), but this model post-processes its logits; "
+                             "use plausible_only=False")
+        self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(model)
+        self.attention_layers = attention_layers(model)
+        self.heads = None if heads is None else self.check_heads(heads)
+        self._groups: RowGroups | None = None
+
+    def check_heads(self, heads) -> list[tuple[int, int]]:
+        """Validated ``heads`` for this model (see :func:`_check_heads`)."""
+        return _check_heads(heads, self.num_layers, self.num_kv_heads, self.attention_layers)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    # ------------------------------------------------------------------ session
+    @contextmanager
+    def session(self, cache, seeds: list[int], rows: int):
+        """Around a whole decode: route ``cache`` through row groups from the first perturbed layer,
+        seed one rotation stream per entry of ``seeds`` (one for all rows, or one per row) and pick
+        the matmul form of the suffix's linear layers for ``2 · rows`` rows (:mod:`.kernels`)."""
+        if self.heads is None:
+            raise ValueError("no heads to perturb; pass heads=[(layer, kv_head), ...] or calibrate first")
+        first = min(layer for layer, _ in self.heads)
+        self._rotation_rngs = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in seeds]
+        groups = RowGroups(cache) if not isinstance(cache, RowGroupCache) else cache._groups
+        head = self.model.get_output_embeddings()
+        suffix = [m for layer in decoder_layers(self.model)[first:] for m in layer.modules()]
+        with ExitStack() as stack:
+            stack.enter_context(groups.attach(self.model, first_layer=first))
+            if not self.plausible_only:
+                suffix.append(head)
+            stack.enter_context(fast_linears(suffix, 2 * rows))
+            self._groups = groups
+            try:
+                yield self
+            finally:
+                self._groups = None
+
+    def _draw_rotations(self, rows: int) -> dict[int, torch.Tensor]:
+        """Per perturbed layer, ``[1, rows or 1, num_kv_heads, d, d]``: fresh rotations of the selected
+        heads (one seeded stream per row, or one shared), identity elsewhere. Gaussians are drawn on
+        the CPU, the QR runs once, batched, on the model's device."""
+        streams, n_heads, d = len(self._rotation_rngs), len(self.heads), self.head_dim
+        if self.noise_scale == 0:
+            fresh = torch.eye(d, device=self.device).expand(n_heads, streams, d, d)
+        else:
+            gauss = torch.stack([torch.randn(n_heads, d, d, generator=g, dtype=torch.float64)
+                                 for g in self._rotation_rngs], dim=1)  # [heads, streams, d, d]
+            fresh = rotations_from_gaussian(gauss.to(self.device), self.noise_scale).float()
+        eye = torch.eye(d, device=self.device)
+        rotations: dict[int, torch.Tensor] = {}
+        for (layer, head), rot in zip(self.heads, fresh):
+            per_layer = rotations.setdefault(layer, eye.repeat(1, streams, self.num_kv_heads, 1, 1))
+            per_layer[0, :, head] = rot
+        return rotations
+
+    # ------------------------------------------------------------------ the step
+    def __call__(self, run_forward: Callable[[], object], batch: int, diagnostics: dict | None = None,
+                 plausible: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Fused next-token logits ``[B, V]`` (float32).
+
+        ``run_forward()`` runs the model on the step's inputs (B rows) with the session's cache and
+        returns its output (``.logits [B', q, V]``). ``plausible(z_clean) -> bool [B, V]`` gives the
+        plausible set when ``plausible_only`` is on. ``diagnostics`` (a dict) gets per-step ``[B]``
+        tensors appended: ``entropy`` H, ``clean_weight`` α_eff, ``kl`` KL(clean ‖ perturbed).
+        """
+        with ExitStack() as stack:
+            stack.enter_context(self._groups.row_groups(batch, self._draw_rotations(batch), self.window))
+            hidden = stack.enter_context(self._split_head(batch)) if self.plausible_only else None
+            logits = run_forward().logits[:, -1].float()
+        z_clean = logits[:batch]
+        if hidden is None:
+            z_pert, keep = logits[batch:], None
+        else:
+            keep = plausible(z_clean)
+            z_pert = self._head_over(hidden["h"], keep, z_clean)
+        h = entropy(z_clean)
+        clean_weight = self.alpha + (1 - self.alpha) * torch.sigmoid(self.entropy_center - h)
+        w = (1 - clean_weight)[:, None]
+        # gate: α_eff z_c + (1 − α_eff) z_p, written so that z_p == z_c gives exactly z_c
+        fused = z_clean + w * (z_pert - z_clean) if self.fusion == "gate" else z_clean + w * (z_clean - z_pert)
+        if keep is not None:
+            fused = fused.masked_fill(~keep, float("-inf"))
+        if diagnostics is not None:
+            logp_c, logp_p = z_clean.log_softmax(-1), z_pert.log_softmax(-1)
+            diagnostics.setdefault("entropy", []).append(h)
+            diagnostics.setdefault("clean_weight", []).append(clean_weight)
+            diagnostics.setdefault("kl", []).append((logp_c.exp() * (logp_c - logp_p)).sum(-1))
+            diagnostics["heads"] = list(self.heads)
+        return fused
+
+    @contextmanager
+    def _split_head(self, batch: int):
+        """During the pass the LM head computes the clean rows only; the perturbed rows' last hidden
+        state ``[B, D]`` is kept in the yielded dict (``["h"]``) for :meth:`_head_over`."""
+        head = self.model.get_output_embeddings()
+        kept: dict = {}
+
+        def forward(x):  # x [n·B, q, D]
+            kept["h"] = x[batch:, -1]
+            z = F.linear(x[:batch], head.weight, head.bias)
+            return z.repeat(x.shape[0] // batch, *([1] * (z.ndim - 1)))
+
+        head.forward = forward
+        try:
+            yield kept
+        finally:
+            del head.forward
+
+    def _head_over(self, h: torch.Tensor, keep: torch.Tensor, z_clean: torch.Tensor) -> torch.Tensor:
+        """Perturbed logits ``[B, V]``: ``head(h)`` on the union of the rows' plausible sets, the clean
+        logits elsewhere (those tokens are masked out of the fused logits anyway)."""
+        head = self.model.get_output_embeddings()
+        idx = keep.any(0).nonzero().squeeze(-1)
+        bias = None if head.bias is None else head.bias[idx]
+        sub = F.linear(h.to(head.weight.dtype), head.weight[idx], bias).float()  # [B, K]
+        return z_clean.index_copy(-1, idx, sub)
+
+
+class PhaseSlipSampler(Sampler):
+    """Phase-Slip sampler for any transformers decoder-only causal LM (phaselm's short path).
+
+    Args: see :class:`PhaseSlipStep`; ``heads=None`` calibrates on first use
+    (:meth:`calibrate_heads` over the last min(6, layers) layers).
 
     >>> model, tok = phaselm.load_causal_lm()
     >>> sampler = PhaseSlipSampler(model, tok, noise_scale=0.5)
     >>> sampler.calibrate_heads()
     >>> sampler.generate("The ancient door creaked open", max_new_tokens=40, top_k=40, seed=0)
+
+    The same sampler inside ``model.generate`` (logits processors, stopping criteria, streamers):
+    :func:`phaselm.sampling.phase_slip_generate`.
     """
 
     default_temperature = 0.65
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        noise_scale: float = 0.03,
-        logit_fusion_alpha: float = 0.45,
-        perturbation_window: int = 12,
-        entropy_center: float = 2.5,
-        heads: list[tuple[int, int]] | None = None,
-        fusion: str = "gate",
-    ):
+    def __init__(self, model, tokenizer, noise_scale: float = 0.03, logit_fusion_alpha: float = 0.45,
+                 perturbation_window: int = 12, entropy_center: float = 2.5,
+                 heads: list[tuple[int, int]] | None = None, fusion: str = "gate", plausible_only: bool = False):
+        self.step = PhaseSlipStep(model, noise_scale, logit_fusion_alpha, perturbation_window, entropy_center,
+                                  heads, fusion, plausible_only)
         super().__init__(model, tokenizer)
-        if not (isinstance(noise_scale, (int, float)) and noise_scale >= 0):
-            raise ValueError(f"noise_scale must be >= 0 (a rotation angle in radians), got {noise_scale}")
-        if not (0 <= logit_fusion_alpha <= 1):
-            raise ValueError(f"logit_fusion_alpha must be in [0, 1], got {logit_fusion_alpha}")
-        if not (isinstance(perturbation_window, int) and perturbation_window >= 1):
-            raise ValueError(f"perturbation_window must be an integer >= 1, got {perturbation_window}")
-        if fusion not in FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {fusion!r}")
-        self.noise_scale = float(noise_scale)
-        self.alpha = float(logit_fusion_alpha)
-        self.window = perturbation_window
-        self.entropy_center = float(entropy_center)
-        self.fusion = fusion
-        self.num_layers, self.num_kv_heads, self.head_dim = kv_geometry(model)
         self.calibration = None
-        self.heads = None if heads is None else self._check_heads(heads)
 
-    def _check_heads(self, heads) -> list[tuple[int, int]]:
-        heads = sorted({(int(layer), int(head)) for layer, head in heads})
-        if not heads:
-            raise ValueError("heads is empty; pass at least one (layer, kv_head) pair or None to calibrate")
-        for layer, head in heads:
-            if not (0 <= layer < self.num_layers and 0 <= head < self.num_kv_heads):
-                raise ValueError(
-                    f"head ({layer}, {head}) is out of range: layers 0..{self.num_layers - 1}, "
-                    f"kv heads 0..{self.num_kv_heads - 1}"
-                )
-        return heads
+    # settings live on the step (one copy); these read them
+    noise_scale = property(lambda self: self.step.noise_scale)
+    alpha = property(lambda self: self.step.alpha)
+    window = property(lambda self: self.step.window)
+    entropy_center = property(lambda self: self.step.entropy_center)
+    fusion = property(lambda self: self.step.fusion)
+    num_layers = property(lambda self: self.step.num_layers)
+    num_kv_heads = property(lambda self: self.step.num_kv_heads)
+    head_dim = property(lambda self: self.step.head_dim)
+
+    @property
+    def heads(self):
+        return self.step.heads
+
+    @heads.setter
+    def heads(self, value):
+        self.step.heads = None if value is None else self.step.check_heads(value)
 
     def calibrate_heads(self, text: str | None = None, search_layers: int = 6, **kwargs):
         """Score every KV head of the last ``search_layers`` layers and select heads to perturb.
@@ -118,46 +328,18 @@ class PhaseSlipSampler(Sampler):
         return RowGroupCache(config=self.model.config)
 
     @contextmanager
-    def _session(self, cache, seeds):
+    def _session(self, cache, seeds, batch):
         if self.heads is None:
             log.info("PhaseSlipSampler: no heads given; calibrating with the defaults")
             self.calibrate_heads(search_layers=min(6, self.num_layers))
-        # one rotation stream per seed (per row when seeds are per prompt), apart from the draws
-        self._rotation_rngs = [torch.Generator().manual_seed(s + 0x5EED) for s in seeds]
-        with cache.attach(self.model, first_layer=min(layer for layer, _ in self.heads)):
+        with self.step.session(cache, seeds, batch):
             yield
 
-    def _draw_rotations(self) -> dict[int, torch.Tensor]:
-        """Per perturbed layer, ``[1, rows, num_kv_heads, d, d]``: fresh rotations of the selected
-        heads (one seeded stream per row), identity elsewhere. Gaussians are drawn on the CPU, the
-        QR runs once, batched, on the model's device."""
-        rows, n_heads, d = len(self._rotation_rngs), len(self.heads), self.head_dim
-        if self.noise_scale == 0:
-            fresh = torch.eye(d, device=self.device).expand(n_heads, rows, d, d)
-        else:
-            gauss = torch.stack([torch.randn(n_heads, d, d, generator=g, dtype=torch.float64)
-                                 for g in self._rotation_rngs], dim=1)  # [heads, rows, d, d]
-            fresh = rotations_from_gaussian(gauss.to(self.device), self.noise_scale).float()
-        eye = torch.eye(d, device=self.device)
-        rotations: dict[int, torch.Tensor] = {}
-        for (layer, head), rot in zip(self.heads, fresh):
-            per_layer = rotations.setdefault(layer, eye.repeat(1, rows, self.num_kv_heads, 1, 1))
-            per_layer[0, :, head] = rot
-        return rotations
+    def _next_logits(self, cache, input_ids, attention_mask, position_ids, diagnostics, cfg=None) -> torch.Tensor:
+        from phaselm.sampling.processors import process_logits
 
-    def _next_logits(self, cache, input_ids, attention_mask, position_ids, diagnostics) -> torch.Tensor:
-        batch = input_ids.shape[0]
-        with cache.row_groups(batch, self._draw_rotations(), self.window):
-            logits = self._forward(cache, input_ids, attention_mask, position_ids).logits[:, -1].float()
-        z_clean, z_pert = logits[:batch], logits[batch:]
-        h = entropy(z_clean)
-        clean_weight = self.alpha + (1 - self.alpha) * torch.sigmoid(self.entropy_center - h)
-        w = (1 - clean_weight)[:, None]
-        # gate: α_eff z_c + (1 − α_eff) z_p, written so that z_p == z_c gives exactly z_c
-        fused = z_clean + w * (z_pert - z_clean) if self.fusion == "gate" else z_clean + w * (z_clean - z_pert)
-        logp_c, logp_p = z_clean.log_softmax(-1), z_pert.log_softmax(-1)
-        diagnostics.setdefault("entropy", []).append(h)
-        diagnostics.setdefault("clean_weight", []).append(clean_weight)
-        diagnostics.setdefault("kl", []).append((logp_c.exp() * (logp_c - logp_p)).sum(-1))
-        diagnostics["heads"] = list(self.heads)
-        return fused
+        def run():
+            return self._forward(cache, input_ids, attention_mask, position_ids)
+
+        plausible = (lambda z: torch.isfinite(process_logits(z, cfg))) if cfg is not None else None
+        return self.step(run, input_ids.shape[0], diagnostics, plausible)
