@@ -19,16 +19,16 @@ import time
 import torch
 
 from common import arg_parser, finish, machine
-from phaselm.attention import PhaseCoupledAttention
-from phaselm.models.gpt import GPT, CausalSelfAttention, GPTConfig
+from phaselm.attention import CausalSelfAttention, PhaseCoupledAttention
+from phaselm.models import config_to_dict, GPTConfig, GPTForCausalLM, PhaseGPTConfig, PhaseGPTForCausalLM
 
 
 def make(cfg: GPTConfig, phase_layer: int | None):
-    def factory(c, i):
-        return PhaseCoupledAttention(c, n_osc=32) if i == phase_layer else CausalSelfAttention(c)
-
     torch.manual_seed(0)
-    return GPT(cfg, attention_factory=factory)
+    if phase_layer is None:
+        return GPTForCausalLM(cfg)
+    sizes = {k: v for k, v in config_to_dict(cfg).items() if k != "type"}
+    return PhaseGPTForCausalLM(PhaseGPTConfig(**sizes, phase_layers=[phase_layer], n_osc=32))
 
 
 def step_time(model, batch, block, device, repeats):
@@ -36,8 +36,7 @@ def step_time(model, batch, block, device, repeats):
     x = torch.randint(0, model.config.vocab_size, (batch, block), device=device)
 
     def step():
-        _, loss = model(x, x)
-        loss.backward()
+        model(x, x).loss.backward()
         model.zero_grad(set_to_none=True)
         if device == "cuda":
             torch.cuda.synchronize()
@@ -54,8 +53,7 @@ def step_time(model, batch, block, device, repeats):
 def peak_memory_mb(kind: str, t: int, device: str) -> float:
     """GPU: peak allocated memory of one layer's forward + backward. CPU: the bytes autograd saves
     for the backward pass (the activation memory that grows with T), unique storages counted once."""
-    cfg = GPTConfig(vocab_size=65, block_size=t, n_layer=12, n_head=12, n_embd=768)
-    layer = (PhaseCoupledAttention(cfg, n_osc=32) if kind == "phase" else CausalSelfAttention(cfg)).to(device)
+    layer = (PhaseCoupledAttention(768, 12, n_osc=32) if kind == "phase" else CausalSelfAttention(768, 12)).to(device)
     x = torch.randn(1, t, 768, device=device, requires_grad=True)
     if device == "cuda":
         torch.cuda.synchronize()

@@ -16,8 +16,7 @@ import time
 import torch
 
 from common import arg_parser, finish, machine
-from phaselm.attention import PhaseModulatedAttention
-from phaselm.models.gpt import CausalSelfAttention, GPTConfig
+from phaselm.attention import CausalSelfAttention, PhaseModulatedAttention
 
 
 def timed(layer, x, context, device, **kw) -> float:
@@ -35,9 +34,8 @@ def main():
     big_batch = 8 if args.device == "cuda" else 2
     cases = {"tiny": (128, 4, 128, 16), "130m": (768, 12, 1024, big_batch)}
     for name, (d, h, t, b) in cases.items():
-        cfg = GPTConfig(vocab_size=65, block_size=t, n_layer=2, n_head=h, n_embd=d)
         torch.manual_seed(0)
-        pma, plain = PhaseModulatedAttention(cfg).to(args.device), CausalSelfAttention(cfg).to(args.device)
+        pma, plain = PhaseModulatedAttention(d, h, block_size=t).to(args.device), CausalSelfAttention(d, h).to(args.device)
         x = torch.randn(b, t, d, device=args.device, requires_grad=True)
         ctx = torch.randn(b, t, d, device=args.device)
         runs = {"plain": lambda: timed(plain, x, None, args.device),

@@ -15,7 +15,7 @@ import time
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from phaselm.models.gpt import GPT, GPTConfig
+from phaselm.models.gpt import GPTConfig, GPTForCausalLM
 
 
 def timed_steps(step, steps, device):
@@ -43,7 +43,7 @@ def main():
     args = ap.parse_args()
     torch.manual_seed(0)
     vocab, heads = 65, max(1, args.width // 32)
-    ours = GPT(GPTConfig(vocab_size=vocab, block_size=args.block, n_layer=args.layers, n_head=heads,
+    ours = GPTForCausalLM(GPTConfig(vocab_size=vocab, block_size=args.block, n_layer=args.layers, n_head=heads,
                          n_embd=args.width, dropout=0.0, bias=True)).to(args.device)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=args.block, n_layer=args.layers, n_head=heads,
                                     n_embd=args.width, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
@@ -53,7 +53,7 @@ def main():
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
 
     def step_ours():
-        _, loss = ours(x[:, :-1], x[:, 1:])
+        loss = ours(x[:, :-1], x[:, 1:]).loss
         loss.backward()
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)

@@ -1,16 +1,21 @@
 """PhaseGPT attention: fast SDPA path == explicit formula (forward and gradients), causality, gradient flow."""
 import pytest
 import torch
+from huggingface_hub.errors import StrictDataclassError
 
-from phaselm.attention import PhaseCoupledAttention, phase_gpt
-from phaselm.models.gpt import CausalSelfAttention, GPTConfig
+from phaselm.attention import CausalSelfAttention, PhaseCoupledAttention
+from phaselm.models import PhaseGPTConfig, PhaseGPTForCausalLM
 
-CFG = GPTConfig(vocab_size=40, block_size=24, n_layer=2, n_head=2, n_embd=16)
+SIZES = dict(vocab_size=40, block_size=24, n_layer=2, n_head=2, n_embd=16)
+
+
+def phase_gpt(phase_layers, **kw):
+    return PhaseGPTForCausalLM(PhaseGPTConfig(phase_layers=phase_layers, **SIZES, **kw))
 
 
 def layer(**kw):
     torch.manual_seed(0)
-    return PhaseCoupledAttention(CFG, n_osc=5, steps=3, **kw).double().eval()
+    return PhaseCoupledAttention(16, 2, n_osc=5, steps=3, **kw).double().eval()
 
 
 def test_fast_path_equals_the_explicit_formula_forward_and_backward():
@@ -26,20 +31,20 @@ def test_fast_path_equals_the_explicit_formula_forward_and_backward():
 
 
 def test_phase_gpt_puts_phase_attention_in_the_named_layers_only():
-    model = phase_gpt(CFG, [1], n_osc=4)
+    model = phase_gpt([1], n_osc=4)
     assert type(model.blocks[0].attn) is CausalSelfAttention and isinstance(model.blocks[1].attn, PhaseCoupledAttention)
     assert model.blocks[1].attn.n_osc == 4
-    with pytest.raises(ValueError, match=r"phase_layers \[2\] are outside 0..1"):
-        phase_gpt(CFG, [2])
+    with pytest.raises(StrictDataclassError, match=r"phase_layers \[2\] are outside 0..1"):
+        phase_gpt([2])
 
 
 def test_phase_attention_is_causal_inside_a_model():
     torch.manual_seed(0)
-    model = phase_gpt(CFG, [1], n_osc=4).eval()  # phase coupling in layer 1 only
+    model = phase_gpt([1], n_osc=4).eval()  # phase coupling in layer 1 only
     x = torch.randint(0, 40, (1, 20))
     y = x.clone()
     y[:, 12:] = torch.randint(0, 40, (1, 8))
-    assert torch.allclose(model(x)[0][:, :12], model(y)[0][:, :12], atol=1e-6)
+    assert torch.allclose(model(x).logits[:, :12], model(y).logits[:, :12], atol=1e-6)
 
 
 def test_gradients_reach_omega_coupling_and_coherence_and_r_is_recorded():

@@ -47,7 +47,7 @@ def fisher_trace(model, input_ids: torch.Tensor, params=None, targets: torch.Ten
     total, count = 0.0, 0
     try:
         for b in range(input_ids.shape[0]):
-            logits, _ = model(input_ids[b: b + 1])
+            logits = model(input_ids[b: b + 1]).logits
             logp = torch.log_softmax(logits[0, -1].float(), dim=-1)
             if targets is not None:
                 ys = targets[b: b + 1].tolist()

@@ -28,36 +28,92 @@ import math
 import torch
 
 
-def _mean_phasor(theta: torch.Tensor, dim: int, causal: bool) -> tuple[torch.Tensor, torch.Tensor]:
+class PhasorSums:
+    """Running sums Σ_j w_j cos θ_j, Σ_j w_j sin θ_j over the tokens seen so far, one entry per
+    mean-field evaluation (an Euler step evaluates once, an RK4 step four times, and a caller may
+    add its own, e.g. R of the final phases). It is the whole state the causal mean field needs to
+    go on from earlier tokens: a new token costs O(N) per evaluation, whatever the context length.
+
+    ``prefix``: the sums of earlier tokens, ``[E, ..., 2]`` with the coupling axis removed (None:
+    no earlier tokens); ``count``: how many earlier tokens they hold, broadcastable against θ with
+    the coupling axis of size 1. Each evaluation reads ``prefix[i]`` in order and records its new
+    totals in ``totals`` (stack them with :meth:`stacked` for a cache).
+    """
+
+    def __init__(self, prefix: torch.Tensor | None = None, count: torch.Tensor | float = 0.0):
+        self.prefix, self.count, self.totals = prefix, count, []
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        i = len(self.totals)
+        if self.prefix is None:
+            return None
+        if i >= self.prefix.shape[0]:
+            raise ValueError(f"the Kuramoto state holds {self.prefix.shape[0]} mean-field evaluations, "
+                             f"but evaluation {i + 1} was asked for (steps or method changed?)")
+        return self.prefix[i, ..., 0], self.prefix[i, ..., 1]
+
+    def stacked(self) -> torch.Tensor:
+        """``[E, ..., 2]``: the totals after the new tokens, for the next call."""
+        return torch.stack([torch.stack(t, -1) for t in self.totals])
+
+
+def _mean_phasor(theta: torch.Tensor, dim: int, causal: bool, weight: torch.Tensor | None = None,
+                 sums: PhasorSums | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Real and imaginary parts of mean_{j ∈ C(i)} e^{iθ_j}: running along ``dim`` if ``causal``,
-    else the full mean (kept as a size-1 axis, broadcastable)."""
-    c, s = torch.cos(theta), torch.sin(theta)
-    if not causal:
-        return c.mean(dim, keepdim=True), s.mean(dim, keepdim=True)
+    else the full mean (kept as a size-1 axis, broadcastable).
+
+    ``weight`` (broadcastable against θ, 1 for real tokens and 0 for padding) excludes tokens from
+    the mean; ``sums`` (causal only) carries the running sums of earlier tokens in and the new
+    totals out. The sums accumulate in float32 at least, whatever θ's dtype."""
     axis = dim % theta.ndim
-    count = torch.arange(1, theta.shape[axis] + 1, device=theta.device, dtype=theta.dtype)
-    count = count.view(-1, *([1] * (theta.ndim - axis - 1)))
-    return c.cumsum(axis) / count, s.cumsum(axis) / count
+    acc = torch.promote_types(theta.dtype, torch.float32)
+    c, s = torch.cos(theta).to(acc), torch.sin(theta).to(acc)
+    if weight is not None:
+        weight = weight.to(acc)
+        c, s = c * weight, s * weight
+    if not causal:
+        if sums is not None:
+            raise ValueError("running phasor sums need causal coupling")
+        n = theta.shape[axis] if weight is None else weight.expand_as(c).sum(axis, keepdim=True).clamp_min(1)
+        return (c.sum(axis, keepdim=True) / n).to(theta.dtype), (s.sum(axis, keepdim=True) / n).to(theta.dtype)
+    if weight is None:
+        count = torch.arange(1, theta.shape[axis] + 1, device=theta.device, dtype=acc)
+        count = count.view(-1, *([1] * (theta.ndim - axis - 1)))
+    else:
+        count = weight.expand_as(c).cumsum(axis)
+    c, s = c.cumsum(axis), s.cumsum(axis)
+    if sums is not None:
+        prefix = sums.take()
+        if prefix is not None:
+            c, s = c + prefix[0].unsqueeze(axis).to(acc), s + prefix[1].unsqueeze(axis).to(acc)
+        count = count + sums.count
+        sums.totals.append((c.select(axis, -1), s.select(axis, -1)))
+    count = count.clamp_min(1)  # a padding token before any real one: mean 0, not 0/0
+    return (c / count).to(theta.dtype), (s / count).to(theta.dtype)
 
 
-def mean_field(theta: torch.Tensor, dim: int = -2, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(R, ψ)``: modulus and angle of the (running, if ``causal``) mean of e^{iθ} along ``dim``."""
-    mc, ms = _mean_phasor(theta, dim, causal)
+def mean_field(theta: torch.Tensor, dim: int = -2, causal: bool = True, weight: torch.Tensor | None = None,
+               sums: PhasorSums | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(R, ψ)``: modulus and angle of the (running, if ``causal``) mean of e^{iθ} along ``dim``
+    (``weight``, ``sums``: see :func:`_mean_phasor`)."""
+    mc, ms = _mean_phasor(theta, dim, causal, weight, sums)
     return torch.sqrt(mc * mc + ms * ms), torch.atan2(ms, mc)
 
 
-def coupling_term(theta: torch.Tensor, dim: int = -2, causal: bool = True) -> torch.Tensor:
+def coupling_term(theta: torch.Tensor, dim: int = -2, causal: bool = True, weight: torch.Tensor | None = None,
+                  sums: PhasorSums | None = None) -> torch.Tensor:
     """(1/n_i) Σ_{j ∈ C(i)} sin(θ_j − θ_i) = R_i sin(ψ_i − θ_i), in O(T·N).
 
     R sin(ψ − θ) = Im(z e^{−iθ}) with z = mc + i·ms, i.e. ms·cos θ − mc·sin θ (no atan2, so the
     gradient is smooth where R = 0)."""
-    mc, ms = _mean_phasor(theta, dim, causal)
+    mc, ms = _mean_phasor(theta, dim, causal, weight, sums)
     return ms * torch.cos(theta) - mc * torch.sin(theta)
 
 
-def velocity(theta: torch.Tensor, omega, coupling, dim: int = -2, causal: bool = True) -> torch.Tensor:
+def velocity(theta: torch.Tensor, omega, coupling, dim: int = -2, causal: bool = True,
+             weight: torch.Tensor | None = None, sums: PhasorSums | None = None) -> torch.Tensor:
     """dθ/dt = ω + K · (1/n_i) Σ_j sin(θ_j − θ_i)."""
-    return omega + coupling * coupling_term(theta, dim, causal)
+    return omega + coupling * coupling_term(theta, dim, causal, weight, sums)
 
 
 def integrate(
@@ -71,11 +127,15 @@ def integrate(
     causal: bool = True,
     noise_std: float = 0.0,
     generator: torch.Generator | None = None,
+    weight: torch.Tensor | None = None,
+    sums: PhasorSums | None = None,
 ) -> torch.Tensor:
     """Integrate the Kuramoto ODE for ``steps`` steps of ``dt`` (explicit Euler or RK4).
 
     ``noise_std`` adds phase noise √dt·σ·ξ per step (Euler–Maruyama; only when σ > 0), which keeps
-    a population from locking completely. Differentiable in θ, ω and K.
+    a population from locking completely. Differentiable in θ, ω and K. ``weight`` leaves padding
+    tokens out of every mean field; ``sums`` (:class:`PhasorSums`) continues from earlier tokens
+    (incremental decoding): the result for the new tokens equals integrating the whole sequence.
     """
     if method not in ("euler", "rk4"):
         raise ValueError(f"method must be 'euler' or 'rk4', got {method!r}")
@@ -83,7 +143,7 @@ def integrate(
         raise ValueError(f"steps must be >= 0 and dt > 0, got steps={steps}, dt={dt}")
 
     def f(th):
-        return velocity(th, omega, coupling, dim, causal)
+        return velocity(th, omega, coupling, dim, causal, weight, sums)
 
     for _ in range(steps):
         if method == "euler":
@@ -100,11 +160,18 @@ def integrate(
     return theta
 
 
+def evaluations(steps: int, method: str) -> int:
+    """How many mean-field evaluations :func:`integrate` makes (the entries of its :class:`PhasorSums`)."""
+    return steps * (4 if method == "rk4" else 1)
+
+
 def order_parameter(theta: torch.Tensor, dim=-1, keepdim: bool = False) -> torch.Tensor:
     """R = |mean e^{iθ}| over ``dim`` (an int or a tuple of axes): 1 = all phases equal, ≈ 0 = spread."""
-    c = torch.cos(theta).mean(dim, keepdim=keepdim)
-    s = torch.sin(theta).mean(dim, keepdim=keepdim)
-    return torch.sqrt(c * c + s * s + 1e-12)
+    acc = torch.promote_types(theta.dtype, torch.float32)
+    c = torch.cos(theta).to(acc).mean(dim, keepdim=keepdim)
+    s = torch.sin(theta).to(acc).mean(dim, keepdim=keepdim)
+    # sqrt of a floor of 1e-30 instead of +1e-12 inside: 0 stays ≈ 0 (1e-15), and the gradient stays finite
+    return torch.sqrt((c * c + s * s).clamp_min(1e-30)).to(theta.dtype)
 
 
 def jitter_frequencies(omega: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:

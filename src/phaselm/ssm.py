@@ -10,6 +10,13 @@ The block, for ``x [B, L, D]`` (E = ``expand``·D inner channels, N = ``d_state`
     y_t = h_t C_t + D ⊙ u_t                               # [B, E]
     out = out_proj(y ⊙ SiLU(z))                           # [B, L, D]
 
+Incremental decoding keeps, per block, the last ``d_conv`` conv inputs ``[B, E, d_conv]`` and the
+SSM state h ``[B, E, N]`` in a transformers cache (``cache.update_conv_state`` /
+``update_recurrent_state``, the layout of transformers' own Mamba); new tokens continue from them
+(:func:`selective_scan_from`, one step of the recurrence for one token), giving what the full
+sequence gives. Padding tokens (``valid`` = 0) are zeroed before the conv and after it, so they
+leave h unchanged: a left-padded row computes what the row without padding computes.
+
 The recurrence h_t = a_t h_{t−1} + b_t is a first-order linear scan. :func:`selective_scan` runs it
 either as a work-efficient parallel (Blelloch up-/down-sweep, log₂L steps on whole tensors) scan
 with an analytic backward pass (the adjoint g_t = ∂ℓ/∂h_t + a_{t+1} g_{t+1} is the same scan run
@@ -180,6 +187,32 @@ def selective_scan(u, delta, A, B, C, D, scan: str = "parallel") -> torch.Tensor
         return y.transpose(0, 1) + u * D
 
 
+def selective_scan_from(u, delta, A, B, C, D, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The selective scan continued from state ``h0 [Bt, E, N]`` (None: zeros), in float32, for
+    decoding: ``(y [Bt, L, E], h_L [Bt, E, N])``. h_t = a_t h_{t−1} + b_t with h_{−1} = h0 is the
+    zero-start scan with b_0 + a_0 h0 in place of b_0; one token is one step of the recurrence.
+    Differentiable through the sequential loop when gradients are on, else the parallel scan."""
+    with torch.autocast(u.device.type, enabled=False):
+        u, delta, A, B, C, D = (t.float() for t in (u, delta, A, B, C, D))
+        dt, bt, ct = delta.transpose(0, 1), B.transpose(0, 1), C.transpose(0, 1)  # time first
+        a = torch.exp(dt[..., None] * A)  # [L, Bt, E, N]
+        b = (dt * u.transpose(0, 1))[..., None] * bt[:, :, None, :]
+        if h0 is not None:
+            b = torch.cat([b[:1] + a[:1] * h0.float(), b[1:]])
+        if a.shape[0] == 1:
+            h = b
+        elif torch.is_grad_enabled():
+            h, prev = [], torch.zeros_like(b[0])
+            for t in range(a.shape[0]):
+                prev = a[t] * prev + b[t]
+                h.append(prev)
+            h = torch.stack(h)
+        else:
+            h = _scan_(a, b)
+        y = (h @ ct[..., None])[..., 0].transpose(0, 1) + u * D
+        return y, h[-1]
+
+
 # ---------------------------------------------------------------------------------------------- block
 class MambaMixer(nn.Module):
     """The Mamba mixer: ``x [B, L, d_model]`` → ``[B, L, d_model]`` (see the module docstring)."""
@@ -195,6 +228,7 @@ class MambaMixer(nn.Module):
         self.out_proj = nn.Linear(e, cfg.d_model, bias=cfg.bias)
         self.reset_dt_parameters()
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(e, 1))  # [E, N]
+        self.A_log._no_weight_decay = True
         self.D = nn.Parameter(torch.ones(e))
 
     @torch.no_grad()
@@ -206,24 +240,44 @@ class MambaMixer(nn.Module):
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         nn.init.uniform_(self.dt_proj.weight, -cfg.dt_rank ** -0.5, cfg.dt_rank ** -0.5)
 
-    def causal_conv(self, x: torch.Tensor) -> torch.Tensor:
+    def causal_conv(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
         """Depthwise causal conv1d of ``x [B, L, E]``: out_t = bias + Σ_i w_i ⊙ x_{t−k+1+i}, as k
         shifted multiply-adds (the same result as ``self.conv1d`` cropped to L, whose CPU backward
-        is orders of magnitude slower)."""
+        is orders of magnitude slower). ``past [B, P, E]``: earlier inputs (zeros if None)."""
         k, length = self.cfg.d_conv, x.shape[1]
-        xp = F.pad(x, (0, 0, k - 1, 0))
+        if past is not None and past.shape[1]:
+            past = past[:, -(k - 1):] if k > 1 else past[:, :0]
+            xp = torch.cat([F.pad(past, (0, 0, k - 1 - past.shape[1], 0)), x], dim=1)
+        else:
+            xp = F.pad(x, (0, 0, k - 1, 0))
         w = self.conv1d.weight[:, 0, :]  # [E, k]
         out = self.conv1d.bias + xp[:, :length] * w[:, 0]
         for i in range(1, k):
             out = out + xp[:, i: i + length] * w[:, i]
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _, length, _ = x.shape
+    def forward(self, x: torch.Tensor, cache=None, layer_idx: int = 0, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, L, d_model]`` → ``[B, L, d_model]``; with a transformers ``cache``, continue from
+        (and update) layer ``layer_idx``'s conv and SSM state; ``valid [B, L]`` marks real tokens."""
         cfg = self.cfg
         x_in, z = self.in_proj(x).chunk(2, dim=-1)  # [B, L, E]
-        u = F.silu(self.causal_conv(x_in))
+        if valid is not None:
+            x_in = x_in * valid[..., None].to(x_in.dtype)
+        if cache is None:
+            u = F.silu(self.causal_conv(x_in))
+        else:
+            # the cached conv inputs followed by the new ones, [B, E, past + L] (the cache keeps the last d_conv)
+            full = cache.update_conv_state(x_in.transpose(1, 2), layer_idx, conv_kernel_size=cfg.d_conv)
+            past = full[..., : full.shape[-1] - x_in.shape[1]].transpose(1, 2)
+            u = F.silu(self.causal_conv(x_in, past))
+        if valid is not None:
+            u = u * valid[..., None].to(u.dtype)
         dt_raw, B, C = self.x_proj(u).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
         delta = F.softplus(self.dt_proj(dt_raw).float())
-        y = selective_scan(u, delta, -torch.exp(self.A_log.float()), B, C, self.D, scan=cfg.scan)
+        A = -torch.exp(self.A_log.float())
+        if cache is None:
+            y = selective_scan(u, delta, A, B, C, self.D, scan=cfg.scan)
+        else:
+            y, h = selective_scan_from(u, delta, A, B, C, self.D, cache.get_recurrent_state(layer_idx))
+            cache.update_recurrent_state(h, layer_idx)
         return self.out_proj((y * F.silu(z.float())).to(x.dtype))

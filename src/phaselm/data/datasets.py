@@ -11,7 +11,8 @@ Datasets (``load_splits(name, path)``):
 * any other name: a Hugging Face ``datasets`` dataset (e.g. ``wikitext-2-raw-v1``), for users
   online; offline this is a one-line error that says so.
 
-Tokenisers (``get_tokenizer(spec, text)``): ``"char"`` (vocabulary = the sorted characters of
+Tokenisers (``get_tokenizer(spec, text)``, transformers tokenizers that ``save_pretrained`` into a
+checkpoint and load back with ``AutoTokenizer``): ``"char"`` (vocabulary = the sorted characters of
 ``text``; the trainer passes all splits, as nanoGPT does, so that a character seen only in val or
 test still has an id; the set of characters carries no information about their order), ``"bpe"``
 (the embedded SmolLM2 tokenizer), or any tokenizer name/folder that ``transformers.AutoTokenizer``
@@ -83,68 +84,69 @@ def split_hashes(splits: dict[str, str]) -> dict[str, str]:
     return {s: hashlib.sha256(t.encode("utf-8")).hexdigest() for s, t in splits.items()}
 
 
-class CharTokenizer:
-    """Character-level tokenizer; ids are indices into the sorted character vocabulary."""
+def char_tokenizer(chars) -> "PreTrainedTokenizerFast":
+    """A transformers tokenizer (built with ``tokenizers``) whose tokens are the characters
+    ``chars``, id = index: every character is its own token, decoding concatenates. It has no
+    special tokens (so no padding: batch prompts of one length, or pass ids and a mask), and
+    ``save_pretrained`` / ``AutoTokenizer.from_pretrained`` round-trip it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    def __init__(self, chars: list[str]):
-        self.chars = list(chars)
-        self.index = {c: i for i, c in enumerate(self.chars)}
-        self.vocab_size = len(self.chars)
-        self.name = "char:" + hashlib.sha256("".join(self.chars).encode()).hexdigest()[:12]
-
-    @classmethod
-    def from_text(cls, text: str) -> "CharTokenizer":
-        return cls(sorted(set(text)))
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [self.index[c] for c in text]
-        except KeyError as err:
-            raise ValueError(f"character {err.args[0]!r} is not in the character vocabulary of this tokenizer; "
-                             "a char tokenizer encodes only the characters of the text it was built from") from None
-
-    def decode(self, ids) -> str:
-        return "".join(self.chars[int(i)] for i in ids)
-
-    def to_json(self) -> str:
-        return json.dumps({"type": "char", "chars": self.chars})
+    core = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per character
+    core.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=core, clean_up_tokenization_spaces=False)
 
 
-class HFTokenizer:
-    """Wraps a transformers tokenizer with the same encode/decode/vocab_size interface."""
+class TextTokenizer:
+    """A transformers tokenizer (``.tok``) with what the trainer needs: ``encode`` (no special
+    tokens; an unknown character is a one-line error for a char tokenizer), ``decode``,
+    ``vocab_size`` and ``to_json`` (the identity used to cache token ids)."""
 
     def __init__(self, tokenizer, name: str):
         self.tok, self.name = tokenizer, name
         self.vocab_size = len(tokenizer)
+        vocab = tokenizer.get_vocab()
+        self.chars = sorted(vocab, key=vocab.get) if name == "char" else None
+
+    @classmethod
+    def from_text(cls, text: str) -> "TextTokenizer":
+        """A char tokenizer over the sorted characters of ``text``."""
+        return cls(char_tokenizer(sorted(set(text))), "char")
 
     def encode(self, text: str) -> list[int]:
+        if self.chars is not None and (unknown := set(text) - set(self.chars)):
+            raise ValueError(f"character {sorted(unknown)[0]!r} is not in the character vocabulary of this tokenizer; "
+                             "a char tokenizer encodes only the characters of the text it was built from")
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids])
 
     def to_json(self) -> str:
-        return json.dumps({"type": "hf", "name": self.name})
+        return json.dumps({"type": "char", "chars": self.chars} if self.chars is not None
+                          else {"type": "hf", "name": self.name})
 
 
-def get_tokenizer(spec: str, text: str | None = None):
+def get_tokenizer(spec: str, text: str | None = None) -> TextTokenizer:
     """``"char"`` (its vocabulary: the characters of ``text``), ``"bpe"`` (the embedded model's
-    tokenizer) or a tokenizer name."""
+    tokenizer), a saved tokenizer folder (e.g. a trained run's checkpoint) or a tokenizer name."""
     if spec == "char":
         if text is None:
             raise ValueError("tokenizer 'char' needs a text to build its vocabulary from")
-        return CharTokenizer.from_text(text)
+        return TextTokenizer.from_text(text)
     from transformers import AutoTokenizer
 
     if spec == "bpe":
         from phaselm.pretrained import EMBEDDED_NAME, _cached_gguf_folder, embedded_gguf_path
 
-        return HFTokenizer(AutoTokenizer.from_pretrained(_cached_gguf_folder(embedded_gguf_path(), EMBEDDED_NAME)), "bpe")
+        return TextTokenizer(AutoTokenizer.from_pretrained(_cached_gguf_folder(embedded_gguf_path(), EMBEDDED_NAME)), "bpe")
     try:
-        return HFTokenizer(AutoTokenizer.from_pretrained(spec), spec)
+        tok = AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as err:
         raise ValueError(f"tokenizer: could not load '{spec}' ({str(err).splitlines()[0]}); use char, bpe, a local "
                          "tokenizer folder, or a hub name while online") from None
+    return TextTokenizer(tok, "char" if all(len(t) == 1 for t in tok.get_vocab()) else spec)
 
 
 def tokenized(text: str, tokenizer) -> np.ndarray:

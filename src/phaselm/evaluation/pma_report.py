@@ -67,7 +67,8 @@ def make_prompts(tokenizer, data_name: str, length: int, n: int, seed: int = 0) 
 
 @torch.no_grad()
 def _entropy_and_r(model, ids: torch.Tensor) -> tuple[float, float]:
-    logits, metrics = model(ids, return_metrics=True)
+    out = model(ids, return_metrics=True)
+    logits, metrics = out.logits, out.metrics
     half = ids.shape[1] // 2
     return float(next_token_entropy(logits[:, half:]).mean()), metrics["R_mean"]
 

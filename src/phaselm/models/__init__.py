@@ -1,1 +1,63 @@
-"""Trainable models."""
+"""phaselm's language models, as transformers models registered with the Auto classes:
+
+* ``phaselm_gpt``: :class:`GPTForCausalLM` (:class:`GPTConfig`), the nanoGPT-style baseline;
+* ``phaselm_phasegpt``: :class:`PhaseGPTForCausalLM` (:class:`PhaseGPTConfig`), Kuramoto
+  phase-coupled attention in some layers;
+* ``phaselm_pma``: :class:`PMAForCausalLM` (:class:`PMAConfig`), Mamba + phase-modulated attention.
+
+After ``import phaselm``, ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained(folder)`` load them.
+"""
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from phaselm.models.gpt import GPTConfig, GPTForCausalLM
+from phaselm.models.phasegpt import PhaseGPTConfig, PhaseGPTForCausalLM
+from phaselm.models.pma import PMAConfig, PMAForCausalLM, create_130m_config, create_tiny_config
+
+MODELS = {"gpt": (GPTConfig, GPTForCausalLM), "phasegpt": (PhaseGPTConfig, PhaseGPTForCausalLM),
+          "pma": (PMAConfig, PMAForCausalLM)}
+
+for _config, _model in MODELS.values():
+    AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModelForCausalLM.register(_config, _model, exist_ok=True)
+
+__all__ = ["GPTConfig", "GPTForCausalLM", "PhaseGPTConfig", "PhaseGPTForCausalLM", "PMAConfig", "PMAForCausalLM",
+           "create_130m_config", "create_tiny_config", "MODELS"]
+
+
+def config_from_dict(section: dict, vocab_size: int | None = None):
+    """The config of a ``model:`` section of a run config: ``type`` (gpt | phasegpt | pma) and that
+    model's config fields; ``vocab_size`` fills in a missing one. Unknown keys and invalid values
+    are one-line ``ValueError``s naming the key."""
+    from dataclasses import fields
+
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import PreTrainedConfig
+
+    section = dict(section or {})
+    kind = section.pop("type", "gpt")
+    if kind not in MODELS:
+        raise ValueError(f"model.type must be one of {', '.join(MODELS)}, got {kind!r}")
+    cls = MODELS[kind][0]
+    own = {f.name for f in fields(cls)} - {f.name for f in fields(PreTrainedConfig)}
+    if unknown := sorted(set(section) - own):
+        raise ValueError(f"unknown key 'model.{unknown[0]}' for model.type {kind} (known: {', '.join(sorted(own))})")
+    if section.get("vocab_size") is None:
+        section["vocab_size"] = vocab_size
+    try:
+        return cls(**section)
+    except (StrictDataclassError, ValueError, TypeError) as err:
+        lines = [line.strip().removeprefix("ValueError: ").removeprefix("TypeError: ")
+                 for line in str(err).splitlines() if line.strip()]
+        message = lines[-1].split("Errors: ", 1)[-1].split(";")[0]  # a union type: its first reason
+        raise ValueError(f"model: {message}") from None
+
+
+def config_to_dict(config) -> dict:
+    """The ``model:`` section that :func:`config_from_dict` turns back into ``config``."""
+    from dataclasses import fields
+
+    from transformers import PreTrainedConfig
+
+    kind = next(k for k, (cls, _) in MODELS.items() if type(config) is cls)
+    own = [f.name for f in fields(type(config)) if f.name not in {g.name for g in fields(PreTrainedConfig)}]
+    return {"type": kind, **{k: getattr(config, k) for k in own}}

@@ -1,4 +1,5 @@
-"""The Phase-Modulated Attention language model: a hybrid of Mamba and PMA blocks.
+"""The Phase-Modulated Attention language model: a hybrid of Mamba and PMA blocks, as a
+transformers model.
 
     tokens [B, T] → embedding → N × SSM block → M × PMA block → RMSNorm → LM head (tied) → [B, T, V]
 
@@ -12,30 +13,50 @@
 blocks evenly among them. ``n_ssm = n_layer`` is a pure Mamba LM, ``n_ssm = 0`` a pure PMA
 transformer (no positional embedding besides the learned phases φ_pos).
 
+In the cache an SSM block is a "linear_attention" layer (the last ``d_conv`` conv inputs and the
+SSM state h), a PMA block a "hybrid" layer (keys with their phase features, values, and the running
+sums of e^{iφ} for the Kuramoto steps and R). Var(P) needs no state: it depends on positions only.
+A pure Mamba stack (``n_ssm = n_layer``) would leave transformers' cache without a sequence length,
+which ``generate`` reads; its first block is then a "hybrid" layer that also records a one-number
+key/value entry per token (transformers counts a zero-width entry as no tokens).
+
 Every internal quantity has a hook point (:mod:`phaselm.hooks`): ``hook_embed``,
 ``blocks.{L}.hook_resid_post``, ``blocks.{L}.pma.hook_{K,phi,phi_pos,R,lambda,var_P,tau,P,pattern,z}``.
 """
 
-from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
+from huggingface_hub.dataclasses import strict
 from torch import nn
+from transformers import PreTrainedConfig
+from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from phaselm.attention import PhaseModulatedAttention
+from phaselm.attention import MLP, PLAIN, LayerInputs, PhaseModulatedAttention
 from phaselm.hooks import HookPoint, hook_names, name_hook_points
-from phaselm.models.gpt import GPT, MLP, GenerateMixin, GPTConfig
-from phaselm.ssm import MambaConfig, MambaMixer
+from phaselm.models.base import CoherenceRegulariser, KuramotoSettings, PhaseLMForCausalLM, check_sizes
+from phaselm.ssm import SCANS, MambaConfig, MambaMixer
 
 
-@dataclass
-class PMAConfig:
-    vocab_size: int = 49152  # the embedded SmolLM2 tokenizer's
+LAYOUTS = ("ssm_first", "interleaved")
+
+
+@strict
+class PMAConfig(PreTrainedConfig, KuramotoSettings, CoherenceRegulariser):
+    """``n_layer`` blocks (``n_ssm`` Mamba + the rest PMA, arranged by ``layout``) of width
+    ``n_embd`` (d_model); PMA blocks have ``n_head`` heads; Mamba blocks ``d_state``, ``d_conv``,
+    ``expand`` and a ``scan`` implementation; the modulation's λ₀ (``lambda_init`` in [0, 0.5),
+    ``lambda_trainable``), τ_base₀, α₀, β₀, the coupling mode (``context`` | ``constant``), the
+    Kuramoto settings and the coherence regulariser."""
+
+    model_type = "phaselm_pma"
+    attribute_map = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
+                     "max_position_embeddings": "block_size"}
+
+    vocab_size: int | None = 49152  # the embedded SmolLM2 tokenizer's
     block_size: int = 1024
-    d_model: int = 768
+    n_embd: int = 768
     n_layer: int = 24  # SSM + PMA blocks
     n_ssm: int = 20
     n_head: int = 12
@@ -43,29 +64,38 @@ class PMAConfig:
     d_state: int = 16
     d_conv: int = 4
     expand: int = 2
-    dropout: float = 0.0
+    dropout: float | int = 0.0
     bias: bool = False
-    lambda_init: float = 0.1
+    lambda_init: float | int = 0.1
     lambda_trainable: bool = True
-    tau_base_init: float = 1.0
-    tau_alpha_init: float = 0.1
-    tau_beta_init: float = 0.1
-    coupling_init: float = 1.0
+    tau_base_init: float | int = 1.0
+    tau_alpha_init: float | int = 0.1
+    tau_beta_init: float | int = 0.1
     coupling_mode: str = "context"  # context | constant
-    kuramoto_steps: int = 2
-    kuramoto_dt: float = 0.1
-    integrator: str = "euler"
-    phase_noise: float = 0.0
-    freq_jitter: float = 0.0
     scan: str = "auto"  # auto | parallel | sequential | cuda
+    tie_word_embeddings: bool = True
 
-    def __post_init__(self):
+    def validate_architecture(self):
+        check_sizes(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
+                    n_head=self.n_head, n_embd=self.n_embd, d_state=self.d_state, d_conv=self.d_conv,
+                    expand=self.expand)
         if not 0 <= self.n_ssm <= self.n_layer:
             raise ValueError(f"n_ssm must be in 0..n_layer ({self.n_layer}), got {self.n_ssm}")
-        if self.d_model % self.n_head:
-            raise ValueError(f"d_model ({self.d_model}) must be divisible by n_head ({self.n_head})")
-        if self.layout not in ("ssm_first", "interleaved"):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be 'ssm_first' or 'interleaved', got {self.layout!r}")
+        if self.coupling_mode not in ("context", "constant"):
+            raise ValueError(f"coupling_mode must be 'context' or 'constant', got {self.coupling_mode!r}")
+        if self.scan not in SCANS:
+            raise ValueError(f"scan must be one of {SCANS}, got {self.scan!r}")
+        if not 0 <= self.lambda_init < PhaseModulatedAttention.LAMBDA_MAX or (
+                self.lambda_trainable and self.lambda_init <= 0):
+            raise ValueError(f"lambda_init must be in [0, 0.5) (and > 0 when trainable), got {self.lambda_init}")
+        if min(self.tau_base_init, self.tau_alpha_init, self.tau_beta_init) <= 0:
+            raise ValueError("tau_base_init, tau_alpha_init and tau_beta_init must be > 0")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     def block_types(self) -> list[str]:
         """``"ssm"`` / ``"pma"`` for each of the ``n_layer`` blocks, in order."""
@@ -74,6 +104,27 @@ class PMAConfig:
             return ["ssm"] * self.n_ssm + ["pma"] * n_pma
         pma_at = {round((k + 1) * self.n_layer / n_pma) - 1 for k in range(n_pma)}
         return ["pma" if i in pma_at else "ssm" for i in range(self.n_layer)]
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Cache layer kinds: "linear_attention" (conv + SSM state) and "hybrid" (KV + Kuramoto state)."""
+        if not all(isinstance(v, int) for v in (self.n_layer, self.n_ssm)) or self.layout not in LAYOUTS:
+            return None  # invalid sizes: the validators say why
+        kinds = ["linear_attention" if kind == "ssm" else "hybrid" for kind in self.block_types()]
+        return ["hybrid"] + kinds[1:] if self.n_ssm == self.n_layer else kinds
+
+    @layer_types.setter
+    def layer_types(self, value):
+        if value is not None and list(value) != self.layer_types:
+            raise ValueError(f"layer_types is derived from the config ({self.layer_types}), got {value}")
 
 
 def create_130m_config(**overrides) -> PMAConfig:
@@ -86,80 +137,94 @@ def create_130m_config(**overrides) -> PMAConfig:
 def create_tiny_config(**overrides) -> PMAConfig:
     """A CPU-sized hybrid: d_model 128, 4 Mamba + 2 PMA blocks (4 heads), d_state 8, context 128,
     character vocabulary (65 for Shakespeare)."""
-    base = dict(vocab_size=65, block_size=128, d_model=128, n_layer=6, n_ssm=4, n_head=4, d_state=8)
+    base = dict(vocab_size=65, block_size=128, n_embd=128, n_layer=6, n_ssm=4, n_head=4, d_state=8)
     return PMAConfig(**{**base, **overrides})
 
 
 class SSMBlock(nn.Module):
-    def __init__(self, cfg: PMAConfig):
+    def __init__(self, cfg: PMAConfig, layer_idx: int):
         super().__init__()
-        self.norm = nn.RMSNorm(cfg.d_model)
-        self.ssm = MambaMixer(MambaConfig(d_model=cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv,
+        self.layer_idx = layer_idx
+        self.records_length = cfg.layer_types[layer_idx] == "hybrid"  # see the module docstring
+        self.norm = nn.RMSNorm(cfg.n_embd)
+        self.ssm = MambaMixer(MambaConfig(d_model=cfg.n_embd, d_state=cfg.d_state, d_conv=cfg.d_conv,
                                           expand=cfg.expand, bias=cfg.bias, scan=cfg.scan))
         self.drop = nn.Dropout(cfg.dropout)
         self.hook_resid_post = HookPoint()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        return self.hook_resid_post(x + self.drop(self.ssm(self.norm(x))))
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, inputs: LayerInputs = PLAIN) -> torch.Tensor:
+        if self.records_length and inputs.cache is not None:
+            marker = x.new_zeros(x.shape[0], 1, x.shape[1], 1)  # [B, 1, T, 1]
+            inputs.cache.update(marker, marker, self.layer_idx)
+        y = self.ssm(self.norm(x), inputs.cache, self.layer_idx, inputs.valid)
+        return self.hook_resid_post(x + self.drop(y))
 
 
 class PMABlock(nn.Module):
-    def __init__(self, cfg: PMAConfig):
+    def __init__(self, cfg: PMAConfig, layer_idx: int):
         super().__init__()
-        gcfg = GPTConfig(vocab_size=cfg.vocab_size, block_size=cfg.block_size, n_layer=cfg.n_layer,
-                         n_head=cfg.n_head, n_embd=cfg.d_model, dropout=cfg.dropout, bias=cfg.bias)
-        self.norm_1 = nn.RMSNorm(cfg.d_model)
+        self.norm_1 = nn.RMSNorm(cfg.n_embd)
         self.pma = PhaseModulatedAttention(
-            gcfg, coupling_init=cfg.coupling_init, coupling_mode=cfg.coupling_mode, steps=cfg.kuramoto_steps,
+            cfg.n_embd, cfg.n_head, cfg.block_size, cfg.dropout, cfg.bias, layer_idx,
+            coupling_init=cfg.coupling_init, coupling_mode=cfg.coupling_mode, steps=cfg.kuramoto_steps,
             dt=cfg.kuramoto_dt, method=cfg.integrator, lambda_init=cfg.lambda_init,
             lambda_trainable=cfg.lambda_trainable, tau_base_init=cfg.tau_base_init, tau_alpha_init=cfg.tau_alpha_init,
             tau_beta_init=cfg.tau_beta_init, phase_noise=cfg.phase_noise, freq_jitter=cfg.freq_jitter)
-        self.norm_2 = nn.RMSNorm(cfg.d_model)
-        self.mlp = MLP(gcfg)
+        self.norm_2 = nn.RMSNorm(cfg.n_embd)
+        self.mlp = MLP(cfg.n_embd, cfg.dropout, cfg.bias)
         self.hook_resid_post = HookPoint()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.pma(self.norm_1(x), context)
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, inputs: LayerInputs = PLAIN) -> torch.Tensor:
+        x = x + self.pma(self.norm_1(x), context, inputs=inputs)
         return self.hook_resid_post(x + self.mlp(self.norm_2(x)))
 
 
-class PhaseModulatedAttentionLM(GenerateMixin, nn.Module):
-    """``logits, loss = model(ids, targets)``; ``logits, metrics = model(ids, return_metrics=True)``.
+@dataclass
+class PMAOutput(CausalLMOutputWithPast):
+    """:class:`CausalLMOutputWithPast` plus ``metrics`` (with ``return_metrics=True``)."""
+
+    metrics: dict | None = None
+
+
+class PMAForCausalLM(PhaseLMForCausalLM):
+    """``model(ids).logits``; ``model(ids, targets).loss``; ``model(ids, return_metrics=True).metrics``.
 
     ``metrics``: ``R_mean`` (mean order parameter over PMA layers), per PMA layer (keyed by block
     index) ``R``, ``tau``, ``lambda``, ``K`` and ``attention_entropy`` (nats), the mean
     ``next_token_entropy`` (nats) and that of the last position, and ``loss`` when targets are given.
     """
 
+    config_class = PMAConfig
+    _no_split_modules = ["SSMBlock", "PMABlock"]
+
     def __init__(self, config: PMAConfig):
-        super().__init__()
+        super().__init__(config)
         if config.vocab_size is None:
-            raise ValueError("PMAConfig.vocab_size must be set (the trainer takes it from the tokenizer)")
-        self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.d_model)
+            raise ValueError("vocab_size must be set (the trainer takes it from the tokenizer)")
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.hook_embed = HookPoint()
-        self.blocks = nn.ModuleList([SSMBlock(config) if kind == "ssm" else PMABlock(config)
-                                     for kind in config.block_types()])
-        self.norm_f = nn.RMSNorm(config.d_model)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.blocks = nn.ModuleList([SSMBlock(config, i) if kind == "ssm" else PMABlock(config, i)
+                                     for i, kind in enumerate(config.block_types())])
+        self.norm_f = nn.RMSNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
-        self.apply(GPT._init_weights)  # N(0, 0.02) weights, zero biases
-        for name, p in self.named_parameters():  # GPT-2 scaled init of residual projections
-            if name.endswith((".pma.proj.weight", ".mlp.proj.weight", ".ssm.out_proj.weight")):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        self.gpt2_init(self, config.n_layer, (".pma.proj.weight", ".mlp.proj.weight", ".ssm.out_proj.weight"))
         for m in self.modules():
             if isinstance(m, MambaMixer):
                 m.reset_dt_parameters()
             if isinstance(m, PhaseModulatedAttention):
                 m.reset_parameters_after_init()
         name_hook_points(self)
+        self.post_init()
 
-    def pma_layers(self) -> dict[int, PhaseModulatedAttention]:
+    def phase_layers(self) -> dict[int, PhaseModulatedAttention]:
         return {i: b.pma for i, b in enumerate(self.blocks) if isinstance(b, PMABlock)}
 
+    pma_layers = phase_layers
+
     def phase_parameters(self) -> list[nn.Parameter]:
-        return [p for m in self.pma_layers().values() for p in m.phase_parameters()]
+        return [p for m in self.phase_layers().values() for p in m.phase_parameters()]
 
     def hook_names(self) -> list[str]:
         return hook_names(self)
@@ -168,40 +233,34 @@ class PhaseModulatedAttentionLM(GenerateMixin, nn.Module):
         n = sum(p.numel() for p in self.parameters())
         return n - self.wte.weight.numel() if non_embedding else n
 
-    def layer_metrics(self) -> dict[str, float]:
-        return {f"layer{i}.{k}": v for i, m in self.pma_layers().items() for k, v in m.metrics().items()}
+    def hidden_states(self, input_ids, inputs: LayerInputs = PLAIN):
+        x = self.hook_embed(self.drop(self.wte(input_ids)))
+        context = x
+        for block in self.blocks:
+            x = block(x, context, inputs)
+            if isinstance(block, SSMBlock):
+                context = x
+        return self.norm_f(x)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, return_metrics: bool = False):
-        b, t = idx.shape
-        if t > self.config.block_size:
-            raise ValueError(f"sequence length {t} exceeds block_size {self.config.block_size}")
-        layers = self.pma_layers().values()
+    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, return_metrics: bool = False,
+                **kwargs) -> PMAOutput:
+        layers = self.phase_layers().values()
         for m in layers:
             m.explicit = return_metrics  # attention entropy needs the pattern
         try:
-            x = self.hook_embed(self.drop(self.wte(idx)))
-            context = x
-            for block in self.blocks:
-                x = block(x, context)
-                if isinstance(block, SSMBlock):
-                    context = x
+            out = super().forward(input_ids, targets, **kwargs)
         finally:
             for m in layers:
                 m.explicit = False
-        logits = self.lm_head(self.norm_f(x))
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
-        if not return_metrics:
-            return logits, loss
-        return logits, self._metrics(logits, loss)
+        metrics = self._metrics(out.logits, out.loss) if return_metrics else None
+        return PMAOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values, metrics=metrics)
 
     def _metrics(self, logits: torch.Tensor, loss: torch.Tensor | None) -> dict:
         from phaselm.metrics import next_token_entropy
 
         ent = next_token_entropy(logits.detach())
         out: dict = {"next_token_entropy": float(ent.mean()), "next_token_entropy_last": float(ent[:, -1].mean())}
-        layers = self.pma_layers()
+        layers = self.phase_layers()
         for key in ("R", "tau", "lambda", "K", "attention_entropy"):
             out[key] = {i: float(m.last[key]) for i, m in layers.items() if key in m.last}
         out["R_mean"] = sum(out["R"].values()) / len(layers) if layers else float("nan")

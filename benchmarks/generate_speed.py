@@ -1,0 +1,94 @@
+"""Decoding speed of phaselm's models with the cache (``model.generate``) against recomputing the
+whole context for every new token, and phaselm's GPT against ``transformers.GPT2LMHeadModel`` of
+the same shapes, one run.
+
+    python benchmarks/generate_speed.py [--tokens 512] [--batches 1,8] [--device cpu]
+
+Models: the CPU-grid shapes (6 layers, 4 heads, width 128, vocabulary 65) with a context of
+``tokens + 16``: the GPT baseline, PhaseGPT (one phase layer at 4, 32 oscillators) and the PMA
+hybrid (4 Mamba + 2 PMA blocks, d_state 8); random weights (speed does not depend on them). Each
+decodes ``--tokens`` new tokens after a 16-token prompt by sampling (top-k 40, the same seed for
+both ways; the recomputation samples with the same processors, so both do the same work per
+token). Prints tokens/s for every model and batch; the speed-up of the cache (target >= 10 for GPT
+and PhaseGPT, >= 5 for PMA) and GPT / GPT2LMHeadModel (target >= 0.9). Last line: ``ratio: X``,
+the smallest cache speed-up.
+"""
+
+import time
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList, TopKLogitsWarper
+
+import phaselm
+from common import arg_parser, finish, machine
+
+PROMPT = 16
+
+
+def models(context: int) -> dict:
+    sizes = dict(vocab_size=65, block_size=context, n_layer=6, n_head=4, n_embd=128)
+    torch.manual_seed(0)
+    return {
+        "gpt": phaselm.GPTForCausalLM(phaselm.GPTConfig(**sizes)),
+        "phasegpt": phaselm.PhaseGPTForCausalLM(phaselm.PhaseGPTConfig(**sizes, phase_layers=[4], n_osc=32)),
+        "pma": phaselm.PMAForCausalLM(phaselm.PMAConfig(**sizes, n_ssm=4, d_state=8)),
+    }
+
+
+def timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def recompute(model, ids: torch.Tensor, tokens: int, generator: torch.Generator) -> torch.Tensor:
+    """Decode by running the whole context for every token (no cache), sampling with top-k 40."""
+    top_k = LogitsProcessorList([TopKLogitsWarper(40)])
+    for _ in range(tokens):
+        logits = top_k(ids, model(ids).logits[:, -1].float())
+        ids = torch.cat([ids, torch.multinomial(logits.softmax(-1), 1, generator=generator)], dim=1)
+    return ids
+
+
+def cached(model, ids: torch.Tensor, tokens: int):
+    return model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, top_k=40,
+                          pad_token_id=0)
+
+
+def main():
+    ap = arg_parser(__doc__, repeats=1)
+    ap.add_argument("--tokens", type=int, default=512)
+    ap.add_argument("--batches", default="1,8")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    res = {"machine": machine(args), "tokens": args.tokens, "prompt": PROMPT, "runs": {}}
+    speedups = []
+    for name, model in models(args.tokens + PROMPT).items():
+        model.to(args.device).eval()
+        for b in batches:
+            ids = torch.randint(0, 65, (b, PROMPT), generator=torch.Generator().manual_seed(b), device=args.device)
+            t_cache = timed(lambda: cached(model, ids, args.tokens))
+            t_full = timed(lambda: recompute(model, ids, args.tokens, torch.Generator(args.device).manual_seed(0)))
+            row = {"cached_tok_s": b * args.tokens / t_cache, "recompute_tok_s": b * args.tokens / t_full,
+                   "speedup": t_full / t_cache}
+            res["runs"][f"{name}/batch{b}"] = row
+            speedups.append(row["speedup"])
+            print(f"{name:9s} batch {b}: cached {row['cached_tok_s']:8.1f} tok/s, recompute {row['recompute_tok_s']:8.1f} "
+                  f"tok/s, speed-up {row['speedup']:.1f}x", flush=True)
+    ours = models(args.tokens + PROMPT)["gpt"].to(args.device).eval()
+    hf = GPT2LMHeadModel(GPT2Config(vocab_size=65, n_positions=args.tokens + PROMPT, n_embd=128, n_layer=6, n_head=4,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                    bos_token_id=None, eos_token_id=None)).to(args.device).eval()
+    for b in batches:
+        ids = torch.randint(0, 65, (b, PROMPT), generator=torch.Generator().manual_seed(b), device=args.device)
+        t_ours, t_hf = timed(lambda: cached(ours, ids, args.tokens)), timed(lambda: cached(hf, ids, args.tokens))
+        res["runs"][f"gpt_vs_gpt2/batch{b}"] = {"ours_tok_s": b * args.tokens / t_ours,
+                                                 "gpt2_tok_s": b * args.tokens / t_hf, "ratio": t_hf / t_ours}
+        print(f"GPT vs GPT2LMHeadModel batch {b}: {b * args.tokens / t_ours:.1f} vs {b * args.tokens / t_hf:.1f} tok/s, "
+              f"ratio {t_hf / t_ours:.2f}", flush=True)
+    finish(res, args, min(speedups), digits=1)
+
+
+if __name__ == "__main__":
+    main()

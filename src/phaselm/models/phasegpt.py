@@ -1,0 +1,70 @@
+"""PhaseGPT: the GPT of :mod:`phaselm.models.gpt` with Kuramoto phase-coupled attention
+(:class:`phaselm.attention.PhaseCoupledAttention`) in the layers ``phase_layers`` (0-based) and
+standard causal attention elsewhere.
+
+    config = PhaseGPTConfig(vocab_size=65, n_layer=6, n_head=4, n_embd=128, block_size=128,
+                            phase_layers=[4], n_osc=32, coupling_init=1.0)
+    model = PhaseGPTForCausalLM(config)
+
+In the cache, a phase layer is a "hybrid" layer: keys (with the 2N coherence features) and values,
+plus the running sums of e^{iθ} of every Kuramoto evaluation as its recurrent state
+``[B, E, H, N, 2]`` (E = steps, ×4 for RK4), so decoding a token costs O(N) for its oscillators.
+"""
+
+
+from huggingface_hub.dataclasses import strict
+from torch import nn
+
+from phaselm.attention import PhaseCoupledAttention
+from phaselm.models.base import CoherenceRegulariser, KuramotoSettings
+from phaselm.models.gpt import GPTConfig, GPTForCausalLM
+
+
+@strict
+class PhaseGPTConfig(GPTConfig, KuramotoSettings, CoherenceRegulariser):
+    """GPT fields, plus: ``phase_layers`` (0-based, at least one), ``n_osc`` oscillators per head,
+    ``coherence_init`` β₀ of the coherence bias, the Kuramoto settings (K₀ = ``coupling_init``,
+    ``kuramoto_steps`` of ``kuramoto_dt`` with ``integrator``, ``phase_noise``, ``freq_jitter``)
+    and the coherence regulariser."""
+
+    model_type = "phaselm_phasegpt"
+
+    phase_layers: list[int] | None = None
+    n_osc: int = 32
+    coherence_init: float | int = 0.5
+
+    def validate_phase_layers(self):
+        if not self.phase_layers:
+            raise ValueError("phase_layers is empty; PhaseGPT needs at least one phase layer (use the GPT "
+                             "baseline for none)")
+        if bad := sorted(i for i in self.phase_layers if not 0 <= i < self.n_layer):
+            raise ValueError(f"phase_layers {bad} are outside 0..{self.n_layer - 1} (n_layer={self.n_layer})")
+        if self.n_osc < 1:
+            raise ValueError(f"n_osc must be >= 1, got {self.n_osc}")
+
+    @property
+    def layer_types(self) -> list[str]:
+        """Cache layer kinds: "hybrid" (KV + Kuramoto state) for phase layers (None while invalid)."""
+        if not isinstance(self.n_layer, int) or not isinstance(self.phase_layers, list):
+            return None
+        return ["hybrid" if i in self.phase_layers else "full_attention" for i in range(self.n_layer)]
+
+    @layer_types.setter
+    def layer_types(self, value):
+        if value is not None and list(value) != self.layer_types:
+            raise ValueError(f"layer_types is derived from the config ({self.layer_types}), got {value}")
+
+
+class PhaseGPTForCausalLM(GPTForCausalLM):
+    """A GPT with phase-coupled attention in ``config.phase_layers`` (see the module docstring)."""
+
+    config_class = PhaseGPTConfig
+
+    def make_attention(self, layer_idx: int) -> nn.Module:
+        c = self.config
+        if layer_idx not in c.phase_layers:
+            return super().make_attention(layer_idx)
+        return PhaseCoupledAttention(
+            c.n_embd, c.n_head, c.dropout, c.bias, layer_idx, n_osc=c.n_osc, coupling_init=c.coupling_init,
+            steps=c.kuramoto_steps, dt=c.kuramoto_dt, method=c.integrator, coherence_init=c.coherence_init,
+            phase_noise=c.phase_noise, freq_jitter=c.freq_jitter)
