@@ -59,12 +59,14 @@ def hook_names(model: nn.Module) -> list[str]:
     return list(hook_points(model))
 
 
-def _matching(model: nn.Module, name: NameFilter) -> list[HookPoint]:
+def _matching(model: nn.Module, name: NameFilter) -> dict[str, HookPoint]:
+    """``{name: hook point}`` of the points of ``model`` that ``name`` (a name or a filter) selects;
+    names are paths inside ``model``, so a bare module (an attention layer) names its own points."""
     points = hook_points(model)
     if callable(name):
-        found = [p for n, p in points.items() if name(n)]
+        found = {n: p for n, p in points.items() if name(n)}
     else:
-        found = [points[name]] if name in points else []
+        found = {name: points[name]} if name in points else {}
         if not found:
             close = [n for n in points if n.split(".")[-1] == name.split(".")[-1]][:4]
             raise KeyError(f"no hook point named {name!r}; e.g. {', '.join(close) or ', '.join(list(points)[:4])} "
@@ -78,7 +80,7 @@ def hooks(model: nn.Module, fwd_hooks: Iterable[tuple[NameFilter, HookFn]]):
     handles = []
     try:
         for name, fn in fwd_hooks:
-            handles += [p.add_hook(fn) for p in _matching(model, name)]
+            handles += [p.add_hook(fn) for p in _matching(model, name).values()]
         yield model
     finally:
         for h in handles:
@@ -96,9 +98,17 @@ def run_with_cache(model: nn.Module, *args, names_filter: NameFilter | None = No
     matches ``names_filter`` (all of them by default), as the model consumed them."""
     cache: dict[str, torch.Tensor] = {}
 
-    def store(tensor, hook):
-        cache[hook.name] = tensor.detach() if detach else tensor
+    def store(name):
+        def fn(tensor, hook):
+            cache[name] = tensor.detach() if detach else tensor
+        return fn
 
-    with hooks(model, [(names_filter or (lambda n: True), store)]):
+    handles = []
+    try:
+        for name, point in _matching(model, names_filter or (lambda n: True)).items():
+            handles.append(point.add_hook(store(name)))
         out = model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
     return out, cache
