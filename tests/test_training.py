@@ -88,20 +88,20 @@ def test_a_killed_save_leaves_the_previous_checkpoint_readable(tmp_path, monkeyp
 
 
 def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    from phaselm.models.gpt import GPT
+    from phaselm.models.gpt import GPTForCausalLM
 
     calls = {"n": 0}
-    original = GPT.forward
+    original = GPTForCausalLM.forward
 
-    def poisoned(self, idx, targets=None):
-        logits, loss = original(self, idx, targets)
+    def poisoned(self, idx, targets=None, **kwargs):
+        out = original(self, idx, targets, **kwargs)
         if targets is not None:
             calls["n"] += 1
             if calls["n"] > 5:
-                loss = loss * float("nan")
-        return logits, loss
+                out.loss = out.loss * float("nan")
+        return out
 
-    monkeypatch.setattr(GPT, "forward", poisoned)
+    monkeypatch.setattr(GPTForCausalLM, "forward", poisoned)
     cfg = load_config(config_file(tmp_path), [f"train.out_dir={tmp_path / 'run'}"])
     with pytest.raises(TrainingError, match="non-finite training loss .* iteration 5.*last good checkpoint is .*step-000004"):
         Trainer(cfg, progress=False).train()
@@ -188,9 +188,9 @@ def test_interpret_needs_a_phasegpt_checkpoint(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("override, needle", [
-    (["model.phase_layers=[0]"], "only used by model.type: phasegpt"),
+    (["model.phase_layers=[0]"], "unknown key .model.phase_layers. for model.type gpt"),
     (["model.type=phasegpt", "model.phase_layers=[5]"], "outside"),
-    (["model.type=phasegpt", "model.phase_layers=one"], "must be a list"),
+    (["model.type=phasegpt", "model.phase_layers=one"], "phase_layers.* expected"),
 ])
 def test_phasegpt_config_errors(tmp_path, override, needle):
     with pytest.raises(ConfigError, match=needle):

@@ -1,7 +1,8 @@
 """The ``phaselm`` command: ``generate``, ``calibrate``, ``demo``.
 
-Bad input (a ``ValueError`` or a model that cannot be loaded) prints one line and exits with
-status 2.
+Bad input (a ``ValueError``, a model or checkpoint that cannot be loaded, a mistyped flag) prints
+one line and exits with status 2. Flags are never prefix-matched: ``--resum`` is an error, not
+``--resume``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,18 @@ import os
 import sys
 
 DEMO_PROMPT = "The ancient door creaked open"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse without prefix matching of flags (every parser and subparser), whose usage errors
+    are one line."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _add_model(p: argparse.ArgumentParser) -> None:
@@ -37,7 +50,7 @@ def _add_phase_slip(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="phaselm", description="Phase dynamics in language models.")
+    parser = _Parser(prog="phaselm", description="Phase dynamics in language models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="continue a prompt with greedy, standard or Phase-Slip sampling")
@@ -64,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train a model from a YAML config (runs under torchrun too)")
     tr.add_argument("config", help="YAML config file")
     tr.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_iters=200")
-    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in train.out_dir")
+    again = tr.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue from the newest intact checkpoint in train.out_dir")
+    again.add_argument("--overwrite", action="store_true",
+                       help="delete the checkpoints and metrics of a run already in train.out_dir, then start")
     ev = sub.add_parser("eval", help="val/test perplexity of a checkpoint, and a few samples")
     ev.add_argument("checkpoint", help="a run folder (train.out_dir) or a checkpoints/step-* folder")
     ev.add_argument("--split", choices=["val", "test"], default="test")
@@ -239,7 +256,7 @@ def cmd_train(args) -> int:
     from phaselm.training.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
-    summary = Trainer(cfg, resume=args.resume).train()
+    summary = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).train()
     if int(os.environ.get("RANK", 0)) == 0:
         val = summary["final_val"]
         tail = f", final val loss {val['loss']:.4f} (ppl {val['ppl']:.3f})" if val else ""
@@ -260,8 +277,15 @@ def cmd_eval(args) -> int:
 def cmd_sample(args) -> int:
     import torch
 
+    from phaselm.sampling import SamplingConfig
     from phaselm.training.trainer import load_for_inference
 
+    args.device = str(torch_device(args.device))
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if not (0 < args.temperature < float("inf")):
+        raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature}")
+    SamplingConfig(temperature=args.temperature, top_k=args.top_k)
     model, tok, cfg, _ = load_for_inference(args.checkpoint, args.device)
     ids = tok.encode(args.prompt)
     if not ids:
@@ -281,7 +305,11 @@ def cmd_interpret(args) -> int:
 
     if args.windows < 1:
         raise ValueError(f"--windows must be at least 1, got {args.windows}")
+    args.device = str(torch_device(args.device))
     model, tok, cfg, _ = load_for_inference(args.checkpoint, args.device)
+    if not 0 <= args.head < cfg.model.n_head:
+        raise ValueError(f"--head must be in 0..{cfg.model.n_head - 1} (the model has {cfg.model.n_head} heads), "
+                         f"got {args.head}")
     if args.split:
         from phaselm.data.datasets import load_splits
 
@@ -291,6 +319,8 @@ def cmd_interpret(args) -> int:
             text = Path(args.text).read_text(encoding="utf-8")
         except OSError as err:
             raise ValueError(f"--text: cannot read {args.text}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--text: {args.text} is not UTF-8 text; pass a text file") from None
     out = Path(args.out) if args.out else Path(args.checkpoint) / "interpret"
     summary = interpret(model, tok, text, out, max_windows=args.windows, head=args.head)
     for layer, entry in summary["layers"].items():
@@ -300,9 +330,23 @@ def cmd_interpret(args) -> int:
 
 
 def torch_device(name: str):
+    """``torch.device(name)``, checked before any model loads: a one-line error for a name torch
+    does not know, or a GPU this machine does not have."""
     import torch
 
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s); "
+                             f"use cuda:0..cuda:{torch.cuda.device_count() - 1}")
+    elif device.type != "cpu" and not getattr(getattr(torch, device.type, None), "is_available", lambda: False)():
+        raise ValueError(f"--device {name}: no {device.type} device is available here; use --device cpu")
+    return device
 
 
 def _floats(text: str, name: str) -> list[float]:

@@ -27,7 +27,6 @@ from phaselm.attention import PhaseCoupledAttention
 @torch.no_grad()
 def interpret(model, tokenizer, text: str, out_dir: str | Path, max_windows: int = 8, head: int = 0) -> dict:
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     layers = {i: b.attn for i, b in enumerate(model.blocks) if isinstance(b.attn, PhaseCoupledAttention)}
     if not layers:
         raise ValueError("the checkpoint has no phase layers (model.type gpt); interpret needs a PhaseGPT checkpoint")
@@ -37,6 +36,7 @@ def interpret(model, tokenizer, text: str, out_dir: str | Path, max_windows: int
         raise ValueError("--text: the text is shorter than 2 tokens")
     windows = [ids[s: s + block] for s in range(0, len(ids), block)][:max_windows]
     windows = [w for w in windows if len(w) == len(windows[0])]
+    out_dir.mkdir(parents=True, exist_ok=True)  # after the checks: bad input leaves no folder
     x = torch.tensor(windows, device=next(model.parameters()).device)
     captured: dict[int, torch.Tensor] = {}
     hooks = [layer.register_forward_hook(lambda m, args, out, i=i: captured.__setitem__(i, m.phases(args[0])))

@@ -1,27 +1,49 @@
-"""Checkpoints without pickles, written atomically.
+"""Checkpoints without pickles, written atomically and verified on every load.
 
 Layout under ``out_dir/checkpoints/``::
 
     step-000500/model.safetensors       weights (safetensors, shared/tied tensors handled)
     step-000500/optimizer.safetensors   optimiser tensors, and RNG states as uint8 tensors
-    step-000500/state.json              config, step, metrics, optimiser param groups
-    latest                              the name of the newest complete checkpoint
+    step-000500/state.json              config, step, metrics, optimiser param groups, and
+                                        ``files``: the SHA-256 of every other file in the folder
+    latest                              the name of the newest complete checkpoint (a hint)
 
 A checkpoint is written into a temporary folder, renamed into place, and only then does
 ``latest`` (rewritten through a temp file + ``os.replace``) point at it; a save killed at any
-moment leaves the previous checkpoint as ``latest``. Loading reads safetensors and JSON only.
+moment leaves the previous checkpoint intact. Loading reads safetensors and JSON only.
+
+Integrity: :func:`save_checkpoint` hashes *every* file of the folder (whatever the folder holds;
+new files need no code here) and records the digests, and a digest of the manifest itself, in
+``state.json``. :func:`verify` (called by :func:`read_state`, hence by every loader) re-hashes them
+and raises :class:`CheckpointError`, a one-line ``ValueError`` naming the file, for a missing,
+truncated, garbled or edited file, an edited ``state.json`` included.
+
+Finding checkpoints: :func:`latest_checkpoint` is the newest ``step-*`` folder that has a
+``state.json`` (so a checkpoint whose ``latest`` pointer was never written is still found);
+:func:`newest_intact` walks back from it to the newest one that verifies (``--resume`` uses it);
+:func:`remove_temporaries` deletes folders left by a killed save.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+MANIFEST = "state.json"
+STEP_NAME = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged or does not match; the message names the file."""
 
 
 def _atomic_text(path: Path, text: str) -> None:
@@ -33,11 +55,60 @@ def _atomic_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _canonical(state: dict) -> bytes:
+    """The manifest's content without its own digest, as hashed bytes (key order independent)."""
+    return json.dumps({k: v for k, v in state.items() if k != "state_sha256"}, sort_keys=True).encode()
+
+
+def write_manifest(folder: Path, state: dict) -> dict:
+    """Hash every file of ``folder`` (but the manifest) into ``state["files"]``, add the manifest's
+    own digest and write ``folder/state.json``; return the written state."""
+    files = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*"))
+             if p.is_file() and p.name != MANIFEST}
+    state = dict(state, files=files)
+    state["state_sha256"] = hashlib.sha256(_canonical(state)).hexdigest()
+    (folder / MANIFEST).write_text(json.dumps(state, indent=1))
+    return state
+
+
+def _fsync_tree(folder: Path) -> None:
+    for p in folder.rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     sd = optimizer.state_dict()
     tensors = {f"state.{idx}.{name}": (v if torch.is_tensor(v) else torch.tensor(v)).detach().cpu().contiguous()
                for idx, st in sd["state"].items() for name, v in st.items()}
     return tensors, sd["param_groups"]
+
+
+def step_folders(out_dir: str | Path) -> list[Path]:
+    """The complete-looking ``checkpoints/step-*`` folders of a run, newest (highest step) first."""
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_NAME.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True) if (p / MANIFEST).is_file()]
+
+
+def remove_temporaries(out_dir: str | Path) -> list[Path]:
+    """Delete the temporary folders and files a killed save left in ``out_dir/checkpoints``."""
+    root = Path(out_dir) / "checkpoints"
+    leftovers = [p for p in root.glob("*.tmp*")] if root.is_dir() else []
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    return leftovers
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer, rng: dict[str, torch.Tensor],
@@ -52,7 +123,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
         tensors, groups = _optimizer_tensors(optimizer)
         tensors.update({f"rng.{k}": v.cpu().contiguous() for k, v in rng.items()})
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps(dict(state, step=step, param_groups=groups), indent=1))
+        write_manifest(tmp, dict(state, step=step, param_groups=groups))
+        _fsync_tree(tmp)
         final = root / name
         if final.exists():
             shutil.rmtree(final)
@@ -61,38 +133,90 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     _atomic_text(root / "latest", name)
-    done = sorted(p for p in root.glob("step-*") if p.is_dir() and ".tmp-" not in p.name)
-    for old in done[:-keep]:
+    for old in step_folders(out_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
 def latest_checkpoint(path: str | Path) -> Path | None:
-    """The newest complete checkpoint folder under a run folder (or the folder itself if it is one)."""
+    """The newest checkpoint folder under a run folder (or the folder itself if it is one), not verified."""
     path = Path(path)
-    if (path / "state.json").exists():
+    if (path / MANIFEST).exists() or STEP_NAME.match(path.name) and path.is_dir():
         return path
-    pointer = path / "checkpoints" / "latest"
-    if not pointer.exists():
-        return None
-    folder = path / "checkpoints" / pointer.read_text().strip()
-    return folder if (folder / "state.json").exists() else None
+    found = step_folders(path)
+    return found[0] if found else None
+
+
+def verify(folder: Path) -> dict:
+    """Check every file of checkpoint ``folder`` against its manifest; return the manifest (state.json).
+
+    Raises :class:`CheckpointError` naming the first missing or damaged file."""
+    folder = Path(folder)
+    where = f"checkpoint {folder}"
+    path = folder / MANIFEST
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{where}: {MANIFEST} is missing; the checkpoint is incomplete") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{where}: {MANIFEST} is damaged ({type(err).__name__}); use another "
+                              "checkpoint") from None
+    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or "state_sha256" not in state:
+        raise CheckpointError(f"{where}: {MANIFEST} has no file hashes (damaged, or written by an older phaselm); "
+                              "use another checkpoint")
+    if hashlib.sha256(_canonical(state)).hexdigest() != state["state_sha256"]:
+        raise CheckpointError(f"{where}: {MANIFEST} was edited or damaged (SHA-256 mismatch); use another checkpoint")
+    for rel, digest in state["files"].items():
+        file = folder / rel
+        if not file.is_file():
+            raise CheckpointError(f"{where}: {rel} is missing; use another checkpoint")
+        if sha256(file) != digest:
+            raise CheckpointError(f"{where}: {rel} is damaged or was overwritten (SHA-256 mismatch); use another "
+                                  "checkpoint")
+    return state
+
+
+def newest_intact(out_dir: str | Path) -> tuple[Path | None, list[str]]:
+    """``(folder, problems)``: the newest checkpoint of a run that verifies (None if none does) and
+    one line per newer checkpoint that did not."""
+    problems = []
+    for folder in step_folders(out_dir):
+        try:
+            verify(folder)
+            return folder, problems
+        except CheckpointError as err:
+            problems.append(str(err))
+    return None, problems
 
 
 def read_state(folder: Path) -> dict:
-    return json.loads((folder / "state.json").read_text())
+    """The verified ``state.json`` of ``folder`` (every file of the checkpoint is checked)."""
+    return verify(folder)
+
+
+def _load_error(folder: Path, file: str, err: Exception) -> CheckpointError:
+    return CheckpointError(f"checkpoint {folder}: {file} cannot be read ({type(err).__name__}: "
+                           f"{str(err).splitlines()[0] if str(err) else ''})")
 
 
 def load_weights(folder: Path, model: torch.nn.Module) -> None:
-    missing, unexpected = load_model(model, str(folder / "model.safetensors"), strict=True)
+    """Load ``model.safetensors`` of a (verified) checkpoint into ``model``."""
+    try:
+        missing, unexpected = load_model(model, str(Path(folder) / "model.safetensors"), strict=False)
+    except (SafetensorError, OSError, RuntimeError) as err:
+        raise _load_error(folder, "model.safetensors", err) from None
     if missing or unexpected:
-        raise ValueError(f"checkpoint {folder} does not match the model (missing {missing}, unexpected {unexpected})")
+        raise CheckpointError(f"checkpoint {folder} does not match the model (missing {missing[:3]}, unexpected "
+                              f"{unexpected[:3]})")
 
 
 def load_training_state(folder: Path, optimizer) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Restore the optimiser from ``folder``; return ``(state.json, rng tensors)``."""
+    """Restore the optimiser from ``folder`` (verified first); return ``(state.json, rng tensors)``."""
     state = read_state(folder)
-    tensors = load_file(str(folder / "optimizer.safetensors"))
+    try:
+        tensors = load_file(str(Path(folder) / "optimizer.safetensors"))
+    except (SafetensorError, OSError) as err:
+        raise _load_error(folder, "optimizer.safetensors", err) from None
     opt_state: dict[int, dict] = {}
     rng = {}
     for key, value in tensors.items():
@@ -102,5 +226,8 @@ def load_training_state(folder: Path, optimizer) -> tuple[dict, dict[str, torch.
         else:
             idx, name = rest.split(".", 1)
             opt_state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    try:
+        optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {folder}: the optimiser state does not match the model ({err})") from None
     return state, rng

@@ -8,18 +8,35 @@ dotted names: ``train.max_iters=200 model.n_layer=2``.
 
 from __future__ import annotations
 
+import codecs
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from phaselm.models.gpt import GPTConfig
+from phaselm.models import config_from_dict, config_to_dict
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the offending key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with ``1e-3`` read as a float (PyYAML's YAML 1.1 rules want ``1.0e-3``, and read
+    ``1e-3`` as the string '1e-3')."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"), list("-+0123456789."))
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -27,43 +44,6 @@ class DataConfig:
     name: str = "tiny-shakespeare"  # shakespeare | tiny-shakespeare | text | a hub dataset name
     path: str | None = None  # for name: text
     tokenizer: str = "char"  # char | bpe | a tokenizer name or folder
-
-
-@dataclass
-class ModelConfig(GPTConfig):
-    """The model section: the architecture (``type``) and its :class:`GPTConfig` fields; the
-    field checks of ``GPTConfig`` run when the config is loaded."""
-
-    vocab_size: int | None = None  # None: the tokenizer's
-    type: str = "gpt"  # gpt | phasegpt | pma
-    # phasegpt (phaselm.attention.PhaseCoupledAttention in these layers; the others stay standard)
-    phase_layers: list[int] = field(default_factory=list)
-    n_osc: int = 32
-    coupling_init: float = 1.0
-    kuramoto_steps: int = 2
-    kuramoto_dt: float = 0.1
-    integrator: str = "euler"  # euler | rk4
-    coherence_init: float = 0.5
-    phase_noise: float = 0.0
-    freq_jitter: float = 0.0
-    coherence_reg: float = 0.0  # λ: loss += λ · Σ_layers coherence_penalty(R)
-    coherence_mode: str = "ceiling"  # ceiling | center | band
-    coherence_target: float = 0.45
-    coherence_width: float = 0.1
-    # pma (phaselm.models.pma; n_embd is d_model, n_layer counts SSM + PMA blocks; the Kuramoto
-    # fields above are shared, n_osc is not used: one oscillator per head and token)
-    n_ssm: int = 0  # Mamba blocks (n_layer: pure Mamba, 0: no SSM)
-    layout: str = "ssm_first"  # ssm_first | interleaved
-    d_state: int = 16
-    d_conv: int = 4
-    expand: int = 2
-    lambda_init: float = 0.1
-    lambda_trainable: bool = True
-    tau_base_init: float = 1.0
-    tau_alpha_init: float = 0.1
-    tau_beta_init: float = 0.1
-    coupling_mode: str = "context"  # context | constant
-    scan: str = "auto"  # auto | parallel | sequential | cuda
 
 
 @dataclass
@@ -96,7 +76,9 @@ class TrainConfig:
 @dataclass
 class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    # the model section: ``type`` (gpt | phasegpt | pma) and that model's config fields, checked by
+    # its config class (phaselm.models.config_from_dict); vocab_size: the tokenizer's unless given
+    model: object = field(default_factory=lambda: config_from_dict({"type": "gpt", "vocab_size": None}))
     train: TrainConfig = field(default_factory=TrainConfig)
 
     def validate(self) -> "RunConfig":
@@ -108,27 +90,21 @@ class RunConfig:
             ("train.log_interval", t.log_interval >= 1), ("train.keep_checkpoints", t.keep_checkpoints >= 1),
             ("train.device", t.device in ("auto", "cpu", "cuda") or t.device.startswith("cuda:")),
             ("train.dtype", t.dtype in ("auto", "float32", "bfloat16", "float16")),
-            ("model.type", self.model.type in ("gpt", "phasegpt", "pma")),
-            ("model.layout", self.model.layout in ("ssm_first", "interleaved")),
-            ("model.coupling_mode", self.model.coupling_mode in ("context", "constant")),
-            ("model.scan", self.model.scan in ("auto", "parallel", "sequential", "cuda")),
-            ("model.n_ssm", 0 <= self.model.n_ssm <= self.model.n_layer),
-            ("model.lambda_init", 0 <= self.model.lambda_init < 0.5),
-            ("model.integrator", self.model.integrator in ("euler", "rk4")),
-            ("model.coherence_mode", self.model.coherence_mode in ("ceiling", "center", "band")),
-            ("model.n_osc", self.model.n_osc >= 1), ("model.kuramoto_steps", self.model.kuramoto_steps >= 0),
-            ("model.kuramoto_dt", self.model.kuramoto_dt > 0), ("model.coherence_reg", self.model.coherence_reg >= 0),
+            ("train.lr_decay_iters", t.lr_decay_iters is None or t.lr_decay_iters >= 1),
+            ("train.eval_max_tokens", t.eval_max_tokens is None or t.eval_max_tokens >= 1),
+            ("train.checkpoint_interval", t.checkpoint_interval is None or t.checkpoint_interval >= 1),
+            ("train.weight_decay", t.weight_decay >= 0), ("train.beta1", 0 <= t.beta1 < 1),
+            ("train.beta2", 0 <= t.beta2 < 1), ("train.grad_clip", t.grad_clip >= 0),
+            ("train.max_grad_norm", t.max_grad_norm > 0), ("train.seed", t.seed >= 0),
         ]
+        numbers = {f"train.{k}": v for k, v in dataclasses.asdict(t).items()}
+        numbers.update({f"model.{k}": v for k, v in self.to_dict()["model"].items()})
+        for key, value in numbers.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"config: {key} must be a finite number, got {value}")
         for key, ok in checks:
             if not ok:
                 raise ConfigError(f"config: invalid value for {key}: {_get(self, key)!r}")
-        bad_layers = [i for i in self.model.phase_layers if not 0 <= i < self.model.n_layer]
-        if bad_layers:
-            raise ConfigError(f"config: model.phase_layers {bad_layers} outside 0..{self.model.n_layer - 1}")
-        if self.model.type == "phasegpt" and not self.model.phase_layers:
-            raise ConfigError("config: model.phase_layers is empty; model.type phasegpt needs at least one phase layer")
-        if self.model.type != "phasegpt" and self.model.phase_layers:
-            raise ConfigError("config: model.phase_layers is only used by model.type: phasegpt (it would be ignored)")
         if self.data.name == "text" and not self.data.path:
             raise ConfigError("config: data.path is required when data.name is 'text'")
         if self.data.path and not Path(self.data.path).expanduser().exists():
@@ -136,7 +112,8 @@ class RunConfig:
         return self
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"data": dataclasses.asdict(self.data), "model": config_to_dict(self.model),
+                "train": dataclasses.asdict(self.train)}
 
 
 def _get(obj, dotted: str):
@@ -188,7 +165,14 @@ def from_dict(data: dict | None, cls=RunConfig, prefix: str = ""):
         if f.name not in data:
             continue
         hint = hints[f.name]
-        if dataclasses.is_dataclass(hint):
+        if cls is RunConfig and f.name == "model":
+            if not isinstance(data["model"] or {}, dict):
+                raise ConfigError(f"config: model must be a mapping, got {type(data['model']).__name__}")
+            try:
+                kwargs["model"] = config_from_dict(data["model"] or {})
+            except ValueError as err:
+                raise ConfigError(f"config: {err}") from None
+        elif dataclasses.is_dataclass(hint):
             kwargs[f.name] = from_dict(data[f.name], hint, f"{prefix}{f.name}.")
         else:
             kwargs[f.name] = _check_type(prefix + f.name, data[f.name], hint)
@@ -206,7 +190,9 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         if not p.is_file():
             raise ConfigError(f"config: file not found: {p}")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            data = _yaml(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise ConfigError(f"config: {p} is not a text (UTF-8) file; pass a YAML config") from None
         except yaml.YAMLError as err:
             raise ConfigError(f"config: {p} is not valid YAML: {str(err).splitlines()[0]}") from None
     for item in overrides:
@@ -216,9 +202,40 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig
         parts = key.strip().split(".")
         if len(parts) != 2:
             raise ConfigError(f"config: override key {key!r} must be section.key (e.g. train.max_iters)")
-        value = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = _yaml(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            raise ConfigError(f"config: override {item!r}: the value is not valid YAML") from None
         data.setdefault(parts[0], {})
         if not isinstance(data[parts[0]], dict):
             raise ConfigError(f"config: {parts[0]} must be a mapping")
         data[parts[0]][parts[1]] = value
-    return from_dict(data).validate()
+    cfg = from_dict(data).validate()
+    check_text_files(cfg.data.path)
+    return cfg
+
+
+def check_text_files(path: str | None, probe: int = 1 << 20) -> None:
+    """Refuse a ``data.path`` file (or a ``*.txt`` of a folder) that is empty, binary or not UTF-8
+    text, reading at most ``probe`` bytes of each."""
+    if not path:
+        return
+    root = Path(path).expanduser()
+    files = sorted(root.glob("**/*.txt")) if root.is_dir() else [root]
+    if not files:
+        raise ConfigError(f"config: data.path: {root} holds no .txt files")
+    for file in files:
+        try:
+            with open(file, "rb") as f:
+                head = f.read(probe)
+        except OSError as err:
+            raise ConfigError(f"config: data.path: cannot read {file} ({err.strerror})") from None
+        if not head.strip():
+            raise ConfigError(f"config: data.path: {file} is empty")
+        try:
+            if b"\0" in head:
+                raise UnicodeDecodeError("utf-8", head, head.index(b"\0"), head.index(b"\0") + 1, "NUL byte")
+            codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+        except UnicodeDecodeError as err:
+            raise ConfigError(f"config: data.path: {file} is not UTF-8 text (binary data at byte {err.start}); "
+                              "pass a text file") from None

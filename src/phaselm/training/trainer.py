@@ -3,9 +3,16 @@
 AdamW with linear warm-up and cosine decay, gradient clipping and accumulation, autocast on GPU,
 optional ``torch.compile``; evaluation on the whole val split (non-overlapping windows, capped
 by ``train.eval_max_tokens``): loss in nats/token and perplexity = exp(mean NLL over all tokens);
-metrics appended to ``out_dir/metrics.jsonl`` (the source of truth); atomic checkpoints
-(:mod:`phaselm.training.checkpoint`) with exact resume; a non-finite loss or an exploding
-gradient stops the run and keeps the last good checkpoint; Ctrl-C saves before exiting.
+metrics appended to ``out_dir/metrics.jsonl`` (the source of truth); atomic, hash-verified
+checkpoints (:mod:`phaselm.training.checkpoint`) with exact resume; a non-finite loss or an
+exploding gradient stops the run and names the last good checkpoint; Ctrl-C and SIGTERM save
+before exiting.
+
+The run folder is guarded: it is checked to be writable before training, a lock file
+(``out_dir/lock``, holding the owner's pid) stops a second run in the same folder (a lock whose
+process is gone is taken over), a folder that already holds a run is refused unless ``--resume``
+(continue from the newest intact checkpoint, falling back past damaged ones) or ``--overwrite``
+(delete its checkpoints and metrics first) is given.
 
 Under ``torchrun --nproc_per_node N`` the same command runs DDP (gloo on CPU, NCCL on GPU). The
 global batch (``train.batch_size``) is drawn identically on every rank from one seeded generator
@@ -15,24 +22,25 @@ checkpoints.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
+
+import shutil
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from phaselm.data.datasets import CharTokenizer, HFTokenizer, get_tokenizer, load_splits, tokenized
-from phaselm import oscillators as osc
-from phaselm.attention import PhaseCoupledAttention, PhaseModulatedAttention, phase_gpt
-from phaselm.models.gpt import GPT, GPTConfig
-from phaselm.models.pma import PhaseModulatedAttentionLM, PMAConfig
+from phaselm.data.datasets import TextTokenizer, char_tokenizer, get_tokenizer, load_splits, tokenized
+from phaselm.models import MODELS, config_from_dict, config_to_dict
 from phaselm.training import checkpoint as ckpt
 from phaselm.training.config import RunConfig, from_dict
 
@@ -41,39 +49,139 @@ class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, exploding gradient, mismatched resume)."""
 
 
-def tokenizer_from_json(text: str):
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (what schedulers send), handled like Ctrl-C: save, then stop."""
+
+
+def _perplexity(loss: float) -> float:
+    """exp(loss), inf where that overflows (a diverged model), never an OverflowError."""
+    return math.exp(loss) if loss < 709 else float("inf")
+
+
+def usable_checkpoint(folder: Path) -> str | None:
+    """None if checkpoint ``folder`` is good to continue from, else why not: it does not verify,
+    holds non-finite weights, or its recorded val loss is non-finite or worse than the untrained
+    model's (the run's first val loss): diverged."""
+    try:
+        state = ckpt.verify(folder)
+        weights = ckpt.load_file(str(folder / "model.safetensors"))
+    except (ckpt.CheckpointError, ckpt.SafetensorError, OSError) as err:
+        return str(err)
+    if not all(bool(torch.isfinite(w).all()) for w in weights.values() if w.is_floating_point()):
+        return f"{folder.name} holds non-finite weights"
+    metrics = state.get("metrics") or {}
+    loss = (metrics.get("val") or {}).get("loss")
+    initial = metrics.get("initial_val_loss")
+    if loss is not None and (not math.isfinite(loss) or initial is not None and loss > initial):
+        return f"{folder.name} has diverged (val loss {loss:.4g}, untrained {initial})"
+    return None
+
+
+class RunFolder:
+    """``train.out_dir``: writable check, lock file, refusal to start over an existing run."""
+
+    def __init__(self, path: Path):
+        self.path, self.lock_path, self.locked = path, path / "lock", False
+
+    def prepare(self) -> None:
+        """Create the folder and prove it writable, before any training."""
+        where = f"train.out_dir {self.path}"
+        if self.path.exists() and not self.path.is_dir():
+            raise TrainingError(f"{where} is a file, not a folder; choose another train.out_dir")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / f".write-test-{os.getpid()}"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as err:
+            raise TrainingError(f"{where} cannot be written ({err.strerror or err}); choose a writable "
+                                "train.out_dir") from None
+
+    def acquire(self) -> None:
+        """Take ``out_dir/lock`` (pid + host); a live owner refuses, a dead one's lock is taken over."""
+        host = os.uname().nodename
+        for _ in range(3):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = self._owner()
+                if owner is not None:
+                    pid, owner_host = owner
+                    raise TrainingError(f"train.out_dir {self.path} is in use by another run (pid {pid} on "
+                                        f"{owner_host}, lock file {self.lock_path}); wait for it to finish, or "
+                                        "choose another train.out_dir") from None
+                print(f"phaselm: taking over the stale lock {self.lock_path} (its process is gone)", file=sys.stderr)
+                self.lock_path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"pid": os.getpid(), "host": host}, f)
+            self.locked = True
+            return
+        raise TrainingError(f"could not take the lock {self.lock_path}; remove it if no run uses {self.path}")
+
+    def _owner(self) -> tuple[int, str] | None:
+        """``(pid, host)`` of a live lock owner, None for a stale or unreadable lock."""
+        try:
+            info = json.loads(self.lock_path.read_text())
+            pid, host = int(info["pid"]), str(info.get("host", ""))
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        if host and host != os.uname().nodename:
+            return pid, host  # another machine's process: cannot tell, so it counts as live
+        if pid == os.getpid():
+            return None
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass
+        return pid, host or "this machine"
+
+    def release(self) -> None:
+        if self.locked:
+            self.lock_path.unlink(missing_ok=True)
+            self.locked = False
+
+    def holds_run(self) -> list[str]:
+        """What in the folder belongs to an earlier run (checkpoints, metrics.jsonl)."""
+        found = []
+        root = self.path / "checkpoints"
+        if root.is_dir() and any(ckpt.STEP_NAME.match(p.name) for p in root.iterdir()):
+            found.append("checkpoints")
+        if (self.path / "metrics.jsonl").exists():
+            found.append("metrics.jsonl")
+        return found
+
+    def clear(self) -> None:
+        """``--overwrite``: delete the earlier run's checkpoints, metrics and TensorBoard logs."""
+        for name in ("checkpoints", "tensorboard"):
+            shutil.rmtree(self.path / name, ignore_errors=True)
+        (self.path / "metrics.jsonl").unlink(missing_ok=True)
+
+
+def tokenizer_from_json(text: str) -> TextTokenizer:
     spec = json.loads(text)
     if spec["type"] == "char":
-        return CharTokenizer(spec["chars"])
+        return TextTokenizer(char_tokenizer(spec["chars"]), "char")
     return get_tokenizer(spec["name"])
 
 
 def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
-    m = cfg.model
-    fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(GPTConfig)}
-    gpt_cfg = GPTConfig(**dict(fields, vocab_size=m.vocab_size or vocab_size))
-    if m.type == "gpt":
-        return GPT(gpt_cfg)
-    if m.type == "pma":
-        return PhaseModulatedAttentionLM(pma_config(m, vocab_size))
-    return phase_gpt(gpt_cfg, m.phase_layers, n_osc=m.n_osc, coupling_init=m.coupling_init, steps=m.kuramoto_steps,
-                     dt=m.kuramoto_dt, method=m.integrator, coherence_init=m.coherence_init,
-                     phase_noise=m.phase_noise, freq_jitter=m.freq_jitter)
+    """The model of ``cfg.model`` (its config class, with the tokenizer's ``vocab_size`` unless the
+    config gives one)."""
+    section = config_to_dict(cfg.model)
+    config = config_from_dict(section, vocab_size)
+    return MODELS[section["type"]][1](config)
 
 
-def pma_config(m, vocab_size: int) -> PMAConfig:
-    """The :class:`PMAConfig` of a ``model.type: pma`` section (``n_embd`` is ``d_model``)."""
-    names = {f.name for f in dataclasses.fields(PMAConfig)} - {"d_model", "vocab_size"}
-    return PMAConfig(d_model=m.n_embd, vocab_size=m.vocab_size or vocab_size, **{k: getattr(m, k) for k in names})
-
-
-def coherence_loss(model: torch.nn.Module, m) -> torch.Tensor | None:
-    """λ · Σ over phase layers of the coherence penalty on their R (with gradients), or None."""
-    if m.coherence_reg <= 0:
-        return None
-    rs = [a.last_r for a in model.modules() if isinstance(a, (PhaseCoupledAttention, PhaseModulatedAttention))]
-    return m.coherence_reg * sum(osc.coherence_penalty(r, m.coherence_mode, m.coherence_target, m.coherence_width)
-                                 for r in rs)
+def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on vectors and on parameters tagged
+    ``p._no_weight_decay = True`` where they are created (A_log, PhaseGPT's ω, PMA's φ_pos)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        (no_decay if p.dim() < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_at(it: int, cfg) -> float:
@@ -107,21 +215,24 @@ def evaluate(model, tokens: np.ndarray, block_size: int, device, max_tokens: int
             y[j, : len(c) - 1] = torch.from_numpy(c[1:])
         x, y = x.to(device), y.to(device)
         with autocast():
-            logits, _ = model(x)
+            logits = model(x).logits
         nll = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y.flatten(), ignore_index=-1,
                                                 reduction="sum")
         total += nll.item()
         count += int((y >= 0).sum())
     model.train(was_training)
     loss = total / max(count, 1)
-    return {"loss": loss, "ppl": math.exp(loss), "tokens": count}
+    return {"loss": loss, "ppl": _perplexity(loss), "tokens": count}
 
 
 class Trainer:
-    """Trains ``cfg`` (a validated :class:`RunConfig`); ``resume=True`` continues from the latest checkpoint."""
+    """Trains ``cfg`` (a validated :class:`RunConfig`); ``resume=True`` continues from the newest
+    intact checkpoint, ``overwrite=True`` replaces a run already in ``train.out_dir``."""
 
-    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True):
-        self.cfg, self.resume, self.progress = cfg, resume, progress
+    def __init__(self, cfg: RunConfig, resume: bool = False, progress: bool = True, overwrite: bool = False):
+        if resume and overwrite:
+            raise TrainingError("--resume and --overwrite exclude each other; pick one")
+        self.cfg, self.resume, self.progress, self.overwrite = cfg, resume, progress, overwrite
         t = cfg.train
         self.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         self.rank = int(os.environ.get("RANK", 0))
@@ -172,8 +283,8 @@ class Trainer:
     def _save(self, it: int, rng: dict, extra: dict) -> Path | None:
         if self.rank != 0:
             return None
-        state = {"config": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_json(), "metrics": extra,
-                 "world_size": self.world}
+        state = {"config": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_json(),
+                 "metrics": dict(extra, initial_val_loss=self.initial_val_loss), "world_size": self.world}
         return ckpt.save_checkpoint(self.out, it, self.raw_model, self.optimizer, rng, state,
                                     keep=self.cfg.train.keep_checkpoints)
 
@@ -187,29 +298,65 @@ class Trainer:
         if len(train_tokens) <= cfg.model.block_size + 1:
             raise TrainingError(f"the train split has {len(train_tokens)} tokens, too few for model.block_size "
                                 f"{cfg.model.block_size}; use a larger dataset or a smaller block")
+        if cfg.model.vocab_size is not None and cfg.model.vocab_size < self.tokenizer.vocab_size:
+            raise TrainingError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the data's vocabulary "
+                                f"({self.tokenizer.vocab_size} tokens); remove model.vocab_size or set it to at least "
+                                f"{self.tokenizer.vocab_size}")
         self.raw_model = build_model(cfg, self.tokenizer.vocab_size).to(self.device)
-        decay = [p for p in self.raw_model.parameters() if p.dim() >= 2]
-        no_decay = [p for p in self.raw_model.parameters() if p.dim() < 2]
         self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda")
+            optimizer_groups(self.raw_model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda")
+        if self.resume and not ckpt.step_folders(self.out):
+            raise TrainingError(f"--resume: no checkpoint in {self.out}; start without --resume")
+        self.run_folder = RunFolder(self.out)
+        if self.rank == 0:
+            self.run_folder.prepare()
+            self.run_folder.acquire()
+        try:
+            return self._train(splits, train_tokens, val_tokens)
+        finally:
+            self.run_folder.release()
+
+    def _start(self, batch_gen: torch.Generator) -> tuple[int, float]:
+        """Check the run folder against resume/overwrite; restore a checkpoint; return ``(start_iter, best)``."""
+        cfg, start_iter, best = self.cfg, 0, float("inf")
+        self.initial_val_loss = None
+        if not self.resume:
+            earlier = self.run_folder.holds_run() if self.rank == 0 else []
+            if earlier and not self.overwrite:
+                raise TrainingError(f"{self.out} already holds a run ({', '.join(earlier)}); pass --resume to continue "
+                                    "it, --overwrite to delete it and start again, or choose another train.out_dir")
+            if earlier:
+                self.run_folder.clear()
+        if self.rank == 0:
+            ckpt.remove_temporaries(self.out)
+        if not self.resume:
+            return start_iter, best
+        folder, problems = None, []
+        for candidate in ckpt.step_folders(self.out):
+            why = usable_checkpoint(candidate)
+            if why is None:
+                folder = candidate
+                break
+            problems.append(why)
+        if folder is None:
+            raise TrainingError(f"--resume: no intact checkpoint in {self.out} ({problems[0]}); start again "
+                                "with --overwrite")
+        if problems and self.rank == 0:
+            print(f"phaselm: {'; '.join(problems)}; resuming from the newest intact checkpoint, {folder.name}",
+                  file=sys.stderr)
+        state, rng = ckpt.load_training_state(folder, self.optimizer)
+        if state["config"]["model"] != cfg.to_dict()["model"] or state["config"]["data"] != cfg.to_dict()["data"]:
+            raise TrainingError(f"--resume: the model/data config differs from the checkpoint in {folder}")
+        ckpt.load_weights(folder, self.raw_model)
+        torch.set_rng_state(rng["torch"])
+        batch_gen.set_state(rng["batch"])
+        self.initial_val_loss = state["metrics"].get("initial_val_loss")
+        return state["step"], state["metrics"].get("best_val_loss", best)
+
+    def _train(self, splits, train_tokens, val_tokens) -> dict:
+        cfg, t = self.cfg, self.cfg.train
         batch_gen = torch.Generator().manual_seed(t.seed)
-        start_iter, best = 0, float("inf")
-        existing = ckpt.latest_checkpoint(self.out)
-        if self.resume:
-            if existing is None:
-                raise TrainingError(f"--resume: no checkpoint in {self.out}; start without --resume")
-            state, rng = ckpt.load_training_state(existing, self.optimizer)
-            if state["config"]["model"] != cfg.to_dict()["model"] or state["config"]["data"] != cfg.to_dict()["data"]:
-                raise TrainingError(f"--resume: the model/data config differs from the checkpoint in {existing}")
-            ckpt.load_weights(existing, self.raw_model)
-            torch.set_rng_state(rng["torch"])
-            batch_gen.set_state(rng["batch"])
-            start_iter, best = state["step"], state["metrics"].get("best_val_loss", best)
-        elif existing is not None:
-            raise TrainingError(f"{self.out} already holds a run; pass --resume to continue it or choose another "
-                                "train.out_dir")
-        self.out.mkdir(parents=True, exist_ok=True)
+        start_iter, best = self._start(batch_gen)
         if self.rank == 0:
             self._truncate_metrics(start_iter)
         self.tb = None
@@ -232,6 +379,8 @@ class Trainer:
         it, last_val = start_iter, None
         summary = {"start_iter": start_iter}
         rng = {"torch": torch.get_rng_state(), "batch": batch_gen.get_state()}
+        on_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if on_main else None
         try:
             while True:
                 rng = {"torch": torch.get_rng_state(), "batch": batch_gen.get_state()}
@@ -240,6 +389,8 @@ class Trainer:
                     last_val = evaluate(self.raw_model, val_tokens, cfg.model.block_size, self.device,
                                         t.eval_max_tokens, autocast=self.autocast)
                     best = min(best, last_val["loss"])
+                    if self.initial_val_loss is None:
+                        self.initial_val_loss = last_val["loss"]
                     self._log({"iter": it, "split": "val", **last_val, "best_loss": best})
                     bar.set_postfix_str(f"val {last_val['loss']:.3f} ppl {last_val['ppl']:.2f}")
                 ckpt_due = t.checkpoint_interval is None and at_eval or (
@@ -257,8 +408,8 @@ class Trainer:
                     x, y = self._batch(train_tokens, batch_gen)
                     sync = self.ddp and micro < t.grad_accum - 1
                     with (model.no_sync() if sync else nullcontext()), self.autocast():
-                        _, loss = model(x, y)
-                        reg = coherence_loss(self.raw_model, cfg.model)
+                        loss = model(x, y).loss
+                        reg = self.raw_model.coherence_loss()
                     total = loss if reg is None else loss + reg
                     scaler.scale(total / t.grad_accum).backward()
                     loss_sum += loss.item() / t.grad_accum
@@ -284,17 +435,21 @@ class Trainer:
                 if it % t.log_interval == 0 or it == t.max_iters:
                     row = {"iter": it, "split": "train", "loss": loss_sum, "ppl": math.exp(min(loss_sum, 50)),
                            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_iter / dt}
-                    if cfg.model.coherence_reg > 0:
+                    if getattr(cfg.model, "coherence_reg", 0) > 0:
                         row["coherence_reg"] = reg_sum
                     row.update(self.raw_model.layer_metrics())
                     self._log(row)
                     bar.set_postfix_str(f"loss {loss_sum:.3f} ppl {row['ppl']:.2f} {row['tokens_per_s']:.0f} tok/s")
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as stop:
             # rng holds the states at the start of iteration `it`, which has not been applied
+            signal.signal(signal.SIGTERM, signal.SIG_IGN) if on_main else None  # a second SIGTERM would cut the save
             path = self._save(it, rng, {"best_val_loss": best, "val": last_val, "interrupted": True})
             bar.close()
-            raise TrainingError(f"interrupted at iteration {it}; saved {path}; continue with --resume") from None
+            how = "terminated (SIGTERM)" if isinstance(stop, _Terminated) else "interrupted"
+            raise TrainingError(f"{how} at iteration {it}; saved {path}; continue with --resume") from None
         finally:
+            if on_main:
+                signal.signal(signal.SIGTERM, previous)
             bar.close()
             if self.tb is not None:
                 self.tb.close()
@@ -302,19 +457,36 @@ class Trainer:
         return summary
 
     def _stop_message(self, what: str) -> str:
-        last = ckpt.latest_checkpoint(self.out)
-        keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-        return f"{what}; stopped, {keep}. Lower train.lr or raise train.warmup_iters, then --resume"
+        """The stop message; it names the newest checkpoint that is intact, finite and not diverged."""
+        fix = "lower train.lr or raise train.warmup_iters"
+        for folder in ckpt.step_folders(self.out):
+            if usable_checkpoint(folder) is None:
+                return f"{what}; stopped, the last good checkpoint is {folder}. To continue from it, {fix}, then --resume"
+        return (f"{what}; stopped, and no good checkpoint (finite, not diverged) was written. {fix}, then start "
+                "again with --overwrite")
 
     def _truncate_metrics(self, start_iter: int) -> None:
-        """Drop metric rows after the resumed iteration, so the JSONL matches an uninterrupted run."""
+        """Drop metric rows after the resumed iteration (and a line torn by a kill), so the JSONL
+        matches an uninterrupted run: a restart never duplicates rows."""
         path = self.out / "metrics.jsonl"
         if not path.exists():
             return
-        rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["iter"] <= start_iter]
+        rows = [r for r in path.read_text().splitlines() if (row := _json_row(r)) and row.get("iter", 0) <= start_iter]
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(r + "\n" for r in rows))
         os.replace(tmp, path)
+
+
+def _raise_terminated(signum, frame):
+    raise _Terminated()
+
+
+def _json_row(line: str) -> dict | None:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
 
 
 def evaluate_split(path: str | Path, split: str = "test", device: str = "cpu", max_tokens: int | None = None) -> dict:
