@@ -91,8 +91,7 @@ def phase_slip_decode(
     step = PhaseSlipStep(model, **settings)
     if synced_gpus:
         raise ValueError("Phase-Slip does not support synced_gpus (DeepSpeed ZeRO-3 / FSDP generation)")
-    cache = model_kwargs.get("past_key_values")
-    if cache is None or not model_kwargs.get("use_cache", True):
+    if not model_kwargs.get("use_cache", True):
         raise ValueError("Phase-Slip needs the model's cache; do not pass use_cache=False")
     batch, prompt_len = input_ids.shape
     seeds = _rotation_seeds(seed, batch)
@@ -104,11 +103,17 @@ def phase_slip_decode(
     scores, raw = (), ()
     unfinished = torch.ones(batch, dtype=torch.long, device=input_ids.device)
 
-    with step.session(cache, seeds, batch):
-        if prompt_len > 1:  # prefill all but the last prompt token; the first step feeds that one
-            inputs = model.prepare_inputs_for_generation(
-                input_ids[:, :-1], is_first_iteration=True, **_drop_last(model_kwargs))
-            model(**inputs, return_dict=True)
+    if prompt_len > 1:  # prefill all but the last prompt token (clean only); the first step feeds that one
+        inputs = model.prepare_inputs_for_generation(input_ids[:, :-1], is_first_iteration=True,
+                                                     **_drop_last(model_kwargs))
+        prefill = model(**inputs, return_dict=True)
+        if model_kwargs.get("past_key_values") is None:  # models that create their own cache in forward
+            model_kwargs["past_key_values"] = prefill.past_key_values
+    if model_kwargs.get("past_key_values") is None:
+        from transformers import DynamicCache
+
+        model_kwargs["past_key_values"] = DynamicCache(config=model.config)
+    with step.session(model_kwargs["past_key_values"], seeds, batch):
         first = True
         while True:
             inputs = model.prepare_inputs_for_generation(input_ids, next_sequence_length=1,

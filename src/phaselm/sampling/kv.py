@@ -27,7 +27,7 @@ it. Static, quantised and offloaded caches are refused (:func:`check_cache`).
 
 from __future__ import annotations
 
-import inspect
+import weakref
 from contextlib import contextmanager
 
 import torch
@@ -105,6 +105,7 @@ class RowGroups:
         self.batch = 0
         self.rotations: dict[int, torch.Tensor] = {}
         self.window: int | None = None
+        self.attention_heads = 0
 
     @contextmanager
     def attach(self, model: nn.Module, first_layer: int):
@@ -112,6 +113,7 @@ class RowGroups:
         :meth:`update` for the duration of the block."""
         check_cache(self.cache)
         self.first_layer = first_layer
+        self.attention_heads = getattr(model.config.get_text_config(decoder=True), "num_attention_heads", 0) or 0
         layers = decoder_layers(model)
         handles = [
             layer.register_forward_pre_hook(self._repeat_rows, with_kwargs=True) for layer in layers[first_layer:]
@@ -183,15 +185,19 @@ class RowGroups:
 
     # ------------------------------------------------------------------ hidden rows and KV
     def _repeat_rows(self, module, args, kwargs):
-        n, b = self.n_groups, self.batch
+        n, b, heads = self.n_groups, self.batch, self.attention_heads
         if n == 1:
             return None
 
         def repeat(x):
             if isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] == b:
                 return x.repeat(n, *([1] * (x.ndim - 1)))
+            if isinstance(x, torch.Tensor) and x.ndim >= 2 and heads > 1 and x.shape[0] == b * heads:
+                return x.repeat(n, *([1] * (x.ndim - 1)))  # per (row, head), e.g. ALiBi biases [B·H, 1, T]
             if isinstance(x, tuple) and x and all(isinstance(t, torch.Tensor) for t in x):
                 return tuple(repeat(t) for t in x)
+            if isinstance(x, dict):  # e.g. {"full_attention": mask, "sliding_attention": mask}
+                return {k: repeat(v) for k, v in x.items()}
             return x
 
         return (
@@ -220,6 +226,74 @@ class RowGroups:
         return all_k.flatten(0, 1), all_v.flatten(0, 1)
 
 
+_PROBES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+@torch.no_grad()
+def probe_row_groups(model: nn.Module, first_layer: int) -> dict[int, tuple[int, int]]:
+    """Check, once per model and first layer, that perturbed row groups run on ``model`` and leave
+    its cache clean; return each attention layer's value geometry ``{layer: (kv_heads, head_dim)}``
+    as the cache really stores it.
+
+    Probe (5 tokens, 2 rows, one left-padded): two caches get the same 3-token prefill; the fourth token runs plainly
+    on one and with a perturbed row group (every value rotated by 90°) on the other; then a fifth
+    token runs plainly on both. The clean rows of the grouped pass and the last logits must agree
+    with the plain run. A model that fails (an exception, or state that leaks between rows) gets a
+    one-line ``ValueError``: it is refused before anything is generated.
+    """
+    key = (first_layer, torch.get_default_dtype())
+    done = _PROBES.setdefault(model, {})
+    if key in done:
+        return done[key]
+    name = type(model).__name__
+    device = next(model.parameters()).device
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    ids = (torch.arange(5, device=device) * 7 + 3) % vocab
+    ids = torch.stack([ids, ids.flip(0)])  # [2, 5]; row 0 is left-padded by one token
+    full_mask = torch.ones_like(ids)
+    full_mask[0, 0] = 0
+    positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+
+    def run(cache, start, stop):
+        return model(input_ids=ids[:, start:stop], attention_mask=full_mask[:, :stop],
+                     position_ids=positions[:, start:stop], past_key_values=cache, use_cache=True)
+
+    try:
+        plain, grouped = run(None, 0, 3).past_key_values, run(None, 0, 3).past_key_values
+        if plain is None or not hasattr(plain, "layers"):
+            raise ValueError(f"{name} returns no transformers Cache; Phase-Slip needs one")
+        check_cache(grouped)
+        geometry = {i: (layer.values.shape[1], layer.values.shape[-1]) for i, layer in enumerate(plain.layers)
+                    if getattr(layer, "values", None) is not None and layer.values.ndim == 4}
+        groups = RowGroups(grouped)
+        quarter = torch.zeros(2, 2)
+        quarter[0, 1], quarter[1, 0] = -1.0, 1.0  # 90° in the first plane of every head
+        rotations = {}
+        for layer, (heads, dim) in geometry.items():
+            if layer >= first_layer:
+                rot = torch.eye(dim, device=device).repeat(1, 1, heads, 1, 1)
+                rot[..., :2, :2] = quarter.to(device)
+                rotations[layer] = rot
+        if not rotations:
+            raise ValueError(f"{name} stores no key/value cache at or above layer {first_layer}")
+        z_plain = run(plain, 3, 4).logits[:, -1]
+        with groups.attach(model, first_layer), groups.row_groups(2, rotations, None):
+            z_grouped = run(grouped, 3, 4).logits[:, -1]
+        next_plain, next_grouped = run(plain, 4, 5).logits[:, -1], run(grouped, 4, 5).logits[:, -1]
+    except Exception as err:  # noqa: BLE001 - any failure means this architecture cannot carry the rows
+        text = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        if isinstance(err, ValueError) and "Phase-Slip" in text:
+            raise ValueError(text) from None
+        raise ValueError(f"{name} cannot run Phase-Slip's perturbed rows ({type(err).__name__}: {text}); "
+                         "use plain sampling for this architecture") from None
+    if z_grouped.shape[0] != 4 or not (torch.allclose(z_grouped[:2], z_plain, rtol=1e-3, atol=1e-3)
+                                       and torch.allclose(next_grouped, next_plain, rtol=1e-3, atol=1e-3)):
+        raise ValueError(f"{name} keeps state that Phase-Slip's perturbed rows would corrupt (probe mismatch); "
+                         "use plain sampling for this architecture")
+    done[key] = geometry
+    return geometry
+
+
 class RowGroupCache(DynamicCache):
     """A :class:`transformers.DynamicCache` with :class:`RowGroups` built in (the clean cache itself).
 
@@ -235,8 +309,3 @@ class RowGroupCache(DynamicCache):
 
     def row_groups(self, batch: int, rotations: dict[int, torch.Tensor], window: int | None):
         return self._groups.row_groups(batch, rotations, window)
-
-
-def forward_takes(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` has a parameter called ``name``."""
-    return name in inspect.signature(model.forward).parameters

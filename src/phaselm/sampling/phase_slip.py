@@ -47,7 +47,9 @@ import torch.nn.functional as F
 
 from phaselm.sampling.decoding import Sampler
 from phaselm.sampling.kernels import fast_linears
-from phaselm.sampling.kv import RowGroupCache, RowGroups, attention_layers, decoder_layers, kv_geometry
+from phaselm.sampling.kv import (
+    RowGroupCache, RowGroups, attention_layers, decoder_layers, kv_geometry, probe_row_groups,
+)
 from phaselm.sampling.processors import entropy
 from phaselm.sampling.rotation import rotations_from_gaussian
 
@@ -72,7 +74,9 @@ def _real(name: str, value, hint: str) -> float:
 
 def _check_heads(heads, num_layers: int, num_kv_heads: int, attention: list[int] | None = None) -> list[tuple[int, int]]:
     """``heads`` as a sorted list of distinct in-range ``(layer, kv_head)`` integer pairs, each in an
-    attention layer (``attention``: the layers that keep keys/values; ``None``: all)."""
+    attention layer (``attention``: the layers that keep keys/values; ``None``: all). The head index is
+    checked against the config's KV head count here, and against the heads the cache really stores
+    when decoding starts (:meth:`PhaseSlipStep.session`)."""
     example = "e.g. heads=[(2, 0), (3, 1)]"
     if isinstance(heads, (str, bytes)) or not hasattr(heads, "__iter__"):
         raise ValueError(f"heads must be a list of (layer, kv_head) pairs ({example}), got {heads!r}")
@@ -171,6 +175,11 @@ class PhaseSlipStep:
         if self.heads is None:
             raise ValueError("no heads to perturb; pass heads=[(layer, kv_head), ...] or calibrate first")
         first = min(layer for layer, _ in self.heads)
+        self._geometry = probe_row_groups(self.model, first)  # refuses a model that cannot carry the rows
+        for layer, head in self.heads:
+            if layer not in self._geometry or head >= self._geometry[layer][0]:
+                raise ValueError(f"head ({layer}, {head}) does not exist in the cache: it stores "
+                                 f"{self._geometry.get(layer, (0, 0))[0]} kv heads at layer {layer}")
         self._rotation_rngs = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in seeds]
         groups = RowGroups(cache) if not isinstance(cache, RowGroupCache) else cache._groups
         head = self.model.get_output_embeddings()
@@ -187,21 +196,20 @@ class PhaseSlipStep:
                 self._groups = None
 
     def _draw_rotations(self, rows: int) -> dict[int, torch.Tensor]:
-        """Per perturbed layer, ``[1, rows or 1, num_kv_heads, d, d]``: fresh rotations of the selected
-        heads (one seeded stream per row, or one shared), identity elsewhere. Gaussians are drawn on
-        the CPU, the QR runs once, batched, on the model's device."""
-        streams, n_heads, d = len(self._rotation_rngs), len(self.heads), self.head_dim
-        if self.noise_scale == 0:
-            fresh = torch.eye(d, device=self.device).expand(n_heads, streams, d, d)
-        else:
-            gauss = torch.stack([torch.randn(n_heads, d, d, generator=g, dtype=torch.float64)
-                                 for g in self._rotation_rngs], dim=1)  # [heads, streams, d, d]
-            fresh = rotations_from_gaussian(gauss.to(self.device), self.noise_scale).float()
-        eye = torch.eye(d, device=self.device)
+        """Per perturbed layer, ``[1, streams, kv_heads, d, d]`` (one stream for all rows, or one per
+        row): fresh rotations of the selected heads, identity elsewhere; ``kv_heads`` and ``d`` are the
+        layer's cached value geometry. Gaussians come from the seeded CPU streams; the QR runs on the
+        model's device."""
+        streams, device = len(self._rotation_rngs), self.device
         rotations: dict[int, torch.Tensor] = {}
-        for (layer, head), rot in zip(self.heads, fresh):
-            per_layer = rotations.setdefault(layer, eye.repeat(1, streams, self.num_kv_heads, 1, 1))
-            per_layer[0, :, head] = rot
+        for layer, head in self.heads:
+            n_kv, d = self._geometry[layer]
+            if layer not in rotations:
+                rotations[layer] = torch.eye(d, device=device).repeat(1, streams, n_kv, 1, 1)
+            if self.noise_scale == 0:
+                continue  # exactly the identity
+            gauss = torch.stack([torch.randn(d, d, generator=g, dtype=torch.float64) for g in self._rotation_rngs])
+            rotations[layer][0, :, head] = rotations_from_gaussian(gauss.to(device), self.noise_scale).float()
         return rotations
 
     # ------------------------------------------------------------------ the step
