@@ -73,7 +73,8 @@ def usable_checkpoint(folder: Path) -> str | None:
     loss = (metrics.get("val") or {}).get("loss")
     initial = metrics.get("initial_val_loss")
     if loss is not None and (not math.isfinite(loss) or initial is not None and loss > initial):
-        return f"{folder.name} has diverged (val loss {loss:.4g}, untrained {initial})"
+        untrained = "" if initial is None else f", untrained model {initial:.4g}"
+        return f"{folder.name} has diverged (val loss {loss:.4g}{untrained})"
     return None
 
 
@@ -442,7 +443,8 @@ class Trainer:
                     bar.set_postfix_str(f"loss {loss_sum:.3f} ppl {row['ppl']:.2f} {row['tokens_per_s']:.0f} tok/s")
         except KeyboardInterrupt as stop:
             # rng holds the states at the start of iteration `it`, which has not been applied
-            signal.signal(signal.SIGTERM, signal.SIG_IGN) if on_main else None  # a second SIGTERM would cut the save
+            if on_main:  # a second SIGTERM must not cut the save short
+                signal.signal(signal.SIGTERM, signal.SIG_IGN)
             path = self._save(it, rng, {"best_val_loss": best, "val": last_val, "interrupted": True})
             bar.close()
             how = "terminated (SIGTERM)" if isinstance(stop, _Terminated) else "interrupted"
