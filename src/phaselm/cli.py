@@ -306,6 +306,13 @@ def cmd_interpret(args) -> int:
     if args.windows < 1:
         raise ValueError(f"--windows must be at least 1, got {args.windows}")
     args.device = str(torch_device(args.device))
+    if args.text:  # read before any model loads
+        try:
+            text = Path(args.text).read_text(encoding="utf-8")
+        except OSError as err:
+            raise ValueError(f"--text: cannot read {args.text}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--text: {args.text} is not UTF-8 text; pass a text file") from None
     model, tok, cfg, _ = load_for_inference(args.checkpoint, args.device)
     if not 0 <= args.head < cfg.model.n_head:
         raise ValueError(f"--head must be in 0..{cfg.model.n_head - 1} (the model has {cfg.model.n_head} heads), "
@@ -314,13 +321,6 @@ def cmd_interpret(args) -> int:
         from phaselm.data.datasets import load_splits
 
         text = load_splits(cfg.data.name, cfg.data.path)[args.split]
-    else:
-        try:
-            text = Path(args.text).read_text(encoding="utf-8")
-        except OSError as err:
-            raise ValueError(f"--text: cannot read {args.text}: {err.strerror}") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"--text: {args.text} is not UTF-8 text; pass a text file") from None
     out = Path(args.out) if args.out else Path(args.checkpoint) / "interpret"
     summary = interpret(model, tok, text, out, max_windows=args.windows, head=args.head)
     for layer, entry in summary["layers"].items():
