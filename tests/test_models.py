@@ -16,9 +16,9 @@ from phaselm.training.trainer import optimizer_groups
 V = 40
 
 
-def build(kind: str, seed: int = 0):
+def build(kind: str, seed: int = 0, heads: int = 2):
     torch.manual_seed(seed)
-    sizes = dict(vocab_size=V, block_size=48, n_head=2, n_embd=16)
+    sizes = dict(vocab_size=V, block_size=48, n_head=heads, n_embd=16)
     if kind == "gpt":
         model = phaselm.GPTForCausalLM(phaselm.GPTConfig(n_layer=2, **sizes))
     elif kind.startswith("phasegpt"):
@@ -124,3 +124,16 @@ def test_phase_and_ssm_matrices_are_tagged_and_not_decayed(kind, tagged):
     assert any(n.endswith(tagged) for n in (names[id(p)] for p in no_decay["params"]))
     assert not any(n.endswith(tagged) for n in decayed)
     assert all(names[id(p)].endswith(".weight") for p in decay["params"])  # only weight matrices decay
+
+
+@pytest.mark.parametrize("kind", ["phasegpt", "pma", "pma_interleaved"])
+def test_phase_slip_runs_on_phasegpt_and_pma_and_noise_zero_is_plain_sampling(kind):
+    model = build(kind, heads=4)  # 4 heads: see the closing note of the session on 2-head models
+    tok = get_tokenizer("char", "".join(chr(65 + i) for i in range(V))).tok
+    heads = [(layer, 1) for layer in model.phase_layers()]  # value vectors of the phase layers' attention
+    common = dict(max_new_tokens=12, seed=3, temperature=1.0, return_details=True)
+    clean = phaselm.Sampler(model, tok).generate("ABCDEF", **common).token_ids
+    same = phaselm.PhaseSlipSampler(model, tok, noise_scale=0.0, heads=heads).generate("ABCDEF", **common)
+    assert same.token_ids == clean
+    moved = phaselm.PhaseSlipSampler(model, tok, noise_scale=1.5, heads=heads).generate("ABCDEF", **common)
+    assert float(moved.diagnostics["kl"].mean()) > 0

@@ -212,3 +212,53 @@ def test_a_character_only_in_val_or_test_still_trains_and_evaluates(tmp_path):
     Trainer(load_config(config_file(tmp_path, cfg), [f"train.out_dir={tmp_path / 'r'}", "train.max_iters=2"]),
             progress=False).train()
     assert main(["eval", str(tmp_path / "r"), "--split", "test"]) == 0
+
+
+def test_a_config_inherits_from_its_base_key_by_key(tmp_path):
+    config_file(tmp_path)  # cfg.yaml, the base
+    (tmp_path / "arms").mkdir()
+    arm = tmp_path / "arms" / "deeper.yaml"
+    arm.write_text("base: ../cfg.yaml\nmodel: {n_layer: 2}\ntrain: {seed: 5}\n")
+    whole = load_config(config_file(tmp_path), ["model.n_layer=2", "train.seed=5"]).to_dict()
+    assert load_config(arm).to_dict() == whole
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="inherits from itself"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match="file not found: .*missing.yaml .the base of"):
+        load_config(tmp_path / "c.yaml")
+
+
+def test_a_run_folder_is_a_transformers_model_folder(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from phaselm.training.trainer import Trainer, load_for_inference
+
+    run = tmp_path / "run"
+    Trainer(load_config(config_file(tmp_path), [f"train.out_dir={run}", "train.max_iters=4"]), progress=False).train()
+    model = AutoModelForCausalLM.from_pretrained(run).eval()
+    tok = AutoTokenizer.from_pretrained(run)
+    ours, ours_tok, _, _ = load_for_inference(run)
+    enc = tok("ROMEO:", return_tensors="pt")
+    assert enc["input_ids"][0].tolist() == ours_tok.encode("ROMEO:")
+    assert torch.equal(model(enc["input_ids"]).logits, ours(enc["input_ids"]).logits)
+    torch.manual_seed(0)
+    out = model.generate(**enc, max_new_tokens=10, do_sample=True, top_p=0.9)
+    assert tok.decode(out[0]).startswith("ROMEO:") and out.shape == (1, 16)
+    latest = ckpt.latest_checkpoint(run)
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in latest.iterdir()}
+
+
+def test_sample_decodes_a_trained_run_and_phase_slip_at_noise_zero_matches_it(tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = TINY.replace("n_layer: 1", "n_layer: 2, type: phasegpt, phase_layers: [1], n_osc: 4")
+    Trainer(load_config(config_file(tmp_path, cfg), [f"train.out_dir={run}", "train.max_iters=4"]), progress=False).train()
+    common = ["--max-new-tokens", "9", "--temperature", "0.8", "--top-p", "0.95", "--seed", "1"]
+    texts = []
+    for extra in (["--sampler", "standard"], ["--sampler", "phase-slip", "--noise-scale", "0"]):
+        capsys.readouterr()
+        assert main(["sample", str(run), "ROMEO:", *common, *extra]) == 0
+        texts.append(capsys.readouterr().out[:-1])  # print's newline
+    assert texts[0].startswith("ROMEO:") and len(texts[0]) == len("ROMEO:") + 9
+    assert texts[1] == texts[0]

@@ -88,6 +88,12 @@ class LayerInputs:
         valid = keys[:, past:].float() if attention_mask is not None else None
         return cls(cache=cache, mask=mask[:, None], positions=position_ids.to(device), valid=valid, past=past)
 
+    def as_kwargs(self) -> dict:
+        """The fields as keyword arguments for a decoder block, so that hooks which repeat
+        batch-shaped arguments (Phase-Slip's row groups) see each tensor."""
+        return {"cache": self.cache, "mask": self.mask, "positions": self.positions, "valid": self.valid,
+                "past": self.past}
+
     @property
     def plain(self) -> bool:
         """No cache, no padding, default positions: the training path."""
@@ -201,8 +207,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias)
 
-    def forward(self, x, inputs: LayerInputs = PLAIN):
-        x = x + self.attn(self.ln_1(x), inputs)
+    def forward(self, x, **inputs):
+        """``x [B, T, C]``; ``inputs``: the fields of :class:`LayerInputs` (none: plain causal)."""
+        x = x + self.attn(self.ln_1(x), LayerInputs(**inputs))
         return x + self.mlp(self.ln_2(x))
 
 

@@ -46,7 +46,15 @@ def _add_phase_slip(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=12, help="perturbation window W (positions)")
     p.add_argument("--fusion", choices=["gate", "contrast"], default="gate")
     p.add_argument("--search-layers", type=int, default=None, help="layers searched by head calibration (default: min(6, layers))")
-    p.add_argument("--num-heads", type=int, default=3, help="heads selected by calibration")
+    p.add_argument("--num-heads", type=int, default=None,
+                   help="heads selected by calibration (default: 3, or all the searched layers have if fewer)")
+
+
+def _add_decoding(p: argparse.ArgumentParser, sampler: str) -> None:
+    p.add_argument("--sampler", choices=["greedy", "standard", "phase-slip"], default=sampler)
+    _add_sampling(p)
+    _add_phase_slip(p)
+    p.add_argument("--diagnostics", action="store_true", help="print per-step entropy / clean weight / KL")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,11 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="continue a prompt with greedy, standard or Phase-Slip sampling")
     gen.add_argument("prompt")
-    gen.add_argument("--sampler", choices=["greedy", "standard", "phase-slip"], default="phase-slip")
     _add_model(gen)
-    _add_sampling(gen)
-    _add_phase_slip(gen)
-    gen.add_argument("--diagnostics", action="store_true", help="print per-step entropy / clean weight / KL")
+    _add_decoding(gen, "phase-slip")
 
     cal = sub.add_parser("calibrate", help="score KV heads for Phase-Slip and print the table")
     _add_model(cal)
@@ -86,14 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", help="a run folder (train.out_dir) or a checkpoints/step-* folder")
     ev.add_argument("--split", choices=["val", "test"], default="test")
     ev.add_argument("--device", default="cpu")
-    sp = sub.add_parser("sample", help="continue a prompt with a trained checkpoint")
-    sp.add_argument("checkpoint")
+    sp = sub.add_parser("sample", help="continue a prompt with a trained run (the same decoding flags as generate)")
+    sp.add_argument("checkpoint", help="a run folder (train.out_dir) or a checkpoints/step-* folder")
     sp.add_argument("prompt")
-    sp.add_argument("--max-new-tokens", type=int, default=200)
-    sp.add_argument("--temperature", type=float, default=0.8)
-    sp.add_argument("--top-k", type=int, default=None)
-    sp.add_argument("--seed", type=int, default=0)
     sp.add_argument("--device", default="cpu")
+    _add_decoding(sp, "standard")
+    sp.set_defaults(max_new_tokens=200)
 
     it = sub.add_parser("interpret", help="phase synchrony (R, phases, coherence) of a PhaseGPT checkpoint on a text")
     it.add_argument("checkpoint")
@@ -151,7 +154,7 @@ def _load(args):
     return load_causal_lm(args.model, device=args.device)
 
 
-def _phase_slip(model, tok, args, noise_scale=None, progress=True):
+def _phase_slip(model, tok, args, noise_scale=None, progress=True, text=None):
     from phaselm.sampling import PhaseSlipSampler
 
     sampler = PhaseSlipSampler(
@@ -161,8 +164,14 @@ def _phase_slip(model, tok, args, noise_scale=None, progress=True):
         perturbation_window=getattr(args, "window", 12),
         fusion=getattr(args, "fusion", "gate"),
     )
-    sampler.calibrate_heads(search_layers=_search_layers(model, getattr(args, "search_layers", None)),
-                            num_heads=getattr(args, "num_heads", 3), progress=progress)
+    search = _search_layers(model, getattr(args, "search_layers", None))
+    num_heads = getattr(args, "num_heads", None)
+    if num_heads is None:  # 3, or fewer when the searched layers hold fewer key/value heads (e.g. a small PMA)
+        cfg = model.config
+        types = (getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)[-search:]
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+        num_heads = max(1, min(3, kv_heads * sum(t != "linear_attention" for t in types)))
+    sampler.calibrate_heads(text=text, search_layers=search, num_heads=num_heads, progress=progress)
     return sampler
 
 
@@ -171,22 +180,35 @@ def _search_layers(model, requested: int | None) -> int:
 
 
 def cmd_generate(args) -> int:
-    from phaselm.sampling import Sampler, SamplingConfig
+    _check_decoding(args)  # the cheap arguments, before loading a model or calibrating
+    model, tok = _load(args)
+    return _decode_and_print(model, tok, args)
 
-    # check the cheap arguments before loading a model or calibrating
+
+def _check_decoding(args) -> None:
+    from phaselm.sampling import SamplingConfig
+
     if not args.prompt.strip():
         raise ValueError("prompt is empty; pass non-empty text")
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature is not None and not 0 < args.temperature < float("inf"):
+        raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature}")
     SamplingConfig(temperature=1.0 if args.temperature is None else args.temperature, top_k=args.top_k,
                    top_p=args.top_p, min_p=args.min_p, do_sample=args.sampler != "greedy")
     if args.noise_scale < 0:
         raise ValueError(f"noise_scale must be >= 0 (a rotation angle in radians), got {args.noise_scale}")
     if args.window < 1:
         raise ValueError(f"perturbation_window must be an integer >= 1, got {args.window}")
-    model, tok = _load(args)
+
+
+def _decode_and_print(model, tok, args, calibration_text: str | None = None) -> int:
+    from phaselm.sampling import Sampler
+
     kwargs = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                   seed=args.seed, return_details=True, progress=True)
     if args.sampler == "phase-slip":
-        sampler = _phase_slip(model, tok, args)
+        sampler = _phase_slip(model, tok, args, text=calibration_text)
         out = sampler.generate(args.prompt, temperature=args.temperature, **kwargs)
     else:
         out = Sampler(model, tok).generate(args.prompt, temperature=args.temperature,
@@ -275,26 +297,16 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sample(args) -> int:
-    import torch
-
-    from phaselm.sampling import SamplingConfig
+    from phaselm.data.datasets import load_splits
     from phaselm.training.trainer import load_for_inference
 
     args.device = str(torch_device(args.device))
-    if args.max_new_tokens < 0:
-        raise ValueError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
-    if not (0 < args.temperature < float("inf")):
-        raise ValueError(f"--temperature must be a finite number > 0, got {args.temperature}")
-    SamplingConfig(temperature=args.temperature, top_k=args.top_k)
+    _check_decoding(args)
     model, tok, cfg, _ = load_for_inference(args.checkpoint, args.device)
-    ids = tok.encode(args.prompt)
-    if not ids:
-        raise ValueError("prompt is empty; pass non-empty text")
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
-    out = model.generate(torch.tensor([ids], device=args.device), args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, generator=gen)
-    print(tok.decode(out[0].tolist()))
-    return 0
+    tok.encode(args.prompt)  # a character outside a char tokenizer's vocabulary: a one-line error
+    # Phase-Slip calibrates its heads on the run's own validation text (a char model knows only its characters)
+    text = load_splits(cfg.data.name, cfg.data.path)["val"][:4000] if args.sampler == "phase-slip" else None
+    return _decode_and_print(model, tok.tok, args, calibration_text=text)
 
 
 def cmd_interpret(args) -> int:

@@ -101,5 +101,5 @@ class GPTForCausalLM(PhaseLMForCausalLM):
         pos = inputs.positions if inputs.positions is not None else torch.arange(t, device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
         for block in self.blocks:
-            x = block(x, inputs)
+            x = block(x, **inputs.as_kwargs())
         return self.ln_f(x)

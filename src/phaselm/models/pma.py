@@ -152,7 +152,8 @@ class SSMBlock(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.hook_resid_post = HookPoint()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, inputs: LayerInputs = PLAIN) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, **fields) -> torch.Tensor:
+        inputs = LayerInputs(**fields)
         if self.records_length and inputs.cache is not None:
             marker = x.new_zeros(x.shape[0], 1, x.shape[1], 1)  # [B, 1, T, 1]
             inputs.cache.update(marker, marker, self.layer_idx)
@@ -174,7 +175,8 @@ class PMABlock(nn.Module):
         self.mlp = MLP(cfg.n_embd, cfg.dropout, cfg.bias)
         self.hook_resid_post = HookPoint()
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, inputs: LayerInputs = PLAIN) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, **fields) -> torch.Tensor:
+        inputs = LayerInputs(**fields)
         x = x + self.pma(self.norm_1(x), context, inputs=inputs)
         return self.hook_resid_post(x + self.mlp(self.norm_2(x)))
 
@@ -237,7 +239,7 @@ class PMAForCausalLM(PhaseLMForCausalLM):
         x = self.hook_embed(self.drop(self.wte(input_ids)))
         context = x
         for block in self.blocks:
-            x = block(x, context, inputs)
+            x = block(x, context, **inputs.as_kwargs())
             if isinstance(block, SSMBlock):
                 context = x
         return self.norm_f(x)

@@ -100,7 +100,8 @@ def calibrate_heads(
     if not text.strip():
         raise ValueError("calibration text is empty; pass non-empty text or None for the built-in text")
     device = next(model.parameters()).device
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :max_tokens].to(device)
+    context = getattr(model.config, "max_position_embeddings", None) or max_tokens  # a small trained model's block
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :min(max_tokens, context)].to(device)
     if ids.shape[1] < 2:
         raise ValueError("calibration text must be at least 2 tokens long")
     targets = ids[0, 1:]

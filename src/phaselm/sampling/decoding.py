@@ -52,8 +52,10 @@ class Sampler:
     def __init__(self, model, tokenizer):
         self.model = model
         self.tokenizer = tokenizer
-        if tokenizer.pad_token_id is None:
+        if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
             tokenizer.pad_token = tokenizer.eos_token
+        # a tokenizer without pad and EOS (a char tokenizer): pad with id 0; padding is masked out
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
@@ -146,8 +148,10 @@ class Sampler:
         for i, p in enumerate(prompts):
             if not isinstance(p, str) or not p.strip():
                 raise ValueError(f"prompt {i} is empty; pass non-empty text")
-        enc = self.tokenizer(prompts, return_tensors="pt", padding=True, padding_side="left")
-        ids, mask = enc["input_ids"], enc["attention_mask"]
+        rows = [self.tokenizer(p)["input_ids"] for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([[self.pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)  # left padding
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
         lengths = mask.sum(-1)
         if int(lengths.min()) == 0:
             raise ValueError(f"prompt {int(lengths.argmin())} tokenizes to zero tokens; pass non-empty text")
@@ -171,9 +175,10 @@ class Sampler:
         device = ids.device
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds] if cfg.do_sample else None
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        padded = not bool(mask.all())  # without padding no mask is passed (as generate does): faster attention
         cache = self._make_cache()
         diagnostics: dict = {}
-        generated = torch.full((batch, max_new_tokens), self.tokenizer.pad_token_id, dtype=torch.long, device=device)
+        generated = torch.full((batch, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         lengths = torch.zeros(batch, dtype=torch.long, device=device)
         eos = torch.tensor(sorted(self.eos_ids), device=device) if self.eos_ids else None
@@ -181,13 +186,13 @@ class Sampler:
         with self._session(cache, seeds, batch):
             if prompt_len > 1:  # prefill all but the last prompt token; the loop feeds that one
                 extra = {"logits_to_keep": 1} if self._forward_takes_logits_to_keep else {}
-                self._forward(cache, ids[:, :-1], mask[:, :-1], position_ids[:, :-1], **extra)
-            token, step_mask, step_pos = ids[:, -1:], mask, position_ids[:, -1:]
+                self._forward(cache, ids[:, :-1], mask[:, :-1] if padded else None, position_ids[:, :-1], **extra)
+            token, step_mask, step_pos = ids[:, -1:], mask if padded else None, position_ids[:, -1:]
             steps = tqdm(range(max_new_tokens), desc="generating", unit="tok", disable=not progress, leave=False)
             for step in steps:
                 logits = self._next_logits(cache, token, step_mask, step_pos, diagnostics, cfg)
                 nxt = choose_tokens(logits, cfg, generators)
-                nxt = torch.where(finished, torch.full_like(nxt, self.tokenizer.pad_token_id), nxt)
+                nxt = torch.where(finished, torch.full_like(nxt, self.pad_id), nxt)
                 generated[:, step] = nxt
                 lengths += (~finished).long()
                 if stop_at_eos and eos is not None:
@@ -195,7 +200,8 @@ class Sampler:
                     if bool(finished.all()):
                         break
                 token = nxt[:, None]
-                step_mask = torch.cat([step_mask, step_mask.new_ones(batch, 1)], dim=-1)
+                if padded:
+                    step_mask = torch.cat([step_mask, step_mask.new_ones(batch, 1)], dim=-1)
                 step_pos = step_pos + 1
         seconds = time.perf_counter() - start
         token_ids = [generated[b, : int(lengths[b])].tolist() for b in range(batch)]

@@ -2,11 +2,16 @@
 
 Layout under ``out_dir/checkpoints/``::
 
-    step-000500/model.safetensors       weights (safetensors, shared/tied tensors handled)
+    step-000500/config.json, model.safetensors, tokenizer files
+                                        a transformers save_pretrained folder: the model (tied
+                                        tensors stored once), its config and its tokenizer
     step-000500/optimizer.safetensors   optimiser tensors, and RNG states as uint8 tensors
     step-000500/state.json              config, step, metrics, optimiser param groups, and
                                         ``files``: the SHA-256 of every other file in the folder
     latest                              the name of the newest complete checkpoint (a hint)
+
+and ``out_dir/`` itself holds the newest checkpoint's model files (hard links, or copies), so a
+run folder is a save_pretrained folder: ``AutoModelForCausalLM.from_pretrained("runs/pma/tiny")``.
 
 A checkpoint is written into a temporary folder, renamed into place, and only then does
 ``latest`` (rewritten through a temp file + ``os.replace``) point at it; a save killed at any
@@ -111,15 +116,49 @@ def remove_temporaries(out_dir: str | Path) -> list[Path]:
     return leftovers
 
 
+def save_pretrained(folder: Path, model: torch.nn.Module, tokenizer=None) -> None:
+    """The model as a transformers folder: ``model.safetensors`` (tied tensors once),
+    ``config.json`` and the tokenizer's files (no progress bars, no pickles)."""
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    if hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
+        model.config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+
+
+def publish(folder: Path, out_dir: Path) -> None:
+    """Put the model files of checkpoint ``folder`` into the run folder ``out_dir`` (hard links, or
+    copies where links fail), each replaced atomically."""
+    for src in folder.iterdir():
+        if not src.is_file() or src.name in (MANIFEST, "optimizer.safetensors"):
+            continue
+        tmp = out_dir / f".{src.name}.tmp-{os.getpid()}"
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, out_dir / src.name)
+
+
+def published_files(out_dir: Path) -> list[Path]:
+    """The model files :func:`publish` put in the run folder (those named like a checkpoint's)."""
+    names = {p.name for folder in step_folders(out_dir) for p in folder.iterdir()
+             if p.is_file() and p.name not in (MANIFEST, "optimizer.safetensors")}
+    return [out_dir / n for n in sorted(names | {"config.json", "model.safetensors"}) if (out_dir / n).is_file()]
+
+
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer, rng: dict[str, torch.Tensor],
-                    state: dict, keep: int = 2) -> Path:
-    """Write checkpoint ``step`` atomically; keep the newest ``keep`` checkpoints."""
+                    state: dict, keep: int = 2, tokenizer=None) -> Path:
+    """Write checkpoint ``step`` atomically (model and ``tokenizer`` as a save_pretrained folder,
+    optimiser and RNG state, manifest), publish its model files in ``out_dir``; keep the newest
+    ``keep`` checkpoints."""
     root = Path(out_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     name = f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=name + ".tmp-", dir=root))
     try:
-        save_model(model, str(tmp / "model.safetensors"))
+        save_pretrained(tmp, model, tokenizer)
         tensors, groups = _optimizer_tensors(optimizer)
         tensors.update({f"rng.{k}": v.cpu().contiguous() for k, v in rng.items()})
         save_file(tensors, str(tmp / "optimizer.safetensors"))
@@ -133,6 +172,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     _atomic_text(root / "latest", name)
+    publish(final, Path(out_dir))
     for old in step_folders(out_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)
     return final

@@ -3,7 +3,8 @@
 An unknown key, a value of the wrong type or a missing file is a :class:`ConfigError` (a
 ``ValueError``) whose one-line message names the key, e.g.
 ``config: unknown key 'train.lr_decay' (known: ...)``. Overrides on the command line use the same
-dotted names: ``train.max_iters=200 model.n_layer=2``.
+dotted names: ``train.max_iters=200 model.n_layer=2``. A file may start with ``base: other.yaml``
+(relative to it): it then lists only what it changes (:func:`read_yaml`).
 """
 
 from __future__ import annotations
@@ -182,19 +183,39 @@ def from_dict(data: dict | None, cls=RunConfig, prefix: str = ""):
         raise ConfigError(f"config: {err}") from None
 
 
+def read_yaml(path: Path, chain: tuple[Path, ...] = ()) -> dict:
+    """A YAML config as a dict, with inheritance: a top-level ``base: other.yaml`` (relative to the
+    file) is read first, and this file's sections update it key by key (``model.n_layer`` here
+    replaces only that key of the base's ``model``)."""
+    if not path.is_file():
+        raise ConfigError(f"config: file not found: {path}" + (f" (the base of {chain[-1]})" if chain else ""))
+    if path.resolve() in chain:
+        raise ConfigError(f"config: {path} inherits from itself through base: ({' -> '.join(map(str, chain))})")
+    try:
+        data = _yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError:
+        raise ConfigError(f"config: {path} is not a text (UTF-8) file; pass a YAML config") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {path} must be a mapping of sections, got {type(data).__name__}")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"config: base in {path} must be a file name, got {base!r}")
+    merged = read_yaml(path.parent / base, chain + (path.resolve(),))
+    for section, values in data.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section] = {**merged[section], **values}
+        else:
+            merged[section] = values
+    return merged
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> RunConfig:
     """Read a YAML config (``None``: defaults), apply ``key=value`` overrides, validate."""
-    data: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config: file not found: {p}")
-        try:
-            data = _yaml(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError:
-            raise ConfigError(f"config: {p} is not a text (UTF-8) file; pass a YAML config") from None
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config: {p} is not valid YAML: {str(err).splitlines()[0]}") from None
+    data = read_yaml(Path(path)) if path is not None else {}
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"config: override {item!r} must look like section.key=value")

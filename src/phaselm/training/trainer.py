@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from phaselm.data.datasets import TextTokenizer, char_tokenizer, get_tokenizer, load_splits, tokenized
+from phaselm.data.datasets import get_tokenizer, load_splits, tokenized
 from phaselm.models import MODELS, config_from_dict, config_to_dict
 from phaselm.training import checkpoint as ckpt
 from phaselm.training.config import RunConfig, from_dict
@@ -145,27 +145,22 @@ class RunFolder:
             self.locked = False
 
     def holds_run(self) -> list[str]:
-        """What in the folder belongs to an earlier run (checkpoints, metrics.jsonl)."""
+        """What in the folder belongs to an earlier run (checkpoints, metrics.jsonl, the model files)."""
         found = []
         root = self.path / "checkpoints"
         if root.is_dir() and any(ckpt.STEP_NAME.match(p.name) for p in root.iterdir()):
             found.append("checkpoints")
         if (self.path / "metrics.jsonl").exists():
             found.append("metrics.jsonl")
-        return found
+        return found + [p.name for p in ckpt.published_files(self.path)]
 
     def clear(self) -> None:
-        """``--overwrite``: delete the earlier run's checkpoints, metrics and TensorBoard logs."""
+        """``--overwrite``: delete the earlier run's checkpoints, model files, metrics and TensorBoard logs."""
+        for path in ckpt.published_files(self.path):
+            path.unlink(missing_ok=True)
         for name in ("checkpoints", "tensorboard"):
             shutil.rmtree(self.path / name, ignore_errors=True)
         (self.path / "metrics.jsonl").unlink(missing_ok=True)
-
-
-def tokenizer_from_json(text: str) -> TextTokenizer:
-    spec = json.loads(text)
-    if spec["type"] == "char":
-        return TextTokenizer(char_tokenizer(spec["chars"]), "char")
-    return get_tokenizer(spec["name"])
 
 
 def build_model(cfg: RunConfig, vocab_size: int) -> torch.nn.Module:
@@ -287,7 +282,7 @@ class Trainer:
         state = {"config": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_json(),
                  "metrics": dict(extra, initial_val_loss=self.initial_val_loss), "world_size": self.world}
         return ckpt.save_checkpoint(self.out, it, self.raw_model, self.optimizer, rng, state,
-                                    keep=self.cfg.train.keep_checkpoints)
+                                    keep=self.cfg.train.keep_checkpoints, tokenizer=self.tokenizer.tok)
 
     # ------------------------------------------------------------------ main loop
     def train(self) -> dict:
@@ -506,9 +501,17 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
     folder = ckpt.latest_checkpoint(path)
     if folder is None:
         raise ValueError(f"no checkpoint found at {path} (expected a run folder or a checkpoints/step-* folder)")
-    state = ckpt.read_state(folder)
+    state = ckpt.read_state(folder)  # verifies every file's SHA-256
     cfg = from_dict(state["config"]).validate()
-    tok = tokenizer_from_json(state["tokenizer"])
-    model = build_model(cfg, tok.vocab_size)
-    ckpt.load_weights(folder, model)
-    return model.to(device).eval(), tok, cfg, state
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"{folder} is a checkpoint of an older phaselm (no config.json); retrain, or load it with "
+                         "phaselm 0.1's trainer")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a one-line error stays one line; loading a small model is instant
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder)
+    finally:
+        hf_logging.enable_progress_bar()
+    return model.to(device).eval(), get_tokenizer(str(folder)), cfg, state
