@@ -64,6 +64,34 @@ class KuramotoSettings:
             raise ValueError("phase_noise and freq_jitter must be >= 0")
 
 
+class CacheLayout:
+    """Config properties the transformers cache and Phase-Slip read: one key/value head per query
+    head (``num_key_value_heads``), ``head_dim``, and ``layer_types`` (the cache layer kind of each
+    block), derived from the other fields by :meth:`cache_layer_types` (None while they are invalid;
+    the validators say why). transformers may write ``layer_types`` back; only its own value is
+    accepted."""
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.n_head
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def cache_layer_types(self) -> list[str] | None:
+        raise NotImplementedError
+
+    @property
+    def layer_types(self) -> list[str] | None:
+        return self.cache_layer_types()
+
+    @layer_types.setter
+    def layer_types(self, value):
+        if value is not None and list(value) != self.layer_types:
+            raise ValueError(f"layer_types is derived from the config ({self.layer_types}), got {value}")
+
+
 def check_sizes(**sizes) -> None:
     """Every size >= 1 (vocab_size may be None until a tokenizer fills it in)."""
     for key, value in sizes.items():

@@ -17,11 +17,11 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from phaselm.attention import PLAIN, Block, CausalSelfAttention, LayerInputs
-from phaselm.models.base import PhaseLMForCausalLM, check_sizes
+from phaselm.models.base import CacheLayout, PhaseLMForCausalLM, check_sizes
 
 
 @strict
-class GPTConfig(PreTrainedConfig):
+class GPTConfig(CacheLayout, PreTrainedConfig):
     """The GPT baseline: ``n_layer`` blocks of ``n_head`` heads, width ``n_embd``, context
     ``block_size`` tokens, vocabulary ``vocab_size``; ``dropout`` in [0, 1); ``bias`` in the
     linear layers and LayerNorms."""
@@ -47,23 +47,10 @@ class GPTConfig(PreTrainedConfig):
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
-    @property
-    def num_key_value_heads(self) -> int:
-        return self.n_head
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def layer_types(self) -> list[str]:
+    def cache_layer_types(self) -> list[str] | None:
         """Cache layer kinds: key/value caches only (None while the sizes are invalid)."""
         return ["full_attention"] * self.n_layer if isinstance(self.n_layer, int) else None
 
-    @layer_types.setter
-    def layer_types(self, value):  # derived from the other fields; transformers may write it back unchanged
-        if value is not None and list(value) != self.layer_types:
-            raise ValueError(f"layer_types is derived from the config ({self.layer_types}), got {value}")
 
 
 class GPTForCausalLM(PhaseLMForCausalLM):

@@ -42,17 +42,12 @@ class PhaseGPTConfig(GPTConfig, KuramotoSettings, CoherenceRegulariser):
         if self.n_osc < 1:
             raise ValueError(f"n_osc must be >= 1, got {self.n_osc}")
 
-    @property
-    def layer_types(self) -> list[str]:
+    def cache_layer_types(self) -> list[str] | None:
         """Cache layer kinds: "hybrid" (KV + Kuramoto state) for phase layers (None while invalid)."""
         if not isinstance(self.n_layer, int) or not isinstance(self.phase_layers, list):
             return None
         return ["hybrid" if i in self.phase_layers else "full_attention" for i in range(self.n_layer)]
 
-    @layer_types.setter
-    def layer_types(self, value):
-        if value is not None and list(value) != self.layer_types:
-            raise ValueError(f"layer_types is derived from the config ({self.layer_types}), got {value}")
 
 
 class PhaseGPTForCausalLM(GPTForCausalLM):

@@ -35,7 +35,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from phaselm.attention import MLP, PLAIN, LayerInputs, PhaseModulatedAttention
 from phaselm.hooks import HookPoint, hook_names, name_hook_points
-from phaselm.models.base import CoherenceRegulariser, KuramotoSettings, PhaseLMForCausalLM, check_sizes
+from phaselm.models.base import (
+    CacheLayout, CoherenceRegulariser, KuramotoSettings, PhaseLMForCausalLM, check_sizes,
+)
 from phaselm.ssm import SCANS, MambaConfig, MambaMixer
 
 
@@ -43,7 +45,7 @@ LAYOUTS = ("ssm_first", "interleaved")
 
 
 @strict
-class PMAConfig(PreTrainedConfig, KuramotoSettings, CoherenceRegulariser):
+class PMAConfig(CacheLayout, PreTrainedConfig, KuramotoSettings, CoherenceRegulariser):
     """``n_layer`` blocks (``n_ssm`` Mamba + the rest PMA, arranged by ``layout``) of width
     ``n_embd`` (d_model); PMA blocks have ``n_head`` heads; Mamba blocks ``d_state``, ``d_conv``,
     ``expand`` and a ``scan`` implementation; the modulation's λ₀ (``lambda_init`` in [0, 0.5),
@@ -105,26 +107,13 @@ class PMAConfig(PreTrainedConfig, KuramotoSettings, CoherenceRegulariser):
         pma_at = {round((k + 1) * self.n_layer / n_pma) - 1 for k in range(n_pma)}
         return ["pma" if i in pma_at else "ssm" for i in range(self.n_layer)]
 
-    @property
-    def num_key_value_heads(self) -> int:
-        return self.n_head
-
-    @property
-    def head_dim(self) -> int:
-        return self.n_embd // self.n_head
-
-    @property
-    def layer_types(self) -> list[str]:
+    def cache_layer_types(self) -> list[str] | None:
         """Cache layer kinds: "linear_attention" (conv + SSM state) and "hybrid" (KV + Kuramoto state)."""
         if not all(isinstance(v, int) for v in (self.n_layer, self.n_ssm)) or self.layout not in LAYOUTS:
             return None  # invalid sizes: the validators say why
         kinds = ["linear_attention" if kind == "ssm" else "hybrid" for kind in self.block_types()]
         return ["hybrid"] + kinds[1:] if self.n_ssm == self.n_layer else kinds
 
-    @layer_types.setter
-    def layer_types(self, value):
-        if value is not None and list(value) != self.layer_types:
-            raise ValueError(f"layer_types is derived from the config ({self.layer_types}), got {value}")
 
 
 def create_130m_config(**overrides) -> PMAConfig:
