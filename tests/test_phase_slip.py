@@ -197,3 +197,16 @@ def test_per_prompt_seeds_make_each_generation_independent_of_its_batch(tokenize
     assert batched.token_ids[0] != batched.token_ids[1]
     with pytest.raises(ValueError, match="seed"):
         s.generate(["a", "b"], seed=[1, 2, 3])
+
+
+def test_calibration_scores_do_not_depend_on_how_many_groups_share_a_pass(tokenizer):
+    """With 1 + 3 groups and 4 attention heads the grown hidden state has B·heads rows: it must not be
+    mistaken for a per-(row, head) tensor such as ALiBi biases and repeated again."""
+    from tests.conftest import make_model
+
+    model = make_model("llama")
+    text = "the old king said the sea was dark and the ship came to the town"
+    one = PhaseSlipSampler(model, tokenizer).calibrate_heads(text=text, search_layers=2, groups_per_pass=1)
+    three = PhaseSlipSampler(model, tokenizer).calibrate_heads(text=text, search_layers=2, groups_per_pass=3)
+    for a, b in zip(one.rows, three.rows):
+        assert a["damage"] == pytest.approx(b["damage"], abs=1e-5) and a["exploration"] == pytest.approx(b["exploration"], abs=1e-5)

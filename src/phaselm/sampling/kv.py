@@ -189,20 +189,21 @@ class RowGroups:
         if n == 1:
             return None
 
-        def repeat(x):
+        def repeat(x, per_head=True):
             if isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] == b:
                 return x.repeat(n, *([1] * (x.ndim - 1)))
-            if isinstance(x, torch.Tensor) and x.ndim >= 2 and heads > 1 and x.shape[0] == b * heads:
-                return x.repeat(n, *([1] * (x.ndim - 1)))  # per (row, head), e.g. ALiBi biases [B·H, 1, T]
+            if per_head and isinstance(x, torch.Tensor) and x.ndim == 3 and heads > 1 and x.shape[0] == b * heads:
+                return x.repeat(n, 1, 1)  # per (row, head) biases, e.g. ALiBi [B·H, 1, T]
             if isinstance(x, tuple) and x and all(isinstance(t, torch.Tensor) for t in x):
                 return tuple(repeat(t) for t in x)
             if isinstance(x, dict):  # e.g. {"full_attention": mask, "sliding_attention": mask}
                 return {k: repeat(v) for k, v in x.items()}
             return x
 
+        # the hidden state (first argument) has n·B rows already above the first hooked layer
         return (
-            tuple(repeat(a) for a in args),
-            {k: (v if k == "cache_position" else repeat(v)) for k, v in kwargs.items()},
+            tuple(repeat(a, per_head=i > 0) for i, a in enumerate(args)),
+            {k: (v if k == "cache_position" else repeat(v, per_head=k != "hidden_states")) for k, v in kwargs.items()},
         )
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
