@@ -158,7 +158,7 @@ def unsupported_model_reason(model, name: str | None = None) -> str | None:
         return f"{label}: cannot read its layer structure for Phase-Slip ({str(err).splitlines()[0]})"
     if not attn:
         return (f"{label} ({config.model_type}) has no attention layers with a key/value cache, so Phase-Slip has "
-                "no value vectors to rotate (a pure state-space / recurrent model); use plain sampling")
+                "no value vectors to rotate (e.g. a pure state-space model); use plain sampling")
     return None
 
 

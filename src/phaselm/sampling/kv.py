@@ -55,20 +55,20 @@ def kv_geometry(model: nn.Module) -> tuple[int, int, int]:
     return cfg.num_hidden_layers, n_kv, head_dim
 
 
-ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention", "chunked_attention", "hybrid", "hybrid_sliding",
-                         "indexed_attention")
+NON_ATTENTION_LAYER_TYPES = ("conv", "linear_attention", "dummy", "moe", "mlp")
 
 
 def attention_layers(model: nn.Module) -> list[int]:
     """Indices of the decoder layers that keep keys/values (the layers whose heads Phase-Slip can
-    rotate), from the cache layer types transformers derives from the config (``layer_types``)."""
+    rotate), from the cache layer types transformers derives from the config (``layer_types``): every
+    type but the recurrent / convolutional / cache-less ones (unknown kinds are left to the probe)."""
     from transformers.cache_utils import get_layer_types_and_kwargs
 
     cfg = model.config.get_text_config(decoder=True)
     if not getattr(cfg, "num_attention_heads", None):
         return []
     types, _ = get_layer_types_and_kwargs(cfg)
-    return [i for i, t in enumerate(types) if t in ATTENTION_LAYER_TYPES]
+    return [i for i, t in enumerate(types) if t not in NON_ATTENTION_LAYER_TYPES]
 
 
 def _is_state_layer(layer) -> bool:
