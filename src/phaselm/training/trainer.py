@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from phaselm.data.datasets import get_tokenizer, load_splits, tokenized
+from phaselm.data.datasets import TextTokenizer, char_tokenizer, get_tokenizer, load_splits, tokenized
 from phaselm.models import MODELS, config_from_dict, config_to_dict
 from phaselm.training import checkpoint as ckpt
 from phaselm.training.config import RunConfig, from_dict
@@ -503,9 +503,12 @@ def load_for_inference(path: str | Path, device: str = "cpu"):
         raise ValueError(f"no checkpoint found at {path} (expected a run folder or a checkpoints/step-* folder)")
     state = ckpt.read_state(folder)  # verifies every file's SHA-256
     cfg = from_dict(state["config"]).validate()
-    if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is a checkpoint of an older phaselm (no config.json); retrain, or load it with "
-                         "phaselm 0.1's trainer")
+    if not (folder / "config.json").is_file():  # written before checkpoints were save_pretrained folders
+        spec = json.loads(state["tokenizer"])
+        tok = TextTokenizer(char_tokenizer(spec["chars"]), "char") if spec["type"] == "char" else get_tokenizer(spec["name"])
+        model = build_model(cfg, tok.vocab_size)
+        ckpt.load_weights(folder, model)
+        return model.to(device).eval(), tok, cfg, state
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
