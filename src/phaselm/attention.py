@@ -91,8 +91,7 @@ class LayerInputs:
     def as_kwargs(self) -> dict:
         """The fields as keyword arguments for a decoder block, so that hooks which repeat
         batch-shaped arguments (Phase-Slip's row groups) see each tensor."""
-        return {"cache": self.cache, "mask": self.mask, "positions": self.positions, "valid": self.valid,
-                "past": self.past}
+        return dict(vars(self))
 
     @property
     def plain(self) -> bool:

@@ -165,13 +165,8 @@ def _phase_slip(model, tok, args, noise_scale=None, progress=True, text=None):
         fusion=getattr(args, "fusion", "gate"),
     )
     search = _search_layers(model, getattr(args, "search_layers", None))
-    num_heads = getattr(args, "num_heads", None)
-    if num_heads is None:  # 3, or fewer when the searched layers hold fewer key/value heads (e.g. a small PMA)
-        cfg = model.config
-        types = (getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)[-search:]
-        kv_heads = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        num_heads = max(1, min(3, kv_heads * sum(t != "linear_attention" for t in types)))
-    sampler.calibrate_heads(text=text, search_layers=search, num_heads=num_heads, progress=progress)
+    sampler.calibrate_heads(text=text, search_layers=search, num_heads=getattr(args, "num_heads", None),
+                            progress=progress)
     return sampler
 
 

@@ -160,11 +160,6 @@ def integrate(
     return theta
 
 
-def evaluations(steps: int, method: str) -> int:
-    """How many mean-field evaluations :func:`integrate` makes (the entries of its :class:`PhasorSums`)."""
-    return steps * (4 if method == "rk4" else 1)
-
-
 def order_parameter(theta: torch.Tensor, dim=-1, keepdim: bool = False) -> torch.Tensor:
     """R = |mean e^{iθ}| over ``dim`` (an int or a tuple of axes): 1 = all phases equal, ≈ 0 = spread."""
     acc = torch.promote_types(theta.dtype, torch.float32)

@@ -108,6 +108,7 @@ class TextTokenizer:
         self.vocab_size = len(tokenizer)
         vocab = tokenizer.get_vocab()
         self.chars = sorted(vocab, key=vocab.get) if name == "char" else None
+        self._char_set = set(self.chars or ())
 
     @classmethod
     def from_text(cls, text: str) -> "TextTokenizer":
@@ -115,7 +116,7 @@ class TextTokenizer:
         return cls(char_tokenizer(sorted(set(text))), "char")
 
     def encode(self, text: str) -> list[int]:
-        if self.chars is not None and (unknown := set(text) - set(self.chars)):
+        if self.chars is not None and (unknown := set(text) - self._char_set):
             raise ValueError(f"character {sorted(unknown)[0]!r} is not in the character vocabulary of this tokenizer; "
                              "a char tokenizer encodes only the characters of the text it was built from")
         return self.tok(text, add_special_tokens=False)["input_ids"]

@@ -24,21 +24,28 @@ __all__ = ["GPTConfig", "GPTForCausalLM", "PhaseGPTConfig", "PhaseGPTForCausalLM
            "create_130m_config", "create_tiny_config", "MODELS"]
 
 
+def _own_fields(cls) -> list[str]:
+    """A config class's own fields: its dataclass fields but transformers' generic ones."""
+    from dataclasses import fields
+
+    from transformers import PreTrainedConfig
+
+    generic = {f.name for f in fields(PreTrainedConfig)}
+    return [f.name for f in fields(cls) if f.name not in generic]
+
+
 def config_from_dict(section: dict, vocab_size: int | None = None):
     """The config of a ``model:`` section of a run config: ``type`` (gpt | phasegpt | pma) and that
     model's config fields; ``vocab_size`` fills in a missing one. Unknown keys and invalid values
     are one-line ``ValueError``s naming the key."""
-    from dataclasses import fields
-
     from huggingface_hub.errors import StrictDataclassError
-    from transformers import PreTrainedConfig
 
     section = dict(section or {})
     kind = section.pop("type", "gpt")
     if kind not in MODELS:
         raise ValueError(f"model.type must be one of {', '.join(MODELS)}, got {kind!r}")
     cls = MODELS[kind][0]
-    own = {f.name for f in fields(cls)} - {f.name for f in fields(PreTrainedConfig)}
+    own = set(_own_fields(cls))
     if unknown := sorted(set(section) - own):
         raise ValueError(f"unknown key 'model.{unknown[0]}' for model.type {kind} (known: {', '.join(sorted(own))})")
     if section.get("vocab_size") is None:
@@ -54,10 +61,5 @@ def config_from_dict(section: dict, vocab_size: int | None = None):
 
 def config_to_dict(config) -> dict:
     """The ``model:`` section that :func:`config_from_dict` turns back into ``config``."""
-    from dataclasses import fields
-
-    from transformers import PreTrainedConfig
-
     kind = next(k for k, (cls, _) in MODELS.items() if type(config) is cls)
-    own = [f.name for f in fields(type(config)) if f.name not in {g.name for g in fields(PreTrainedConfig)}]
-    return {"type": kind, **{k: getattr(config, k) for k in own}}
+    return {"type": kind, **{k: getattr(config, k) for k in _own_fields(type(config))}}

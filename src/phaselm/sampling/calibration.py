@@ -71,7 +71,7 @@ def calibrate_heads(
     tokenizer,
     text: str | None = None,
     search_layers: int = 6,
-    num_heads: int = 3,
+    num_heads: int | None = 3,
     samples_per_head: int = 2,
     angle: float = 0.5,
     exclude_fraction: float = 0.25,
@@ -90,6 +90,8 @@ def calibrate_heads(
         raise ValueError(f"the last {search_layers} layers have no attention (values to rotate); raise search_layers "
                          f"(attention layers: {sorted(attention)})")
     candidates = [(layer, head) for layer in searched for head in range(num_kv)]
+    if num_heads is None:  # 3, or every candidate when the searched layers hold fewer (e.g. a small PMA)
+        num_heads = min(3, len(candidates))
     if not (isinstance(num_heads, int) and 1 <= num_heads <= len(candidates)):
         raise ValueError(f"num_heads must be an integer in [1, {len(candidates)}], got {num_heads}")
     if not (0 <= exclude_fraction < 1):

@@ -126,12 +126,15 @@ def save_pretrained(folder: Path, model: torch.nn.Module, tokenizer=None) -> Non
         tokenizer.save_pretrained(folder)
 
 
+def _model_files(folder: Path) -> list[Path]:
+    """The save_pretrained files of a checkpoint folder: all but the manifest and the optimiser state."""
+    return [p for p in folder.iterdir() if p.is_file() and p.name not in (MANIFEST, "optimizer.safetensors")]
+
+
 def publish(folder: Path, out_dir: Path) -> None:
     """Put the model files of checkpoint ``folder`` into the run folder ``out_dir`` (hard links, or
     copies where links fail), each replaced atomically."""
-    for src in folder.iterdir():
-        if not src.is_file() or src.name in (MANIFEST, "optimizer.safetensors"):
-            continue
+    for src in _model_files(folder):
         tmp = out_dir / f".{src.name}.tmp-{os.getpid()}"
         tmp.unlink(missing_ok=True)
         try:
@@ -143,8 +146,7 @@ def publish(folder: Path, out_dir: Path) -> None:
 
 def published_files(out_dir: Path) -> list[Path]:
     """The model files :func:`publish` put in the run folder (those named like a checkpoint's)."""
-    names = {p.name for folder in step_folders(out_dir) for p in folder.iterdir()
-             if p.is_file() and p.name not in (MANIFEST, "optimizer.safetensors")}
+    names = {p.name for folder in step_folders(out_dir) for p in _model_files(folder)}
     return [out_dir / n for n in sorted(names | {"config.json", "model.safetensors"}) if (out_dir / n).is_file()]
 
 
