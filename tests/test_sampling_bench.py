@@ -63,3 +63,45 @@ def test_metric_definitions():
     lo, hi = tm.bootstrap_ci([1.0, 2.0, 3.0, 4.0])
     assert 1.0 <= lo < 2.5 < hi <= 4.0
     assert set(METRICS) >= {"mauve", "judge_perplexity", "human_ppl_distance"}
+
+
+def test_logits_processor_hook_and_sampling_entropy(tokenizer):
+    """Sampler.logits_processor runs on each step's logits before the sampling knobs; with
+    record_sampling_entropy the entropy of the distribution actually drawn from is recorded."""
+    import torch
+
+    from phaselm.sampling import PhaseSlipSampler, Sampler
+    from phaselm.sampling.decoding import sampling_entropy
+    from phaselm.sampling.processors import SamplingConfig
+
+    model = make_model("llama")
+    banned = tokenizer.convert_tokens_to_ids("the")
+    seen = []
+
+    def ban(input_ids, scores):
+        seen.append(input_ids.shape[-1])
+        return scores.index_fill(-1, torch.tensor([banned]), float("-inf"))
+
+    plain = Sampler(model, tokenizer).generate(["the old door", "a dark"], max_new_tokens=8, top_k=20, seed=[3, 4],
+                                               return_details=True)
+    hooked = Sampler(model, tokenizer, logits_processor=[ban])
+    hooked.record_sampling_entropy = True
+    out = hooked.generate(["the old door", "a dark"], max_new_tokens=8, top_k=20, seed=[3, 4], return_details=True)
+    assert all(banned not in ids for ids in out.token_ids)
+    assert seen[1] == seen[0] + 1  # input_ids grow by the generated token
+    assert out.diagnostics["sampling_entropy"].shape[0] == 2
+    # identity processors leave the tokens unchanged; a Phase-Slip sampler takes them as an attribute
+    same = Sampler(model, tokenizer, logits_processor=[lambda i, s: s]).generate(
+        ["the old door", "a dark"], max_new_tokens=8, top_k=20, seed=[3, 4], return_details=True)
+    assert same.token_ids == plain.token_ids
+    ps = PhaseSlipSampler(model, tokenizer, noise_scale=0.0, heads=[(3, 0)])
+    ps.logits_processor = [ban]
+    assert all(banned not in ids for ids in ps.generate(["the old door"], max_new_tokens=8, top_k=20, seed=1,
+                                                        return_details=True).token_ids)
+    # definition: entropy of softmax(process(logits)); filtered tokens contribute 0
+    z = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    p = (z / 0.5).softmax(-1)
+    assert sampling_entropy(z, SamplingConfig(temperature=0.5))[0] == pytest.approx(float(-(p * p.log()).sum()), 1e-5)
+    q = (z[:, :2] / 0.5).softmax(-1)
+    assert sampling_entropy(z, SamplingConfig(temperature=0.5, top_k=2))[0] == pytest.approx(
+        float(-(q * q.log()).sum()), 1e-5)

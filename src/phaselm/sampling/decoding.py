@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from phaselm.sampling.processors import SamplingConfig, choose_tokens
+from phaselm.sampling.processors import SamplingConfig, choose_tokens, process_logits
+
+
+def sampling_entropy(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
+    """``[B]``: entropy in nats of the distribution a token is drawn from (``logits`` after
+    temperature / top-k / top-p / min-p); removed tokens contribute 0."""
+    logp = process_logits(logits, cfg).log_softmax(-1)
+    p = logp.exp()
+    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
 
 
 @dataclass
@@ -48,8 +56,18 @@ class Sampler:
     """
 
     default_temperature = 1.0
+    logits_processor: list = ()
+    """Callables ``(input_ids [B, T], scores [B, V]) -> scores`` (transformers ``LogitsProcessor`` s,
+    e.g. :mod:`phaselm.sampling.logits_processors`), applied in order to each step's next-token
+    logits before temperature / top-k / top-p / min-p; ``input_ids`` = prompt (left-padded) + tokens
+    generated so far."""
+    record_sampling_entropy = False
+    """When True, ``diagnostics["sampling_entropy"]`` gets, per step, the entropy in nats of the
+    distribution each token is drawn from (after the processors and the sampling knobs)."""
 
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, logits_processor=None):
+        if logits_processor is not None:
+            self.logits_processor = list(logits_processor)
         self.model = model
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
@@ -191,6 +209,12 @@ class Sampler:
             steps = tqdm(range(max_new_tokens), desc="generating", unit="tok", disable=not progress, leave=False)
             for step in steps:
                 logits = self._next_logits(cache, token, step_mask, step_pos, diagnostics, cfg)
+                if self.logits_processor:
+                    seq = torch.cat([ids, generated[:, :step]], dim=-1)
+                    for proc in self.logits_processor:
+                        logits = proc(seq, logits)
+                if self.record_sampling_entropy and cfg.do_sample:
+                    diagnostics.setdefault("sampling_entropy", []).append(sampling_entropy(logits, cfg))
                 nxt = choose_tokens(logits, cfg, generators)
                 nxt = torch.where(finished, torch.full_like(nxt, self.pad_id), nxt)
                 generated[:, step] = nxt
