@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 DEMO_PROMPT = "The ancient door creaked open"
 
@@ -62,9 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     gen = sub.add_parser("generate", help="continue a prompt with greedy, standard or Phase-Slip sampling")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", nargs="?", default=None, help="the prompt (or --input-file)")
     _add_model(gen)
     _add_decoding(gen, "phase-slip")
+    gen.add_argument("--input-file", default=None,
+                     help="one prompt per line; writes JSONL (line i: seed = --seed + i); runs under torchrun")
+    gen.add_argument("--output", default=None, help="the JSONL file for --input-file (default: stdout)")
+    gen.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file (default 8)")
 
     cal = sub.add_parser("calibrate", help="score KV heads for Phase-Slip and print the table")
     _add_model(cal)
@@ -113,19 +118,39 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Writes results.json, report.md and frontier.png under --out.")
     _add_model(bs)
     bs.add_argument("--judge", default=None, help="a second model whose perplexity of the generations is reported")
-    bs.add_argument("--protocol", choices=["phaselm", "published"], default="phaselm",
-                    help="published: its 5 prompts x 40 rounds x 200 tokens (unless --rounds/--max-new-tokens given)")
+    bs.add_argument("--protocol", choices=["phaselm", "published", "powered"], default="phaselm",
+                    help="published: its 5 prompts x 40 rounds x 200 tokens; powered: the 64 prompts of "
+                         "evaluation/data/sampling_prompts.jsonl and the headline methods (docs/sampling_benchmark.md); "
+                         "--rounds, --max-new-tokens, ... override")
     bs.add_argument("--rounds", type=int, default=None, help="generations per prompt (default 8)")
     bs.add_argument("--max-new-tokens", type=int, default=None, help="default 64")
-    bs.add_argument("--prompts", default=None, help="a text file, one prompt per line (default: the published 5)")
+    bs.add_argument("--prompts", default=None,
+                    help="a text file, one prompt per line, or .jsonl with a \"prompt\" field (default: the published 5)")
     bs.add_argument("--methods", default=None, help="comma-separated subset of the main methods")
     bs.add_argument("--metrics", default=None, help="comma-separated subset of the metrics")
     bs.add_argument("--no-sweep", action="store_true", help="skip the temperature / noise sweeps")
+    bs.add_argument("--sweeps", default=None,
+                    help="comma-separated subset of standard_T,phase_slip_T,phase_slip_noise,contrast_noise")
+    bs.add_argument("--resume", action="store_true",
+                    help="skip the methods whose results are already in OUT/parts (same configuration)")
     bs.add_argument("--temperatures", default=None, help="sweep temperatures, comma-separated")
     bs.add_argument("--noise-scales", default=None, help="sweep noise scales (rad), comma-separated")
-    bs.add_argument("--human-passages", type=int, default=20, help="human-reference passages per source (0: none)")
+    bs.add_argument("--human-passages", type=int, default=None,
+                    help="human-reference passages per source (0: none; default 20, powered: 0)")
     bs.add_argument("--batch-size", type=int, default=8)
     bs.add_argument("--out", default="results/sampling")
+    bl = bench.add_parser("loops", help="repetition loops: greedy vs Phase-Slip deterministic vs DRY & co.",
+                          description="Writes methods/*.json, results.json, report.md and loops.png under --out.")
+    _add_model(bl)
+    bl.add_argument("--out", default="results/loops")
+    bl.add_argument("--max-new-tokens", type=int, default=256)
+    bl.add_argument("--prompts", type=int, default=None, help="use this many prompts of the set (default: all 104)")
+    bl.add_argument("--methods", default=None, help="comma-separated subset (default: all; greedy is required)")
+    bl.add_argument("--batch-size", type=int, default=16)
+    bl.add_argument("--seed", type=int, default=0)
+    bl.add_argument("--human-passages", type=int, default=10, help="human-reference passages per source (0: none)")
+    bl.add_argument("--resume", action="store_true", help="keep the methods already written under OUT/methods")
+    bl.add_argument("--analyse-only", action="store_true", help="only rebuild results.json/report.md/loops.png")
     return parser
 
 
@@ -175,9 +200,67 @@ def _search_layers(model, requested: int | None) -> int:
 
 
 def cmd_generate(args) -> int:
+    if args.input_file is not None:
+        return _generate_file(args)
+    if args.prompt is None:
+        raise ValueError("give a prompt, or --input-file with one prompt per line")
     _check_decoding(args)  # the cheap arguments, before loading a model or calibrating
     model, tok = _load(args)
     return _decode_and_print(model, tok, args)
+
+
+def _generate_file(args) -> int:
+    """``generate --input-file``: one prompt per line → JSONL ``{"index", "prompt", "seed", "text",
+    "new_tokens"}`` in input order. Line i uses seed ``--seed + i``; batches of ``--batch-size``
+    consecutive lines are dealt round-robin to the ranks under torchrun and gathered on rank 0, so
+    the output does not depend on the number of processes."""
+    import json
+
+    from phaselm.evaluation.sampling_bench import all_gather, batches_for_rank
+    from phaselm.sampling import Sampler
+
+    if args.prompt is not None:
+        raise ValueError("give either a prompt or --input-file, not both")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.output and not Path(args.output).resolve().parent.is_dir():
+        raise ValueError(f"--output: the folder of {args.output} does not exist; create it or pick another path")
+    try:
+        with open(args.input_file, encoding="utf-8") as f:
+            prompts = [line.rstrip("\n") for line in f if line.strip()]
+    except OSError as err:
+        raise ValueError(f"--input-file: cannot read {args.input_file}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--input-file: {args.input_file} is not UTF-8 text; write one prompt per line") from None
+    if not prompts:
+        raise ValueError(f"--input-file: {args.input_file} has no prompts; write one prompt per line")
+    args.prompt = prompts[0]
+    _check_decoding(args)
+    args.prompt = None
+    rank, _ = _init_distributed()
+    model, tok = _load(args)
+    if args.sampler == "phase-slip":
+        sampler = _phase_slip(model, tok, args, progress=False)
+    else:
+        sampler = Sampler(model, tok)
+    rows = []
+    for cut in batches_for_rank(len(prompts), args.batch_size):
+        seeds = [args.seed + i for i in cut]
+        out = sampler.generate([prompts[i] for i in cut], max_new_tokens=args.max_new_tokens,
+                               temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                               seed=seeds, do_sample=args.sampler != "greedy", return_details=True)
+        rows += [{"index": i, "prompt": prompts[i], "seed": s, "text": t, "new_tokens": len(ids)}
+                 for i, s, t, ids in zip(cut, seeds, out.texts, out.token_ids)]
+    rows = sorted((r for part in all_gather(rows) for r in part), key=lambda r: r["index"])
+    if rank != 0:
+        return 0
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if args.output:
+        Path(args.output).write_text(text, encoding="utf-8")
+        print(f"wrote {len(rows)} generations to {args.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
 
 
 def _check_decoding(args) -> None:
@@ -363,40 +446,83 @@ def _floats(text: str, name: str) -> list[float]:
         raise ValueError(f"{name}: expected comma-separated numbers, got {text!r}") from None
 
 
+def _init_distributed() -> tuple[int, int]:
+    """Under ``torchrun`` (WORLD_SIZE > 1) join the process group (gloo on CPU, nccl on GPUs) and
+    return ``(rank, world_size)``; ``(0, 1)`` otherwise."""
+    import torch
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    if not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and torch.distributed.is_nccl_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def cmd_bench_loops(args) -> int:
+    import shlex
+
+    from phaselm.evaluation.loops import LoopBench, LoopConfig, analyse
+
+    command = "phaselm " + shlex.join(args.argv)
+    cfg = LoopConfig(max_new_tokens=args.max_new_tokens, prompts=args.prompts, batch_size=args.batch_size,
+                     seed=args.seed, human_passages=args.human_passages)
+    if args.methods:
+        cfg.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    cfg.validate()  # before loading any model
+    if args.analyse_only:
+        analyse(args.out, cfg.n, cfg.k, cfg.max_new_tokens, command=command)
+    else:
+        model, tok = _load(args)
+        LoopBench(model, tok, cfg, args.out, model_name=args.model or "embedded SmolLM2-135M-Instruct").run(
+            command, resume=args.resume)
+    print(f"wrote {args.out}/results.json, report.md, loops.png")
+    return 0
+
+
 def cmd_bench(args) -> int:
+    if args.bench == "loops":
+        return cmd_bench_loops(args)
     import shlex
 
     from phaselm.evaluation.sampling_bench import (
-        PUBLISHED_ROUNDS, PUBLISHED_TOKENS, BenchConfig, SamplingBench,
+        POWERED, PROMPT_FILE, PUBLISHED_ROUNDS, PUBLISHED_TOKENS, BenchConfig, SamplingBench, load_prompts,
     )
-    from phaselm.evaluation.sampling_report import write_all
+    from phaselm.evaluation.sampling_report import verdict, write_all
 
     cfg = BenchConfig()
     if args.protocol == "published":
         cfg.rounds, cfg.max_new_tokens, cfg.protocol = PUBLISHED_ROUNDS, PUBLISHED_TOKENS, "published"
+    elif args.protocol == "powered":
+        for k, v in POWERED.items():
+            setattr(cfg, k, list(v) if isinstance(v, list) else v)
+        cfg.prompts, cfg.protocol = load_prompts(PROMPT_FILE), "powered"
+        args.human_passages = 0 if args.human_passages is None else args.human_passages
     if args.rounds is not None:
         cfg.rounds = args.rounds
     if args.max_new_tokens is not None:
         cfg.max_new_tokens = args.max_new_tokens
     if args.prompts:
-        try:
-            with open(args.prompts, encoding="utf-8") as f:
-                cfg.prompts = [line.strip() for line in f if line.strip()]
-        except OSError as err:
-            raise ValueError(f"--prompts: cannot read {args.prompts}: {err.strerror}") from None
-        if not cfg.prompts:
-            raise ValueError(f"--prompts: {args.prompts} has no prompts; write one prompt per line")
+        cfg.prompts = load_prompts(args.prompts)
     if args.methods:
         cfg.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if args.metrics:
         cfg.metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
     cfg.sweep = not args.no_sweep
+    if args.sweeps:
+        cfg.sweeps = [m.strip() for m in args.sweeps.split(",") if m.strip()]
     if args.temperatures:
         cfg.temperatures = _floats(args.temperatures, "--temperatures")
     if args.noise_scales:
         cfg.noise_scales = _floats(args.noise_scales, "--noise-scales")
-    cfg.human_passages, cfg.batch_size = args.human_passages, args.batch_size
+    cfg.human_passages = 20 if args.human_passages is None else args.human_passages
+    cfg.batch_size = args.batch_size
     cfg.validate()  # before loading any model
+    if not args.resume and (Path(args.out) / "parts").is_dir() and any((Path(args.out) / "parts").glob("*.json")):
+        raise ValueError(f"{Path(args.out) / 'parts'} holds results of an earlier run; pass --resume to continue it, "
+                         f"or choose another --out")
+    rank, _ = _init_distributed()
     model, tok = _load(args)
     judge = None
     if args.judge:
@@ -405,12 +531,12 @@ def cmd_bench(args) -> int:
         judge = load_causal_lm(args.judge, device=args.device)
     bench = SamplingBench(model, tok, cfg, judge=judge, model_name=args.model or "embedded SmolLM2-135M-Instruct",
                           judge_name=args.judge)
-    res = bench.run()
+    res = bench.run(out_dir=args.out, resume=args.resume)
+    if rank != 0:
+        return 0
     command = "phaselm " + shlex.join(args.argv)
     for path in write_all(res, args.out, command):
         print(f"wrote {path}")
-    from phaselm.evaluation.sampling_report import verdict
-
     print(verdict(res))
     return 0
 

@@ -14,33 +14,66 @@ def _fmt(s: dict | None, digits: int = 3) -> str:
     return f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f} [{lo:.{digits}f}, {hi:.{digits}f}]"
 
 
-def _distinct_rows(res: dict) -> list[dict]:
-    """Matched-diversity rows, one per distinct setting (a setting can appear under two names)."""
-    return list({r["describe"]: r for r in reversed(res["matched_diversity"])}.values())[::-1]
+def _pct(x) -> str:
+    return "–" if x is None else f"{x:+.1%}"
+
+
+def _ci(e: dict) -> str:
+    lo, hi = e["ci95"]
+    return "–" if lo is None else f"[{lo:+.1%}, {hi:+.1%}]"
+
+
+def _mde(e: dict) -> str:
+    return "–" if e.get("mde") is None else f"±{e['mde']:.1%}"
+
+
+def _call(e: dict) -> str:
+    """The verdict of one comparison, with its power."""
+    if e.get("outside_curve"):
+        return "outside the standard curve's range"
+    if e.get("difference") is None or e["ci95"][0] is None:
+        return "no interval"
+    lo, hi = e["ci95"]
+    if hi < 0:
+        return "significantly lower"
+    if lo > 0:
+        return "significantly higher"
+    return f"no difference detected (80% power for effects of {_mde(e)})"
+
+
+def _measure_name(res: dict, key: str) -> str:
+    return {"entropy": "mean next-token entropy", "distinct_2": "distinct-2", "self_bleu": "self-BLEU",
+            "unique_word_ratio": "unique-word ratio"}.get(key, key)
 
 
 def verdict(res: dict) -> str:
-    rows = [r for r in _distinct_rows(res) if r["relative_difference"] is not None]
+    rows = res.get("comparisons") or []
+    primary = res.get("primary_diversity", "entropy")
     sanity = res.get("sanity") or {}
     lines = []
+    heads = [r for r in rows if r.get("headline")] or [r for r in rows if r["method"] == "phase_slip"]
     if not rows:
-        lines.append("No Phase-Slip point fell inside the diversity range of the standard-sampling curve, "
-                     "so no matched-diversity comparison could be made.")
-    else:
-        better = [r for r in rows if r["ci95"][1] is not None and r["ci95"][1] < 0]
-        worse = [r for r in rows if r["ci95"][0] is not None and r["ci95"][0] > 0]
-        lines.append(
-            f"At matched diversity (unique-word ratio), {len(better)} of {len(rows)} distinct Phase-Slip settings have a "
-            f"perplexity significantly below standard sampling's curve, {len(worse)} significantly above, and "
-            f"{len(rows) - len(better) - len(worse)} are indistinguishable (95% bootstrap CI includes 0); with "
-            f"{len(rows)} comparisons at 95% and no correction, about {len(rows) / 20:.1f} would fall outside by chance."
-        )
-        default = next((r for r in rows if r["method"] == "phase_slip"), None)
-        if default:
-            lo, hi = default["ci95"]
-            ci = f" (95% CI {lo:+.1%} to {hi:+.1%})" if lo is not None else ""
-            lines.append(f"The published default (noise 0.03 rad, T 0.65) differs by "
-                         f"{default['relative_difference']:+.1%}{ci}.")
+        lines.append("No method could be compared with the standard-sampling curve.")
+    for r in heads:
+        e = r["matched"].get(primary)
+        if e is None:
+            continue
+        txt = (f"{r['describe']} vs standard sampling at the same {_measure_name(res, primary)} (primary): perplexity "
+               f"{_pct(e['difference'])} {_ci(e)}, minimum detectable effect {_mde(e)}: {_call(e)}.")
+        st = r.get("same_temperature")
+        if st:
+            txt += (f" Against standard sampling at the same temperature: {_pct(st['difference'])} {_ci(st)}, "
+                    f"MDE {_mde(st)}.")
+        lines.append(txt)
+    others = [r for r in rows if r not in heads]
+    if others:
+        sig = [r for r in others if (r["matched"].get(primary) or {}).get("significant")]
+        lines.append(f"Other settings at matched {_measure_name(res, primary)}: {len(sig)} of {len(others)} differ "
+                     f"significantly (about {len(others) / 20:.1f} would by chance at 95% without correction).")
+    changed = res.get("default_changed_tokens")
+    if changed:
+        lines.append(f"The published default changed the tokens of {changed['generations_differing']} of "
+                     f"{changed['generations_compared']} generations relative to standard sampling at T 0.65 (same seeds).")
     if sanity:
         lines.append("Sanity check: Phase-Slip with noise 0 " + ("reproduces" if sanity["noise0_equals_standard_matched"]
                      else "does NOT reproduce") + " temperature-matched standard sampling token for token "
@@ -50,39 +83,51 @@ def verdict(res: dict) -> str:
 
 def write_markdown(res: dict, path: Path, command: str) -> None:
     cfg, prov = res["config"], res["provenance"]
+    primary = res.get("primary_diversity", "entropy")
     out = [f"# Sampling benchmark: {res['model']}", "",
            f"Command: `{command}`  ",
-           f"Commit `{prov['commit']}`{' (dirty)' if prov['dirty'] else ''}, {prov['machine']}, device {prov['device']}, "
-           f"torch {prov['torch']}, transformers {prov['transformers']}; wall time {res['wall_seconds'] / 60:.1f} min.  ",
-           f"Prompts: {len(cfg['prompts'])} × {cfg['rounds']} rounds × {cfg['max_new_tokens']} new tokens; "
-           f"seed of a generation = prompt_index·1000 + round (same seeds for every method). "
-           f"Phase-Slip heads (calibrated): {res['heads']}.", "",
+           f"Commit `{prov['commit']}`{' (dirty)' if prov['dirty'] else ''}, {prov['machine']}"
+           f"{' (' + prov['cpu'] + ', ' + str(prov['cores']) + ' cores)' if prov.get('cpu') else ''}, device {prov['device']}, "
+           f"torch {prov['torch']}, transformers {prov['transformers']}; wall time {res['wall_seconds'] / 60:.1f} min"
+           f"{' (this invocation; methods resumed from earlier ones: ' + ', '.join(res['resumed']) + ')' if res.get('resumed') else ''}.  ",
+           f"Prompts: {len(cfg['prompts'])} ({cfg['protocol']} protocol) × {cfg['rounds']} rounds × "
+           f"{cfg['max_new_tokens']} new tokens; seed of a generation = prompt_index·1000 + round (same seeds for every "
+           f"method). Phase-Slip heads (calibrated): {res['heads']}.  ",
+           f"Primary diversity measure (declared before the run): **{_measure_name(res, primary)}**. "
+           f"Confidence intervals: 95%, bootstrap stratified by prompt ({cfg.get('n_boot', 2000)} draws; prompts with "
+           f"replacement, then rounds within each drawn prompt, the same draws for every method). "
+           f"MDE = minimum detectable effect = {res.get('mde_factor', 2.8)} × bootstrap SE (80% power, α = 0.05).", "",
            "## Verdict", "", verdict(res), "", "![frontier](frontier.png)", ""]
-    metrics = [m for m in ("unique_word_ratio", "perplexity", "distinct_2", "distinct_4", "self_bleu", "repetition_rate",
+    out += ["## Comparisons (perplexity difference, method / standard − 1)", "",
+            "Matched: against the standard-sampling temperature curve interpolated (log perplexity) at the method's "
+            "mean diversity on each measure. Same T: against standard sampling at the method's temperature.", "",
+            "| method | measure | diversity | PPL | standard PPL at same diversity | difference [95% CI] | MDE | verdict |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in res.get("comparisons") or []:
+        name = f"**`{r['method']}`**" if r.get("headline") else f"`{r['method']}`"
+        for key, e in r["matched"].items():
+            label = _measure_name(res, key) + (" (primary)" if key == primary else "")
+            ref = e.get("standard_perplexity_at_same_diversity")
+            out.append(f"| {name} {r['describe']} | {label} | {e['diversity']:.3f} | {r['perplexity']:.3f} | "
+                       f"{'–' if ref is None else f'{ref:.3f}'} | {_pct(e['difference'])} {_ci(e)} | {_mde(e)} | {_call(e)} |")
+        st = r.get("same_temperature")
+        if st:
+            out.append(f"| {name} {r['describe']} | same T (`{st['reference']}`) | – | {r['perplexity']:.3f} | "
+                       f"{st['reference_perplexity']:.3f} | {_pct(st['difference'])} {_ci(st)} | {_mde(st)} | {_call(st)} |")
+    metrics = [m for m in ("entropy", "perplexity", "distinct_2", "self_bleu", "unique_word_ratio", "repetition_rate",
                            "judge_perplexity") if any(m in r for r in res["results"].values())]
-    out += ["## All methods (mean ± std [95% bootstrap CI])", "",
-            "| method | " + " | ".join(metrics) + " | tok/s |", "|---|" + "---|" * (len(metrics) + 1)]
+    out += ["", "## All methods (mean ± std [95% CI])", "",
+            "| method | " + " | ".join(metrics) + " | tok/s | wall min |", "|---|" + "---|" * (len(metrics) + 2)]
+    walls = res.get("method_wall_seconds") or {}
     for name, r in res["results"].items():
         tps = r.get("tokens_per_second")
+        w = walls.get(name)
         out.append(f"| `{name}` {r['describe']} | " + " | ".join(_fmt(r.get(m)) for m in metrics)
-                   + (f" | {tps:.1f} |" if tps else " | – |"))
+                   + (f" | {tps:.1f}" if tps else " | –") + (f" | {w / 60:.1f} |" if w else " | – |"))
     speed = res["speed"]["phase_slip_over_standard_matched"]
     if speed:
         out += ["", f"Speed in this run (batch {res['speed']['batch_size']}): Phase-Slip / temperature-matched "
                     f"standard = {speed:.2f}."]
-    out += ["", "## Perplexity at matched diversity", "",
-            "Phase-Slip points against the standard-sampling temperature curve, interpolated in log perplexity at "
-            "the same mean unique-word ratio (bootstrap over generations, 1000 resamples).", "",
-            "| Phase-Slip setting | diversity | PPL | standard PPL at same diversity | difference [95% CI] |",
-            "|---|---|---|---|---|"]
-    for r in _distinct_rows(res):
-        if r["relative_difference"] is None:
-            out.append(f"| {r['describe']} | {r['diversity']:.3f} | {r['perplexity']:.2f} | outside the curve | – |")
-        else:
-            lo, hi = r["ci95"]
-            ci = f"[{lo:+.1%}, {hi:+.1%}]" if lo is not None else "–"
-            out.append(f"| {r['describe']} | {r['diversity']:.3f} | {r['perplexity']:.2f} | "
-                       f"{r['standard_perplexity_at_same_diversity']:.2f} | {r['relative_difference']:+.1%} {ci} |")
     human = res.get("human_reference")
     if human:
         out += ["", "## Human reference", "",
@@ -113,10 +158,14 @@ def plot_frontier(res: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
     results = res["results"]
-    for ax, xkey, xlabel in ((axes[0], "unique_word_ratio", "diversity: unique-word ratio per text (published)"),
-                             (axes[1], "distinct_2", "diversity: distinct-2 across samples of a prompt")):
+    primary = res.get("primary_diversity", "entropy")
+    panels = (("entropy", "mean next-token entropy of the sampling distribution (nats)"),
+              ("distinct_2", "distinct-2 across the samples of a prompt"),
+              ("unique_word_ratio", "unique-word ratio per text (published)"))
+    for ax, (xkey, xlabel) in zip(axes, panels):
+        xlabel += " [primary]" if xkey == primary else ""
         for label, names in res["curves"].items():
             pts = [(results[n][xkey]["mean"], results[n]["perplexity"]) for n in names
                    if results[n].get(xkey) and results[n].get("perplexity")]
@@ -129,7 +178,11 @@ def plot_frontier(res: dict, path: Path) -> None:
             hi = [p[1]["ci95"][1] for p in pts]
             line, = ax.plot(xs, ys, "o-", label=label, ms=4)
             ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
-        for name, marker in (("greedy", "s"), ("standard_published", "^"), ("min_p", "D"), ("phase_slip", "*")):
+        marks = [("greedy", "s"), ("standard_published", "^"), ("min_p", "D"), ("phase_slip", "*"), ("dry", "v"),
+                 ("xtc", "<"), ("top_nsigma", ">")]
+        marks += [(r["method"], "P") for r in res.get("comparisons") or [] if r.get("headline")
+                  and r["method"] not in dict(marks)]
+        for name, marker in marks:
             r = results.get(name)
             if r and r.get(xkey) and r.get("perplexity"):
                 ax.errorbar(r[xkey]["mean"], r["perplexity"]["mean"],

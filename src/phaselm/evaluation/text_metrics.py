@@ -11,12 +11,15 @@ Definitions (``docs/sampling_benchmark.md`` has the long form):
   the same prompt (uniform weights, brevity penalty with the closest reference length, add-one
   smoothing of the n > 1 precisions); 1 = all samples alike.
 * ``repetition_rate(text, n=4)``: 1 − unique 4-grams / 4-grams within one continuation.
+* ``stratified_summary(values [P, R], ...)``: mean and a 95% CI from the bootstrap stratified by
+  prompt (prompts drawn with replacement, then rounds within each drawn prompt).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -98,3 +101,21 @@ def summarize(values) -> dict:
         return {"mean": None, "std": None, "ci95": [None, None], "n": 0}
     lo, hi = bootstrap_ci(v)
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "ci95": [lo, hi], "n": int(len(v))}
+
+
+def stratified_summary(values, prompts, rounds) -> dict:
+    """``{mean, std, ci95, n}`` of per-generation ``values [P, R]`` (prompt × round), the 95% CI from
+    the bootstrap stratified by prompt: each draw takes P prompts with replacement (``prompts
+    [B, P]``), then R rounds with replacement within each drawn prompt (``rounds [B, P, R]``;
+    :func:`phaselm.evaluation.sampling_bench.stratified_indices`). Non-finite values are left out."""
+    a = np.asarray(values, dtype=float)
+    v = a[np.isfinite(a)]
+    if len(v) == 0:
+        return {"mean": None, "std": None, "ci95": [None, None], "n": 0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw of prompts whose values are all NaN
+        boots = np.nanmean(a[np.asarray(prompts)[..., None], np.asarray(rounds)], axis=(1, 2))
+    boots = boots[np.isfinite(boots)]
+    lo, hi = np.quantile(boots, [0.025, 0.975]).tolist() if len(boots) else (float("nan"), float("nan"))
+    return {"mean": float(np.nanmean(a)), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "ci95": [lo, hi],
+            "n": int(len(v)), "ci": "prompt-stratified bootstrap"}
