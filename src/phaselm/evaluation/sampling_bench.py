@@ -136,8 +136,10 @@ SWEEPS = ["standard_T", "phase_slip_T", "phase_slip_noise", "contrast_noise"]
 # PROMPT_FILE) by the rule declared before it ran: the gate-fusion noise scale at T 0.65 with the
 # lowest matched-entropy perplexity difference; results/sampling-pilot holds that run.
 POWERED_BEST_NOISE = 1.0
-POWERED = dict(rounds=3, max_new_tokens=64, methods=["standard_matched", "phase_slip"], sweeps=["standard_T", "phase_slip_noise"],
-               temperatures=[0.55, 0.65, 0.75, 0.85], noise_scales=[POWERED_BEST_NOISE], human_passages=0,
+# The curve brackets the pilot's headline entropies (standard T 0.65: 1.03 nats, Phase-Slip 1 rad: 1.06,
+# 0.03 rad: = T 0.65); rounds sized on the pilot's bootstrap SE (docs/sampling_benchmark.md).
+POWERED = dict(rounds=4, max_new_tokens=64, methods=["standard_matched", "phase_slip"], sweeps=["standard_T", "phase_slip_noise"],
+               temperatures=[0.6, 0.65, 0.7, 0.75], noise_scales=[POWERED_BEST_NOISE], human_passages=0,
                headline=[f"phase_slip_noise{POWERED_BEST_NOISE:g}", "phase_slip"])
 
 
@@ -464,9 +466,12 @@ class SamplingBench:
             self._score(new, prompts)
             gens += new
             if bar is not None:
-                bar.update(len(batch) * self.world * (rounds if spec.sampler == "greedy" else 1))
+                bar.update(len(batch) * (rounds if spec.sampler == "greedy" else 1))
+        own = len(gens)
         parts = all_gather({"gens": gens, "seconds": seconds, "tokens": tokens})
         gens = sorted((g for p in parts for g in p["gens"]), key=lambda g: (g["prompt_index"], g["round"]))
+        if bar is not None:  # the other ranks' generations
+            bar.update((len(gens) - own) * (rounds if spec.sampler == "greedy" else 1))
         if spec.sampler == "greedy":
             gens = [dict(g, round=r) for g in gens for r in range(rounds)]
         return {"generations": gens, "seconds": sum(p["seconds"] for p in parts),
@@ -626,15 +631,20 @@ class SamplingBench:
         cal = calib.calibrate_heads(search_layers=min(6, self.model.config.num_hidden_layers))
         self.heads = cal.selected
         unique = {}
-        for name, spec in self.points.items():
-            unique.setdefault(spec, name)
+        # run order: the headline and its references first, so that a run cut short still has them
+        first = ["standard_matched", *cfg.headline[:1], *self.curves.get(STANDARD_CURVE, []), *cfg.headline[1:]]
+        for name in [n for n in first if n in self.points] + list(self.points):
+            unique.setdefault(self.points[name], name)
         human_methods = cfg.methods if cfg.human_passages > 0 else []
         total = len(unique) * len(cfg.prompts) * cfg.rounds + len(human_methods) * 2 * cfg.human_passages
         resumed, timings = [], {}
+        # parts read (and a mismatched one refused) before anything runs
+        done = {spec: self._load_part(out_dir, name, self._part_key(spec)) if resume else None
+                for spec, name in unique.items()}
         with tqdm(total=total, desc="bench sampling", unit="gen", disable=not self.progress) as bar:
             for spec, name in unique.items():
                 key = self._part_key(spec)
-                part = self._load_part(out_dir, name, key) if resume else None
+                part = done[spec]
                 if part is not None:
                     resumed.append(name)
                     bar.update(len(cfg.prompts) * cfg.rounds)

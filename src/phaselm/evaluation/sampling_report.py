@@ -51,7 +51,9 @@ def verdict(res: dict) -> str:
     primary = res.get("primary_diversity", "entropy")
     sanity = res.get("sanity") or {}
     lines = []
-    heads = [r for r in rows if r.get("headline")] or [r for r in rows if r["method"] == "phase_slip"]
+    order = (res.get("config") or {}).get("headline") or []
+    heads = sorted([r for r in rows if r.get("headline")], key=lambda r: order.index(r["method"])) \
+        or [r for r in rows if r["method"] == "phase_slip"]
     if not rows:
         lines.append("No method could be compared with the standard-sampling curve.")
     for r in heads:
