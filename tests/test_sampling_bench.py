@@ -44,11 +44,18 @@ def test_bench_rounds_1_writes_every_method_and_metric(tiny_folder, tmp_path):
     (["--metrics", "bleurt"], "unknown metric"),
     (["--rounds", "0"], "rounds"),
     (["--prompts", "EMPTY"], "no prompts"),
+    (["--sweeps", "standard_T,beam_T"], "unknown sweep"),
+    (["--prompts", "BADJSONL"], "\"prompt\" field"),
+    (["--prompts", "/no/such/prompts.txt"], "cannot read"),
+    (["--temperatures", "0.5,0"], "temperatures"),
+    (["--noise-scales", "4"], "noise scales"),
 ])
 def test_bench_bad_input_is_one_line_and_exit_2(tiny_folder, tmp_path, capsys, extra, needle):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
-    extra = [str(empty) if a == "EMPTY" else a for a in extra]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "the king"}\n{"text": "no prompt field"}\n')
+    extra = [{"EMPTY": str(empty), "BADJSONL": str(bad)}.get(a, a) for a in extra]
     assert main(["bench", "sampling", "--model", str(tiny_folder), *extra]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and needle in err[0]
@@ -105,3 +112,66 @@ def test_logits_processor_hook_and_sampling_entropy(tokenizer):
     q = (z[:, :2] / 0.5).softmax(-1)
     assert sampling_entropy(z, SamplingConfig(temperature=0.5, top_k=2))[0] == pytest.approx(
         float(-(q * q.log()).sum()), 1e-5)
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["generate", "the king", "--input-file", "IN"], "not both"),
+    (["generate"], "--input-file"),
+    (["generate", "--input-file", "/no/such/file.txt"], "cannot read"),
+    (["generate", "--input-file", "EMPTY"], "no prompts"),
+    (["generate", "--input-file", "IN", "--batch-size", "0"], "--batch-size"),
+    (["generate", "--input-file", "IN", "--output", "/no/such/dir/out.jsonl"], "does not exist"),
+])
+def test_generate_input_file_bad_input(tiny_folder, tmp_path, capsys, argv, needle):
+    (tmp_path / "in.txt").write_text("the king\na dark night\n")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    argv = [{"IN": str(tmp_path / "in.txt"), "EMPTY": str(tmp_path / "empty.txt")}.get(a, a) for a in argv]
+    assert main([*argv, "--model", str(tiny_folder)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0]
+
+
+def test_stratified_bootstrap_definition():
+    """Draws resample prompts, then rounds within each drawn prompt; every method gets the same
+    draws (paired), and the MDE is 2.8 bootstrap SEs."""
+    import numpy as np
+
+    from phaselm.evaluation.sampling_bench import MDE_FACTOR, MethodArrays, compare, stratified_indices
+
+    p_idx, r_idx = stratified_indices(6, 3, 500, seed=0)
+    assert p_idx.shape == (500, 6) and r_idx.shape == (500, 6, 3)
+    assert p_idx.max() < 6 and r_idx.max() < 3
+    vals = np.arange(18, dtype=float).reshape(6, 3)
+    s = tm.stratified_summary(vals, p_idx, r_idx)
+    # one draw's mean is the mean of the drawn prompts' drawn rounds
+    assert s["mean"] == pytest.approx(vals.mean())
+    lo, hi = s["ci95"]
+    boots = np.array([vals[p_idx[b][:, None], r_idx[b]].mean() for b in range(500)])
+    assert (lo, hi) == pytest.approx(tuple(np.quantile(boots, [0.025, 0.975])))
+    # constant within a prompt: the two-stage bootstrap reduces to resampling prompts
+    const = np.repeat(np.arange(6, dtype=float)[:, None], 3, 1)
+    two = tm.stratified_summary(const, p_idx, r_idx)["ci95"]
+    assert two == pytest.approx(list(np.quantile(const[p_idx, 0].mean(1), [0.025, 0.975])))
+
+    rng = np.random.default_rng(1)
+
+    def gens(ppl, ent):
+        return [{"prompt_index": i, "round": r, "perplexity": ppl[i, r], "entropy": ent[i, r],
+                 "unique_word_ratio": 0.5, "text": f"w{i} x{r} y"} for i in range(6) for r in range(3)]
+
+    base = rng.uniform(2, 6, (6, 3))
+    ent = rng.uniform(0.5, 1.5, (6, 3))
+    arrays = {"std_a": MethodArrays(gens(base, ent), 6, 3),
+              "std_b": MethodArrays(gens(base * 2, ent + 1), 6, 3),
+              "cand": MethodArrays(gens(base * 1.1, ent), 6, 3)}   # 10% above std_a, generation by generation
+    row = compare(arrays, ["std_a", "std_b"], ["cand"], {"cand": "std_a"}, ["entropy"], 400)[0]
+    st = row["same_temperature"]
+    # paired draws: every draw sees the same generations for both methods, so the ratio never varies
+    assert st["difference"] == pytest.approx(0.1) and st["ci95"] == pytest.approx([0.1, 0.1])
+    assert st["se"] == pytest.approx(0.0, abs=1e-12) and st["mde"] == pytest.approx(MDE_FACTOR * st["se"])
+    m = row["matched"]["entropy"]
+    assert m["difference"] == pytest.approx(0.1) and m["ci95"] == pytest.approx([0.1, 0.1])
+    # a candidate identical to a curve point differs by exactly 0
+    arrays["twin"] = MethodArrays(gens(base, ent), 6, 3)
+    twin = compare(arrays, ["std_a", "std_b"], ["twin"], {}, ["entropy"], 200)[0]["matched"]["entropy"]
+    assert twin["difference"] == pytest.approx(0.0) and twin["ci95"] == pytest.approx([0.0, 0.0], abs=1e-12)
