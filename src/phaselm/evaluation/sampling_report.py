@@ -99,7 +99,7 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
            f"Confidence intervals: 95%, bootstrap stratified by prompt ({cfg.get('n_boot', 2000)} draws; prompts with "
            f"replacement, then rounds within each drawn prompt, the same draws for every method). "
            f"MDE = minimum detectable effect = {res.get('mde_factor', 2.8)} × bootstrap SE (80% power, α = 0.05).", "",
-           "## Verdict", "", verdict(res), "", "![frontier](frontier.png)", ""]
+           "## Verdict", "", verdict(res), "", "![comparisons](comparisons.png)", "", "![frontier](frontier.png)", ""]
     out += ["## Comparisons (perplexity difference, method / standard − 1)", "",
             "Matched: against the standard-sampling temperature curve interpolated (log perplexity) at the method's "
             "mean diversity on each measure. Same T: against standard sampling at the method's temperature.", "",
@@ -159,6 +159,7 @@ def plot_frontier(res: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
     results = res["results"]
@@ -194,9 +195,45 @@ def plot_frontier(res: dict, path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity of generated tokens (generating model)")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"Diversity vs perplexity, {res['model']} (bands: 95% bootstrap CI of perplexity)")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def plot_comparisons(res: dict, path: Path) -> None:
+    """Forest plot: each comparison's perplexity difference with its 95% CI (bars) and ±MDE (grey)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    primary = res.get("primary_diversity", "entropy")
+    items = []
+    for r in res.get("comparisons") or []:
+        for key, e in list(r["matched"].items()) + ([("same T", r["same_temperature"])] if r.get("same_temperature") else []):
+            if e.get("difference") is None or e["ci95"][0] is None:
+                continue
+            label = "same temperature" if key == "same T" else "matched " + _measure_name(res, key)
+            items.append((f"{r['method']}: {label}" + (" [primary]" if key == primary else ""), e, r.get("headline")))
+    fig, ax = plt.subplots(figsize=(9, 0.42 * max(len(items), 2) + 1.2))
+    for y, (label, e, head) in enumerate(reversed(items)):
+        d, (lo, hi), mde = e["difference"] * 100, e["ci95"], e.get("mde")
+        if mde:
+            ax.plot([-mde * 100, mde * 100], [y, y], color="0.85", lw=7, solid_capstyle="butt", zorder=1)
+        ax.errorbar(d, y, xerr=[[d - lo * 100], [hi * 100 - d]], fmt="o", color="C3" if head else "C0", capsize=3, zorder=2)
+    ax.axvline(0, color="k", lw=0.8)
+    for x in (-5, 5):
+        ax.axvline(x, color="k", lw=0.6, ls=":")
+    ax.set_yticks(range(len(items)), [i[0] for i in reversed(items)], fontsize=7)
+    ax.set_xlabel("perplexity difference vs standard sampling (%): 95% CI; grey: ±MDE (80% power); dotted: ±5%")
+    ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=110)
@@ -217,7 +254,8 @@ def write_all(res: dict, out_dir: str | Path, command: str) -> list[Path]:
     _atomic_write(out_dir / "results.json", json.dumps(res, indent=1, default=float))
     write_markdown(res, out_dir / "report.md", command)
     plot_frontier(res, out_dir / "frontier.png")
-    return [out_dir / "results.json", out_dir / "report.md", out_dir / "frontier.png"]
+    plot_comparisons(res, out_dir / "comparisons.png")
+    return [out_dir / "results.json", out_dir / "report.md", out_dir / "frontier.png", out_dir / "comparisons.png"]
 
 
 if __name__ == "__main__":  # re-render report.md and frontier.png from a results.json
@@ -227,4 +265,5 @@ if __name__ == "__main__":  # re-render report.md and frontier.png from a result
     data = json.loads((folder / "results.json").read_text())
     write_markdown(data, folder / "report.md", data["command"])
     plot_frontier(data, folder / "frontier.png")
-    print(f"re-rendered {folder / 'report.md'} and {folder / 'frontier.png'}")
+    plot_comparisons(data, folder / "comparisons.png")
+    print(f"re-rendered {folder / 'report.md'}, {folder / 'frontier.png'} and {folder / 'comparisons.png'}")
