@@ -411,13 +411,74 @@ def analyse(out: str | Path, n: int = LOOP_N, k: int = LOOP_K, horizon: int = 25
                          "loop_rate_ci95": wilson(int(sum(hl)), len(hl))}
     prov = runs["greedy"]["provenance"]
     res = {"metric": {"n": n, "k": k, "horizon": horizon}, "results": results, "human": human_summary,
-           "provenance": prov, "analysis_command": command,
+           "provenance": prov, "analysis_command": command, "analysis_commit": _commit(),
            "heads": next((r["heads"] for r in runs.values() if r.get("heads")), None),
            "examples": {m: [g["text"][:300] for g in runs[m]["generations"][:3]] for m in order}}
+    res["comparisons"] = _head_to_head(runs, order, n, k)
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
     _plot(res, out / "loops.png")
     (out / "report.md").write_text(report(res))
     return res
+
+
+def _commit() -> str | None:
+    from phaselm.evaluation.sampling_bench import provenance
+
+    return provenance()["commit"]
+
+
+BASELINES = ("repetition_penalty_1.1", "repetition_penalty_1.3", "no_repeat_ngram_3", "dry")
+
+
+def _head_to_head(runs: dict, order: list[str], n: int, k: int) -> list[dict]:
+    """Each Phase-Slip method against each cheap baseline, paired over prompts: the loop-rate
+    difference (Phase-Slip − baseline) with a bootstrap CI and the exact McNemar p-value."""
+    loops = {m: np.array([has_loop(g["token_ids"], n, k) for g in runs[m]["generations"]]) for m in order}
+    rows = []
+    for ps in (m for m in order if m.startswith("phase_slip")):
+        for base in (m for m in BASELINES if m in loops):
+            a, b = loops[ps], loops[base]
+            diff = a.astype(float) - b.astype(float)
+            rows.append({"phase_slip": ps, "baseline": base, "loop_rate_difference": float(diff.mean()),
+                         "difference_ci95": bootstrap_ci(lambda i: float(diff[i].mean()), len(diff)),
+                         "only_phase_slip_loops": int((a & ~b).sum()), "only_baseline_loops": int((~a & b).sum()),
+                         "mcnemar_p": mcnemar_exact(int((a & ~b).sum()), int((~a & b).sum()))})
+    return rows
+
+
+def verdict(res: dict) -> str:
+    """The verdict paragraph, computed from the results (Bonferroni over the comparisons with greedy)."""
+    r = res["results"]
+    g = r["greedy"]
+    ps = [m for m in r if m.startswith("phase_slip")]
+    base = [m for m in BASELINES if m in r]
+    alpha = 0.05 / max(1, len(r) - 1)
+
+    def line(m):
+        e, v = r[m], r[m]["vs_greedy"]
+        hd = f", human-PPL distance {e['human_ppl_distance']:.2f}" if "human_ppl_distance" in e else ""
+        return (f"`{m}` {e['loop_rate']:.0%} {_fmt_ci(e['loop_rate_ci95'], True)} (Δ vs greedy "
+                f"{v['loop_rate_difference']:+.0%} {_fmt_ci(v['difference_ci95'], True)}, {v['escaped']} escaped / "
+                f"{v['new_loops']} new, McNemar p = {v['mcnemar_p']:.2g}; PPL {e['perplexity_mean']:.2f}{hd})")
+
+    hd = f", human-PPL distance {g['human_ppl_distance']:.2f}" if "human_ppl_distance" in g else ""
+    out = [f"Greedy loops on {g['loop_rate']:.0%} {_fmt_ci(g['loop_rate_ci95'], True)} of the "
+           f"{g['prompts']} prompts (PPL {g['perplexity_mean']:.2f}{hd})."]
+    if ps:
+        sig = [m for m in ps if r[m]["vs_greedy"]["mcnemar_p"] < alpha and r[m]["vs_greedy"]["loop_rate_difference"] < 0]
+        out.append("Phase-Slip deterministic: " + "; ".join(line(m) for m in ps) + ".")
+        out.append(f"Fewer loops than greedy at Bonferroni α = {alpha:.4f}: "
+                   + (", ".join(f"`{m}`" for m in sig) if sig else "none of the Phase-Slip settings") + ".")
+    if base:
+        best = min(base, key=lambda m: r[m]["loop_rate"])
+        out.append("Cheap baselines: " + "; ".join(line(m) for m in base) + f". Best: `{best}`.")
+        if ps:
+            best_ps = min(ps, key=lambda m: r[m]["loop_rate"])
+            h2h = next(c for c in res.get("comparisons", []) if c["phase_slip"] == best_ps and c["baseline"] == best)
+            out.append(f"Best Phase-Slip (`{best_ps}`) minus best baseline (`{best}`), paired: "
+                       f"{h2h['loop_rate_difference']:+.0%} {_fmt_ci(h2h['difference_ci95'], True)} "
+                       f"(McNemar p = {h2h['mcnemar_p']:.2g}).")
+    return " ".join(out)
 
 
 def _fmt_ci(ci, pct=False) -> str:
@@ -431,6 +492,7 @@ def report(res: dict) -> str:
     """The markdown report of :func:`analyse`'s results."""
     r, m, prov = res["results"], res["metric"], res["provenance"]
     lines = [f"# Loop benchmark: {len(r)} methods × {r['greedy']['prompts']} prompts × {m['horizon']} new tokens", "",
+             "**Verdict (computed).** " + verdict(res), "",
              f"Loop = an {m['n']}-gram occurring >= {m['k']} times in the last half of the generation "
              f"(`phaselm.evaluation.loops.has_loop`); tokens-to-loop = tokens generated when some {m['n']}-gram first "
              f"occurs for the k = {m['k']}-th time (censored at the generation's length). 95% CIs: Wilson (rates), "
@@ -469,7 +531,8 @@ def report(res: dict) -> str:
               f"Phase-Slip heads (calibrated): {res['heads']}.", "",
               f"Provenance: commit {prov.get('commit')} (dirty: {prov.get('dirty')}), machine {prov.get('machine')}, "
               f"device {prov.get('device')}, torch {prov.get('torch')}, transformers {prov.get('transformers')}, "
-              f"seed {prov.get('seed')}.", "", f"Command: `{prov.get('command')}`", ""]
+              f"seed {prov.get('seed')}.", "", f"Command: `{prov.get('command')}`; analysed at commit "
+              f"{res.get('analysis_commit')} with `{res.get('analysis_command') or prov.get('command')}`.", ""]
     return "\n".join(lines)
 
 
