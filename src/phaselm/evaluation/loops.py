@@ -250,21 +250,39 @@ class LoopBench:
                 rows = list(range(start, start + len(batch)))
                 out = phase_slip_generate(self.model, **enc, noise_scale=spec.noise_scale, heads=self.heads,
                                           rotation_seed=[seed * 1_000_003 + r for r in rows], **kw)
-            else:
-                out = self.model.generate(**enc, **kw)
+                nll = None
+            else:  # the raw logits of generate are the model's own: the generation's NLL comes for free
+                res = self.model.generate(**enc, **kw, return_dict_in_generate=True, output_logits=True)
+                out = res.sequences
             seconds += time.perf_counter() - t0
-            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+            new = out[:, enc["input_ids"].shape[1]:]
+            if spec.kind != "phase_slip":
+                logp = torch.stack([z.float().log_softmax(-1).gather(-1, new[:, t, None])[:, 0]
+                                    for t, z in enumerate(res.logits)], dim=1)  # [B, steps]
+                nll = (-logp).tolist()
+                del res
+            for b, row in enumerate(new.tolist()):
                 cut = next((i for i, t in enumerate(row) if t in eos), len(row))
-                gens.append({"token_ids": row[:cut], "eos": cut < len(row)})
+                gen = {"token_ids": row[:cut], "eos": cut < len(row)}
+                if nll is not None:
+                    gen["perplexity"] = math.exp(sum(nll[b][:cut]) / cut) if cut else float("nan")
+                gens.append(gen)
             bar.update(len(batch))
         return {"generations": gens, "seconds": seconds, "new_tokens": sum(len(g["token_ids"]) + g["eos"] for g in gens)}
 
-    def _perplexities(self, prompts: list[str], gens: list[dict]) -> list[float]:
+    def _score(self, prompts: list[str], gens: list[dict]) -> None:
+        """Perplexity of each generation under the model (teacher-forced; ``_generate`` already set it
+        from the decode-time logits for every method but Phase-Slip, whose logits are fused)."""
         from phaselm.evaluation.scoring import continuation_nll, perplexities
 
-        p_ids = [self.tok(p)["input_ids"] for p in prompts]
+        todo = [i for i, g in enumerate(gens) if "perplexity" not in g]
+        if not todo:
+            return
+        p_ids = [self.tok(prompts[i])["input_ids"] for i in todo]
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else 0
-        return perplexities(continuation_nll(self.model, p_ids, [g["token_ids"] for g in gens], pad, 8))
+        ppl = perplexities(continuation_nll(self.model, p_ids, [gens[i]["token_ids"] for i in todo], pad, 8))
+        for i, value in zip(todo, ppl):
+            gens[i]["perplexity"] = value
 
     def _human_items(self) -> list[dict]:
         from phaselm.evaluation.sampling_bench import human_reference_set
@@ -314,13 +332,10 @@ class LoopBench:
                 spec = METHODS[name]
                 bar.set_postfix_str(name)
                 run = self._generate(spec, prompts, cfg.seed, bar)
-                for g, ppl in zip(run["generations"], self._perplexities(prompts, run["generations"])):
-                    g["perplexity"] = ppl
+                self._score(prompts, run["generations"])
                 hrun = self._generate(spec, [h["prompt"] for h in human], cfg.seed + 1, bar) if human else None
                 if hrun:
-                    for g, ppl in zip(hrun["generations"], self._perplexities([h["prompt"] for h in human],
-                                                                              hrun["generations"])):
-                        g["perplexity"] = ppl
+                    self._score([h["prompt"] for h in human], hrun["generations"])
                 for g, item in zip(run["generations"], self.items):
                     g.update(id=item["id"], kind=item["kind"], text=self.tok.decode(g["token_ids"]))
                 record = {"method": name, "describe": spec.describe(), "spec": asdict(spec),
