@@ -100,3 +100,32 @@ def test_bad_config():
         LoopConfig(methods=["dry"]).validate()
     with pytest.raises(ValueError, match="--prompts"):
         load_prompts(0)
+
+
+def test_runner_end_to_end_on_a_tiny_model(tmp_path):
+    import torch
+    from tqdm import tqdm
+
+    from phaselm.evaluation.loops import METHODS, LoopBench
+    from tests.conftest import make_model, make_tokenizer
+
+    model, tok = make_model("llama"), make_tokenizer()
+    cfg = LoopConfig(prompts=4, max_new_tokens=12, batch_size=3, human_passages=0,
+                     methods=["greedy", "phase_slip_1", "repetition_penalty_1.3"])
+    bench = LoopBench(model, tok, cfg, str(tmp_path), progress=False)
+    prompts = [r["prompt"] for r in bench.items]
+    # the perplexity taken from generate's raw logits equals the teacher-forced one
+    run = bench._generate(METHODS["repetition_penalty_1.3"], prompts, 0, tqdm(disable=True))
+    fast = [g.pop("perplexity") for g in run["generations"]]
+    bench._score(prompts, run["generations"])
+    assert fast == pytest.approx([g["perplexity"] for g in run["generations"]], rel=1e-4)
+    res = bench.run("test")
+    assert set(res["results"]) == set(cfg.methods)
+    assert {"loop_rate", "rmst", "perplexity_mean", "by_kind"} <= set(res["results"]["phase_slip_1"])
+    assert (tmp_path / "report.md").read_text().startswith("# Loop benchmark")
+    with pytest.raises(ValueError, match="--resume"):
+        LoopBench(model, tok, cfg, str(tmp_path), progress=False).run("again")
+    again = LoopBench(model, tok, cfg, str(tmp_path), progress=False).run("again", resume=True)  # nothing to redo
+    assert again["results"]["greedy"]["loop_rate"] == res["results"]["greedy"]["loop_rate"]
+    torch.testing.assert_close(torch.tensor(again["results"]["greedy"]["perplexity_mean"]),
+                               torch.tensor(res["results"]["greedy"]["perplexity_mean"]))
