@@ -579,6 +579,7 @@ def _plot(res: dict, path: Path) -> None:
             ys += [s, v if v is not None else s]
             s = v if v is not None else s
         b.plot(xs, ys, label=n, lw=2 if n == "greedy" or n.startswith("phase_slip") else 1,
+               color="black" if n == "greedy" else None,
                ls="-" if n.startswith("phase_slip") or n == "greedy" else "--")
     b.set_xlabel("tokens generated")
     b.set_ylabel("fraction without a loop yet (Kaplan-Meier)")
