@@ -428,6 +428,8 @@ def analyse(out: str | Path, n: int = LOOP_N, k: int = LOOP_K, horizon: int = 25
     res = {"metric": {"n": n, "k": k, "horizon": horizon}, "results": results, "human": human_summary,
            "provenance": prov, "analysis_command": command, "analysis_commit": _commit(),
            "heads": next((r["heads"] for r in runs.values() if r.get("heads")), None),
+           "runs": {m: {k: runs[m]["provenance"].get(k) for k in ("commit", "dirty", "command", "machine")}
+                    for m in order},
            "examples": {m: [g["text"][:300] for g in runs[m]["generations"][:3]] for m in order}}
     res["comparisons"] = _head_to_head(runs, order, n, k)
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
@@ -546,8 +548,14 @@ def report(res: dict) -> str:
               f"Phase-Slip heads (calibrated): {res['heads']}.", "",
               f"Provenance: commit {prov.get('commit')} (dirty: {prov.get('dirty')}), machine {prov.get('machine')}, "
               f"device {prov.get('device')}, torch {prov.get('torch')}, transformers {prov.get('transformers')}, "
-              f"seed {prov.get('seed')}.", "", f"Command: `{prov.get('command')}`; analysed at commit "
-              f"{res.get('analysis_commit')} with `{res.get('analysis_command') or prov.get('command')}`.", ""]
+              f"seed {prov.get('seed')}.", ""]
+    groups: dict = {}
+    for name, run in res.get("runs", {}).items():
+        groups.setdefault((run["commit"], run["dirty"], run["command"]), []).append(name)
+    for (commit, dirty, command), names in groups.items():
+        lines.append(f"* `{command}` at commit {commit} (dirty: {dirty}): {', '.join(names)}")
+    lines += ["", f"Analysed at commit {res.get('analysis_commit')} with "
+              f"`{res.get('analysis_command') or prov.get('command')}`.", ""]
     return "\n".join(lines)
 
 
