@@ -534,7 +534,11 @@ def cmd_bench(args) -> int:
     res = bench.run(out_dir=args.out, resume=args.resume)
     if rank != 0:
         return 0
-    command = "phaselm " + shlex.join(args.argv)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = ((f"OMP_NUM_THREADS={threads} " if threads else "")
+               + (f"torchrun --standalone --nproc_per_node {world} -m phaselm.cli " if world > 1 else "phaselm ")
+               + shlex.join(args.argv))
     for path in write_all(res, args.out, command):
         print(f"wrote {path}")
     print(verdict(res))
