@@ -516,13 +516,14 @@ def report(res: dict) -> str:
              "bootstrap over prompts (2000 resamples) otherwise; RMST = restricted mean tokens without a loop, up to "
              f"{m['horizon']}.", "",
              "| method | loop rate [95% CI] | KM median tokens-to-loop [CI] | RMST [CI] | PPL [CI] | "
-             "human-PPL distance [CI] | EOS | tok/s |", "|---|---|---|---|---|---|---|---|"]
+             "human-PPL distance [CI] | EOS | mean length | tok/s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, e in r.items():
         med = "not reached" if not math.isfinite(e["tokens_to_loop_median"]) else f"{e['tokens_to_loop_median']:.0f}"
         hd = f"{e['human_ppl_distance']:.2f} {_fmt_ci(e['human_ppl_distance_ci95'])}" if "human_ppl_distance" in e else "–"
         lines.append(f"| {name}: {e['describe']} | {e['loop_rate']:.0%} {_fmt_ci(e['loop_rate_ci95'], True)} | {med} "
                      f"{_fmt_ci(e['tokens_to_loop_median_ci95'])} | {e['rmst']:.0f} {_fmt_ci(e['rmst_ci95'])} | "
                      f"{e['perplexity_mean']:.2f} {_fmt_ci(e['perplexity_ci95'])} | {hd} | {e['eos_rate']:.0%} | "
+                     f"{e['mean_length']:.0f} | "
                      f"{e['tokens_per_second']:.0f} |")
     lines += ["", "## Paired with greedy (same prompts)", "",
               "| method | Δ loop rate [95% CI] | escaped / new loops | McNemar p | MDE (80% power) | Δ RMST [CI] |",
