@@ -222,7 +222,7 @@ def plot_comparisons(res: dict, path: Path) -> None:
                 continue
             label = "same temperature" if key == "same T" else "matched " + _measure_name(res, key)
             items.append((f"{r['method']}: {label}" + (" [primary]" if key == primary else ""), e, r.get("headline")))
-    fig, ax = plt.subplots(figsize=(9, 0.42 * max(len(items), 2) + 1.2))
+    fig, ax = plt.subplots(figsize=(10, 0.42 * max(len(items), 2) + 1.2))
     for y, (label, e, head) in enumerate(reversed(items)):
         d, (lo, hi), mde = e["difference"] * 100, e["ci95"], e.get("mde")
         if mde:
@@ -232,7 +232,7 @@ def plot_comparisons(res: dict, path: Path) -> None:
     for x in (-5, 5):
         ax.axvline(x, color="k", lw=0.6, ls=":")
     ax.set_yticks(range(len(items)), [i[0] for i in reversed(items)], fontsize=7)
-    ax.set_xlabel("perplexity difference vs standard sampling (%): 95% CI; grey: ±MDE (80% power); dotted: ±5%")
+    ax.set_xlabel("perplexity vs standard sampling (%): 95% CI; grey: ±MDE (80% power); dotted: ±5%")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
