@@ -434,7 +434,10 @@ def analyse(out: str | Path, n: int = LOOP_N, k: int = LOOP_K, horizon: int = 25
     res["comparisons"] = _head_to_head(runs, order, n, k)
     (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
     _plot(res, out / "loops.png")
-    (out / "report.md").write_text(report(res))
+    text = report(res)
+    if (out / "notes.md").exists():  # hand-written reading of the numbers, kept next to the data
+        text += "\n" + (out / "notes.md").read_text(encoding="utf-8")
+    (out / "report.md").write_text(text)
     return res
 
 
