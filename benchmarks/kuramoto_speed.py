@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from phaselm import oscillators as osc
+from phaselm.nn import oscillators as osc
 
 
 def pairwise(theta):

@@ -19,7 +19,8 @@ import time
 import torch
 
 from common import arg_parser, finish, machine
-from phaselm.attention import CausalSelfAttention, PhaseCoupledAttention
+from phaselm.nn.attention import CausalSelfAttention
+from phaselm.nn.phase_coupled import PhaseCoupledAttention
 from phaselm.models import config_to_dict, GPTConfig, GPTForCausalLM, PhaseGPTConfig, PhaseGPTForCausalLM
 
 

@@ -16,7 +16,8 @@ import time
 import torch
 
 from common import arg_parser, finish, machine
-from phaselm.attention import CausalSelfAttention, PhaseModulatedAttention
+from phaselm.nn.attention import CausalSelfAttention
+from phaselm.nn.phase_modulated import PhaseModulatedAttention
 
 
 def timed(layer, x, context, device, **kw) -> float:

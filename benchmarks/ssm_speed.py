@@ -14,7 +14,7 @@ import time
 import torch
 
 from common import arg_parser, finish, machine
-from phaselm.ssm import selective_scan
+from phaselm.nn.mamba import selective_scan
 
 
 def timed(scan: str, batch: int, length: int, e: int, n: int, device: str) -> float:

@@ -32,7 +32,7 @@ import pytest
 import torch
 
 from phaselm.cli import main
-from phaselm.hooks import run_with_cache
+from phaselm.nn.hooks import run_with_cache
 from tests.test_pma import tiny_lm
 
 CORPUS = ("ROMEO. But soft, what light through yonder window breaks?\n"

@@ -5,7 +5,7 @@ import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
-from phaselm.attention import CausalSelfAttention
+from phaselm.nn.attention import CausalSelfAttention
 from phaselm.models.gpt import GPTConfig, GPTForCausalLM
 
 

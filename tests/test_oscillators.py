@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from phaselm import oscillators as osc
+from phaselm.nn import oscillators as osc
 
 
 def pairwise(theta, causal):

@@ -3,7 +3,8 @@ import pytest
 import torch
 from huggingface_hub.errors import StrictDataclassError
 
-from phaselm.attention import CausalSelfAttention, PhaseCoupledAttention
+from phaselm.nn.attention import CausalSelfAttention
+from phaselm.nn.phase_coupled import PhaseCoupledAttention
 from phaselm.models import PhaseGPTConfig, PhaseGPTForCausalLM
 
 SIZES = dict(vocab_size=40, block_size=24, n_layer=2, n_head=2, n_embd=16)

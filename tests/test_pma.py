@@ -10,10 +10,12 @@ from huggingface_hub.errors import StrictDataclassError
 
 import phaselm
 from phaselm import PMAForCausalLM, create_130m_config, create_tiny_config, set_coupling_override
-from phaselm.attention import CausalSelfAttention, PhaseModulatedAttention
-from phaselm.hooks import run_with_cache, run_with_hooks
+from phaselm.nn.attention import CausalSelfAttention
+from phaselm.nn.phase_modulated import PhaseModulatedAttention
+from phaselm.nn.hooks import run_with_cache, run_with_hooks
 from phaselm.interventions import clear_overrides, override, set_override
-from phaselm.metrics import fisher_trace, next_token_entropy
+from phaselm.evaluation.metrics import fisher_trace
+from phaselm.nn.functional import entropy
 from phaselm.models import config_to_dict
 from phaselm.training.config import load_config
 from phaselm.training.trainer import Trainer, build_model
@@ -112,7 +114,7 @@ def test_metrics_are_returned_and_in_range():
     assert set(m["R"]) == {2, 3} and 0 <= m["R_mean"] <= 1
     assert all(0 < v <= math.log(12) + 1e-9 for v in m["attention_entropy"].values())
     assert all(v > 0 for v in m["tau"].values()) and all(0 <= v < 0.5 for v in m["lambda"].values())
-    assert m["next_token_entropy"] == pytest.approx(float(next_token_entropy(logits.detach()).mean()))
+    assert m["next_token_entropy"] == pytest.approx(float(entropy(logits.detach()).mean()))
     plain = model(x).logits
     assert torch.allclose(plain, logits, atol=1e-10)  # metrics use the explicit path, same result
 

@@ -4,7 +4,8 @@ from transformers.generation.logits_process import (
     MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper,
 )
 
-from phaselm.sampling.processors import SamplingConfig, choose_tokens, entropy, process_logits
+from phaselm.nn.functional import entropy
+from phaselm.sampling.processors import SamplingConfig, choose_tokens, process_logits
 
 
 def _reference(z, cfg):

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from phaselm.ssm import MambaConfig, MambaMixer, _scan_, _SelectiveScan, _sequential_scan, linear_scan, selective_scan
+from phaselm.nn.mamba import MambaConfig, MambaMixer, _scan_, _SelectiveScan, _sequential_scan, linear_scan, selective_scan
 
 
 @pytest.mark.parametrize("length", [1, 2, 5, 8, 13, 64])

@@ -1,5 +1,6 @@
 """phaselm: phase dynamics in language models."""
-from phaselm.attention import PhaseCoupledAttention, PhaseModulatedAttention
+from phaselm.nn.phase_coupled import PhaseCoupledAttention
+from phaselm.nn.phase_modulated import PhaseModulatedAttention
 from phaselm.interventions import clear_overrides, override, set_coupling_override
 from phaselm.models import (
     GPTConfig, GPTForCausalLM, PhaseGPTConfig, PhaseGPTForCausalLM, PMAConfig, PMAForCausalLM, create_130m_config,

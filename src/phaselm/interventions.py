@@ -1,6 +1,6 @@
 """Interventions on phase-modulated attention: override K, R, τ, λ or the phases.
 
-An override replaces the tensor at a hook point (:mod:`phaselm.hooks`), so the next computation
+An override replaces the tensor at a hook point (:mod:`phaselm.nn.hooks`), so the next computation
 consumes the overridden value: K feeds the Kuramoto steps (so φ, R, τ and the logits follow), φ
 feeds R, P and the fast path, R and Var(P) feed τ, τ and λ feed the logits.
 
@@ -29,7 +29,7 @@ from typing import Callable, Iterable, Union
 import torch
 from torch import nn
 
-from phaselm.hooks import HookPoint
+from phaselm.nn.hooks import HookPoint
 
 Value = Union[float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
 TARGETS = {"K": "hook_K", "R": "hook_R", "tau": "hook_tau", "lam": "hook_lambda", "lambda_": "hook_lambda",

@@ -20,8 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from phaselm import oscillators as osc
-from phaselm.attention import PhaseCoupledAttention
+from phaselm.nn import oscillators as osc
+from phaselm.nn.phase_coupled import PhaseCoupledAttention
 
 
 @torch.no_grad()

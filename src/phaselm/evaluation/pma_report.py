@@ -14,7 +14,7 @@ model's context length, characters or tokens of its tokenizer):
 For every K in ``K_GRID`` (``set_coupling_override``; all PMA layers) and every R in ``R_GRID``
 (``override(R=...)``), and for interventions of known size (:data:`REFERENCE`): mean next-token entropy (nats) over the second half of each window, the R
 the model actually reaches (K sweep), and tr F of the next-token distribution w.r.t. the phase
-parameters (:func:`phaselm.metrics.fisher_trace`, model-sampled, K sweep). Writes
+parameters (:func:`phaselm.evaluation.metrics.fisher_trace`, model-sampled, K sweep). Writes
 ``intervention.json`` and ``intervention.png`` (mean over runs, band = min..max over runs).
 """
 
@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 
 from phaselm.data.datasets import load_splits
-from phaselm.hooks import hooks
+from phaselm.nn.hooks import hooks
 from phaselm.interventions import override
-from phaselm.metrics import fisher_trace, next_token_entropy
+from phaselm.evaluation.metrics import fisher_trace
+from phaselm.nn.functional import entropy
 
 K_GRID = [0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 R_GRID = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
@@ -70,7 +71,7 @@ def _entropy_and_r(model, ids: torch.Tensor) -> tuple[float, float]:
     out = model(ids, return_metrics=True)
     logits, metrics = out.logits, out.metrics
     half = ids.shape[1] // 2
-    return float(next_token_entropy(logits[:, half:]).mean()), metrics["R_mean"]
+    return float(entropy(logits[:, half:]).mean()), metrics["R_mean"]
 
 
 def sweep_run(model, prompts: dict[str, torch.Tensor], fisher_prompts: int = 4) -> dict:

@@ -21,15 +21,15 @@ from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from phaselm import oscillators as osc
-from phaselm.attention import LayerInputs
+from phaselm.nn import oscillators as osc
+from phaselm.nn.attention import LayerInputs
 
 
 @dataclass(kw_only=True)
 class CoherenceRegulariser:
     """Config fields of the coherence regulariser (an anti-over-synchronisation control shared by
     PhaseGPT and PMA): loss += ``coherence_reg`` · Σ_layers penalty(R) with
-    :func:`phaselm.oscillators.coherence_penalty` (``ceiling`` / ``center`` / ``band``)."""
+    :func:`phaselm.nn.oscillators.coherence_penalty` (``ceiling`` / ``center`` / ``band``)."""
 
     coherence_reg: float | int = 0.0
     coherence_mode: str = "ceiling"

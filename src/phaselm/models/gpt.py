@@ -16,7 +16,7 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import PreTrainedConfig
 
-from phaselm.attention import PLAIN, Block, CausalSelfAttention, LayerInputs
+from phaselm.nn.attention import PLAIN, Block, CausalSelfAttention, LayerInputs
 from phaselm.models.base import CacheLayout, PhaseLMForCausalLM, check_sizes
 
 

@@ -1,5 +1,5 @@
 """PhaseGPT: the GPT of :mod:`phaselm.models.gpt` with Kuramoto phase-coupled attention
-(:class:`phaselm.attention.PhaseCoupledAttention`) in the layers ``phase_layers`` (0-based) and
+(:class:`phaselm.nn.phase_coupled.PhaseCoupledAttention`) in the layers ``phase_layers`` (0-based) and
 standard causal attention elsewhere.
 
     config = PhaseGPTConfig(vocab_size=65, n_layer=6, n_head=4, n_embd=128, block_size=128,
@@ -15,7 +15,7 @@ plus the running sums of e^{iθ} of every Kuramoto evaluation as its recurrent s
 from huggingface_hub.dataclasses import strict
 from torch import nn
 
-from phaselm.attention import PhaseCoupledAttention
+from phaselm.nn.phase_coupled import PhaseCoupledAttention
 from phaselm.models.base import CoherenceRegulariser, KuramotoSettings
 from phaselm.models.gpt import GPTConfig, GPTForCausalLM
 

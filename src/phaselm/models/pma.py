@@ -3,9 +3,9 @@ transformers model.
 
     tokens [B, T] → embedding → N × SSM block → M × PMA block → RMSNorm → LM head (tied) → [B, T, V]
 
-* SSM block: x + Mamba(RMSNorm(x)) (:class:`phaselm.ssm.MambaMixer`).
+* SSM block: x + Mamba(RMSNorm(x)) (:class:`phaselm.nn.mamba.MambaMixer`).
 * PMA block: x + PMA(RMSNorm(x), c), then x + MLP(RMSNorm(x)), with
-  :class:`phaselm.attention.PhaseModulatedAttention`; c, the hidden state of the most recent SSM
+  :class:`phaselm.nn.phase_modulated.PhaseModulatedAttention`; c, the hidden state of the most recent SSM
   block (the embeddings if none precedes), sets the oscillators' coupling K = f(c), so
   synchronisation depends on context.
 
@@ -20,7 +20,7 @@ A pure Mamba stack (``n_ssm = n_layer``) would leave transformers' cache without
 which ``generate`` reads; its first block is then a "hybrid" layer that also records a one-number
 key/value entry per token (transformers counts a zero-width entry as no tokens).
 
-Every internal quantity has a hook point (:mod:`phaselm.hooks`): ``hook_embed``,
+Every internal quantity has a hook point (:mod:`phaselm.nn.hooks`): ``hook_embed``,
 ``blocks.{L}.hook_resid_post``, ``blocks.{L}.pma.hook_{K,phi,phi_pos,R,lambda,var_P,tau,P,pattern,z}``.
 """
 
@@ -33,12 +33,14 @@ from torch import nn
 from transformers import PreTrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from phaselm.attention import MLP, PLAIN, LayerInputs, PhaseModulatedAttention
-from phaselm.hooks import HookPoint, hook_names, name_hook_points
 from phaselm.models.base import (
     CacheLayout, CoherenceRegulariser, KuramotoSettings, PhaseLMForCausalLM, check_sizes,
 )
-from phaselm.ssm import SCANS, MambaConfig, MambaMixer
+from phaselm.nn.attention import MLP, PLAIN, LayerInputs
+from phaselm.nn.functional import entropy
+from phaselm.nn.hooks import HookPoint, hook_names, name_hook_points
+from phaselm.nn.mamba import SCANS, MambaConfig, MambaMixer
+from phaselm.nn.phase_modulated import PhaseModulatedAttention
 
 
 LAYOUTS = ("ssm_first", "interleaved")
@@ -247,9 +249,7 @@ class PMAForCausalLM(PhaseLMForCausalLM):
         return PMAOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values, metrics=metrics)
 
     def _metrics(self, logits: torch.Tensor, loss: torch.Tensor | None) -> dict:
-        from phaselm.metrics import next_token_entropy
-
-        ent = next_token_entropy(logits.detach())
+        ent = entropy(logits.detach())
         out: dict = {"next_token_entropy": float(ent.mean()), "next_token_entropy_last": float(ent[:, -1].mean())}
         layers = self.phase_layers()
         for key in ("R", "tau", "lambda", "K", "attention_entropy"):

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from phaselm.nn.functional import kl_divergence
 from phaselm.sampling.kv import RowGroupCache, attention_layers, kv_geometry
 from phaselm.sampling.rotation import random_rotations
 
@@ -128,7 +129,7 @@ def calibrate_heads(
             logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, :-1].float()
         logp = logits.log_softmax(-1)  # [1 + G, T-1, V]
         nll = -logp.gather(-1, targets.expand(logp.shape[0], -1)[..., None]).squeeze(-1).mean(-1)  # [1 + G]
-        kl = (logp[0].exp() * (logp[0] - logp[1:])).sum(-1).mean(-1)  # [G]
+        kl = kl_divergence(logits[:1], logits[1:]).mean(-1)  # [G]
         for g, t in enumerate(chunk):
             c = candidates.index(trials[t])
             damage[c] += (nll[1 + g] - nll[0]).item() / samples_per_head

@@ -45,12 +45,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from phaselm.nn.functional import entropy, kl_divergence
 from phaselm.sampling.decoding import Sampler
 from phaselm.sampling.kernels import fast_linears
 from phaselm.sampling.kv import (
     RowGroupCache, RowGroups, attention_layers, decoder_layers, kv_geometry, probe_row_groups,
 )
-from phaselm.sampling.processors import entropy
 from phaselm.sampling.rotation import rotations_from_gaussian
 
 log = logging.getLogger("phaselm")
@@ -240,10 +240,9 @@ class PhaseSlipStep:
         if keep is not None:
             fused = fused.masked_fill(~keep, float("-inf"))
         if diagnostics is not None:
-            logp_c, logp_p = z_clean.log_softmax(-1), z_pert.log_softmax(-1)
             diagnostics.setdefault("entropy", []).append(h)
             diagnostics.setdefault("clean_weight", []).append(clean_weight)
-            diagnostics.setdefault("kl", []).append((logp_c.exp() * (logp_c - logp_p)).sum(-1))
+            diagnostics.setdefault("kl", []).append(kl_divergence(z_clean, z_pert))
             diagnostics["heads"] = list(self.heads)
         return fused
 

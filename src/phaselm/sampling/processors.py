@@ -68,9 +68,3 @@ def choose_tokens(logits: torch.Tensor, cfg: SamplingConfig, generators: list[to
     if generators is None or len(generators) == 1:
         return torch.multinomial(probs, 1, generator=None if generators is None else generators[0]).squeeze(-1)
     return torch.cat([torch.multinomial(p[None], 1, generator=g)[0] for p, g in zip(probs, generators)])
-
-
-def entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Shannon entropy in nats of ``softmax(logits)`` over the last axis: ``H = −Σ p log p``."""
-    logp = logits.float().log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)

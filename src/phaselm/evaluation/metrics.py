@@ -1,8 +1,8 @@
 """Metrics of phase dynamics in a language model: entropies, the order parameter, Fisher information.
 
-* Next-token entropy H(p) = −Σ_v p_v log p_v (nats) of p = softmax(logits) at each position.
-* Attention entropy −Σ_j A_ij log A_ij (nats) per head and query; log(i+1) is uniform attention.
-* Order parameter R = |mean e^{iθ}| (:func:`phaselm.oscillators.order_parameter`; circular only).
+* Entropy H(p) = −Σ_v p_v log p_v (nats) of next-token distributions (``entropy(logits)``) or of
+  attention rows (``entropy(probs=pattern)``; log(i+1) is uniform attention): :func:`phaselm.nn.functional.entropy`.
+* Order parameter R = |mean e^{iθ}| (:func:`phaselm.nn.oscillators.order_parameter`; circular only).
 * Fisher information of the next-token distribution with respect to the phase parameters θ_φ
   (:meth:`phase_parameters` of a PMA model: W_φ, ω, φ_pos, the coupling map, λ):
 
@@ -18,20 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from phaselm.oscillators import order_parameter
+from phaselm.nn.functional import entropy
+from phaselm.nn.oscillators import order_parameter
 
-__all__ = ["next_token_entropy", "attention_entropy", "order_parameter", "fisher_trace"]
-
-
-def next_token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of softmax(``logits [..., V]``): ``[...]``."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def attention_entropy(pattern: torch.Tensor) -> torch.Tensor:
-    """Entropy (nats) of each attention row of ``pattern [..., T_q, T_k]``: ``[..., T_q]``."""
-    return -(pattern * torch.log(pattern.clamp_min(1e-30))).sum(-1)
+__all__ = ["entropy", "order_parameter", "fisher_trace"]
 
 
 def fisher_trace(model, input_ids: torch.Tensor, params=None, targets: torch.Tensor | None = None,

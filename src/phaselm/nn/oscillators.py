@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from phaselm.nn.functional import causal_mean
+
 
 class PhasorSums:
     """Running sums Σ_j w_j cos θ_j, Σ_j w_j sin θ_j over the tokens seen so far, one entry per
@@ -67,29 +69,26 @@ def _mean_phasor(theta: torch.Tensor, dim: int, causal: bool, weight: torch.Tens
     totals out. The sums accumulate in float32 at least, whatever θ's dtype."""
     axis = dim % theta.ndim
     acc = torch.promote_types(theta.dtype, torch.float32)
-    c, s = torch.cos(theta).to(acc), torch.sin(theta).to(acc)
-    if weight is not None:
-        weight = weight.to(acc)
-        c, s = c * weight, s * weight
+    z = torch.stack([torch.cos(theta), torch.sin(theta)], -1).to(acc)  # [..., 2]
+    w = None if weight is None else weight.to(acc)[..., None]
     if not causal:
         if sums is not None:
             raise ValueError("running phasor sums need causal coupling")
-        n = theta.shape[axis] if weight is None else weight.expand_as(c).sum(axis, keepdim=True).clamp_min(1)
-        return (c.sum(axis, keepdim=True) / n).to(theta.dtype), (s.sum(axis, keepdim=True) / n).to(theta.dtype)
-    if weight is None:
-        count = torch.arange(1, theta.shape[axis] + 1, device=theta.device, dtype=acc)
-        count = count.view(-1, *([1] * (theta.ndim - axis - 1)))
-    else:
-        count = weight.expand_as(c).cumsum(axis)
-    c, s = c.cumsum(axis), s.cumsum(axis)
+        if w is not None:
+            z = z * w
+        n = theta.shape[axis] if w is None else w.expand_as(z).sum(axis, keepdim=True).clamp_min(1)
+        m = (z.sum(axis, keepdim=True) / n).to(theta.dtype)
+        return m[..., 0], m[..., 1]
+    prefix, count = (None, 0.0) if sums is None else (sums.take(), sums.count)
+    if prefix is not None:
+        prefix = torch.stack(prefix, -1).unsqueeze(axis).to(acc)
+    if torch.is_tensor(count):
+        count = count[..., None]
+    m, totals = causal_mean(z, axis, w, prefix, count)
     if sums is not None:
-        prefix = sums.take()
-        if prefix is not None:
-            c, s = c + prefix[0].unsqueeze(axis).to(acc), s + prefix[1].unsqueeze(axis).to(acc)
-        count = count + sums.count
-        sums.totals.append((c.select(axis, -1), s.select(axis, -1)))
-    count = count.clamp_min(1)  # a padding token before any real one: mean 0, not 0/0
-    return (c / count).to(theta.dtype), (s / count).to(theta.dtype)
+        sums.totals.append((totals[..., 0], totals[..., 1]))
+    m = m.to(theta.dtype)
+    return m[..., 0], m[..., 1]
 
 
 def mean_field(theta: torch.Tensor, dim: int = -2, causal: bool = True, weight: torch.Tensor | None = None,

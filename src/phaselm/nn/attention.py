@@ -1,0 +1,194 @@
+"""Standard attention building blocks and the cache plumbing shared by every attention layer.
+
+Every block takes explicit sizes (width, heads, dropout, ...), not a model's config, and works in
+two modes with the same weights:
+
+* a full forward over ``x [B, T, C]`` (training; ``inputs=PLAIN`` means plain causal attention);
+* incremental decoding through the transformers Cache API (:class:`LayerInputs` carries the cache,
+  the attention mask ``[B, 1, T, S]`` over the S = past + T keys, the position ids and which tokens
+  are padding). Keys and values go through ``cache.update(k, v, layer_idx)``; the oscillators'
+  running mean fields are a per-layer recurrent state (``cache.get_recurrent_state`` /
+  ``update_recurrent_state``, :func:`phasor_sums` / :func:`store_phasor_sums`), so a new token
+  costs O(N) for its oscillators.
+
+Blocks: :class:`CausalSelfAttention` (softmax(q kᵀ/√d + mask) v through SDPA), :class:`MLP`,
+:class:`Block` (pre-LN). Phase-coupled and phase-modulated attention subclass
+:class:`CausalSelfAttention` in :mod:`phaselm.nn.phase_coupled` and :mod:`phaselm.nn.phase_modulated`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from phaselm.nn import oscillators as osc
+
+# ---------------------------------------------------------------------------------------------- inputs
+@dataclass
+class LayerInputs:
+    """What every layer of one forward pass needs besides its hidden state.
+
+    ``cache``: a transformers ``Cache`` (None: no incremental decoding). ``mask``: boolean
+    ``[B, 1, T, S]``, True where query i may attend key j (None: plain causal over T keys).
+    ``positions``: position ids ``[B, T]`` (None: 0..T−1). ``valid``: ``[B, T]``, 1.0 for a real
+    token, 0.0 for padding (None: all real). ``past``: how many tokens the cache held before.
+    """
+
+    cache: object | None = None
+    mask: torch.Tensor | None = None
+    positions: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
+    past: int = 0
+
+    @classmethod
+    def build(cls, batch: int, length: int, device, attention_mask: torch.Tensor | None = None,
+              position_ids: torch.Tensor | None = None, cache=None) -> "LayerInputs":
+        """From a 2-D ``attention_mask [B, past + T]`` (1 real, 0 padding; left padding as
+        ``generate`` makes it), optional ``position_ids [B, T]`` and the cache. Position ids
+        default to the count of real tokens before each one, so a left-padded row computes
+        exactly what the same row without padding computes."""
+        past = cache.get_seq_length() if cache is not None else 0
+        if attention_mask is None and cache is None and position_ids is None:
+            return cls()
+        total = past + length
+        if attention_mask is not None:
+            if attention_mask.shape != (batch, total):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected ({batch}, {total}) "
+                                 f"= (batch, cached tokens + new tokens)")
+            keys = attention_mask.to(device=device, dtype=torch.bool)
+        else:
+            keys = torch.ones(batch, total, dtype=torch.bool, device=device)
+        if position_ids is None:
+            position_ids = (keys.long().cumsum(-1) - 1).clamp_min(0)[:, past:]
+        q_at = torch.arange(past, total, device=device)[:, None]
+        causal = torch.arange(total, device=device)[None, :] <= q_at  # [T, S]
+        mask = causal[None] & keys[:, None, :]
+        mask |= torch.arange(total, device=device)[None, :] == q_at  # a padding query sees itself (no empty row)
+        valid = keys[:, past:].float() if attention_mask is not None else None
+        return cls(cache=cache, mask=mask[:, None], positions=position_ids.to(device), valid=valid, past=past)
+
+    def as_kwargs(self) -> dict:
+        """The fields as keyword arguments for a decoder block, so that hooks which repeat
+        batch-shaped arguments (Phase-Slip's row groups) see each tensor."""
+        return dict(vars(self))
+
+    @property
+    def plain(self) -> bool:
+        """No cache, no padding, default positions: the training path."""
+        return self.cache is None and self.mask is None and self.positions is None
+
+
+PLAIN = LayerInputs()
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: LayerInputs, layer_idx: int,
+           scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + mask) v through SDPA: ``q [B, H, T, Dk]``, ``k [B, H, T, Dk]``,
+    ``v [B, H, T, Dv]`` (Dv ≤ Dk) → ``[B, H, T, Dv]``. With a cache, k and v are first appended to
+    layer ``layer_idx`` of it and the queries attend to every cached key the mask allows."""
+    if inputs.cache is not None:
+        k, v = inputs.cache.update(k, v, layer_idx)
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:  # SDPA kernels want one head size for q, k and v
+        v = F.pad(v, (0, q.shape[-1] - dv))
+    if inputs.mask is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
+    else:
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, scale=scale, dropout_p=dropout_p)
+    return y[..., :dv]
+
+
+def phasor_sums(inputs: LayerInputs, layer_idx: int, like: torch.Tensor) -> osc.PhasorSums | None:
+    """The running Kuramoto sums of earlier tokens from the cache (None without a cache).
+
+    The state is stored batch-first, ``[B, E, H, N, 2]`` (E mean-field evaluations); the number of
+    earlier real tokens is the position id of the first new token."""
+    if inputs.cache is None:
+        return None
+    state = inputs.cache.get_recurrent_state(layer_idx) if inputs.past else None
+    count = (inputs.positions[:, :1] if inputs.positions is not None else torch.zeros(like.shape[0], 1))
+    count = count.to(like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
+    return osc.PhasorSums(None if state is None else state.movedim(1, 0), count)
+
+
+def store_phasor_sums(inputs: LayerInputs, layer_idx: int, sums: osc.PhasorSums | None) -> None:
+    """Write the new totals as the layer's recurrent state. transformers' cache layers report a
+    recurrent state only once a conv state was written (``has_previous_state``); these layers have
+    no conv state, so the flag is set here."""
+    if sums is not None and sums.totals:
+        inputs.cache.update_recurrent_state(sums.stacked().movedim(0, 1).contiguous(), layer_idx)
+        layer = inputs.cache.layers[layer_idx]
+        if hasattr(layer, "has_previous_state"):
+            layer.has_previous_state[0] = True
+
+
+def token_weight(inputs: LayerInputs, ndim: int) -> torch.Tensor | None:
+    """``valid [B, T]`` shaped ``[B, 1, T, 1, ...]`` for a ``[B, H, T, ...]`` tensor of ``ndim`` axes."""
+    if inputs.valid is None:
+        return None
+    return inputs.valid.view(inputs.valid.shape[0], 1, inputs.valid.shape[1], *([1] * (ndim - 3)))
+
+
+# ---------------------------------------------------------------------------------------------- standard
+class CausalSelfAttention(nn.Module):
+    """Multi-head causal self-attention: softmax(q kᵀ/√d + causal mask) v, through SDPA."""
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = False, layer_idx: int = 0):
+        super().__init__()
+        if n_embd % n_head:
+            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        self.n_head, self.dropout, self.layer_idx = n_head, dropout, layer_idx
+        self.head_dim = n_embd // n_head
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, T, C]`` → q, k, v each ``[B, H, T, C/H]``."""
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        return tuple(z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+
+    def merge_heads(self, y: torch.Tensor) -> torch.Tensor:
+        """``y [B, H, T, D]`` → output projection of ``[B, T, H·D]``."""
+        b, h, t, d = y.shape
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(b, t, h * d)))
+
+    def attn_dropout(self) -> float:
+        return self.dropout if self.training else 0.0
+
+    def forward(self, x: torch.Tensor, inputs: LayerInputs = PLAIN) -> torch.Tensor:
+        q, k, v = self.split_heads(x)
+        return self.merge_heads(attend(q, k, v, inputs, self.layer_idx, dropout_p=self.attn_dropout()))
+
+
+class MLP(nn.Module):
+    """GELU MLP ``[B, T, C]`` → ``[B, T, C]`` with a 4C hidden layer."""
+
+    def __init__(self, n_embd: int, dropout: float = 0.0, bias: bool = False):
+        super().__init__()
+        self.fc = nn.Linear(n_embd, 4 * n_embd, bias=bias)
+        self.proj = nn.Linear(4 * n_embd, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        return self.dropout(self.proj(F.gelu(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, n_embd: int, attn: nn.Module, dropout: float = 0.0, bias: bool = False):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.attn = attn
+        self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
+        self.mlp = MLP(n_embd, dropout, bias)
+
+    def forward(self, x, **inputs):
+        """``x [B, T, C]``; ``inputs``: the fields of :class:`LayerInputs` (none: plain causal)."""
+        x = x + self.attn(self.ln_1(x), LayerInputs(**inputs))
+        return x + self.mlp(self.ln_2(x))
