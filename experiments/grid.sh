@@ -16,7 +16,7 @@ for seed in $seeds; do
     cmd="phaselm train $root/$arm.yaml train.seed=$seed train.out_dir=$out"
     rm -rf "$out"
     .venv/bin/$cmd
-    .venv/bin/python -m phaselm.evaluation.run_report "$out" "$res" "$cmd" > /dev/null
+    .venv/bin/phaselm report run "$out" "$res" --command "$cmd" > /dev/null
     echo "done: $arm seed $seed"
   done
 done

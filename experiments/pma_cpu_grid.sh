@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The PMA CPU experiments of issue 6: the tiny hybrid, GPT and pure-Mamba baselines (3 seeds each),
+# The PMA CPU experiments: the tiny hybrid, GPT and pure-Mamba baselines (3 seeds each),
 # then the four ablations (seed 1; more seeds as given). Results: results/pma/runs/.
 #   experiments/pma_cpu_grid.sh ["SEEDS for the main arms"] ["SEEDS for the ablations"]
 set -euo pipefail

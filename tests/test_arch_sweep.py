@@ -19,7 +19,7 @@ import pytest
 import torch
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from phaselm.pretrained import unsupported_model_reason
+from phaselm.sampling.phase_slip import unsupported_reason
 from phaselm.sampling import PhaseSlipStep, phase_slip_generate
 from phaselm.sampling.kv import attention_layers, kv_geometry, probe_row_groups
 
@@ -118,7 +118,7 @@ def one_thread():
 
 def _refusal(model) -> str | None:
     """The one-line reason Phase-Slip refuses ``model``, or None."""
-    reason = unsupported_model_reason(model)
+    reason = unsupported_reason(model)
     if reason is None:
         try:
             probe_row_groups(model, attention_layers(model)[0])
@@ -150,7 +150,7 @@ def test_architecture_works_or_is_refused_before_generating(model_type):
     if reason is not None:
         assert "\n" not in reason
         with pytest.raises(ValueError) as err:
-            PhaseSlipStep(model, heads=None) if unsupported_model_reason(model) else phase_slip_generate(
+            PhaseSlipStep(model, heads=None) if unsupported_reason(model) else phase_slip_generate(
                 model, input_ids=IDS, attention_mask=MASK, noise_scale=0.0, heads=[(attention_layers(model)[0], 0)], **kw)
         assert "\n" not in str(err.value)
         return

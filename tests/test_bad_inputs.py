@@ -1,6 +1,6 @@
 """Bad input is a clear error: exit status 2, one line naming the problem, nothing on disk changed.
 
-Every case runs ``phaselm ARGV`` in-process through :func:`phaselm.cli.main` against a fresh copy
+Every case runs ``phaselm ARGV`` in-process through :func:`phaselm_cli.main` against a fresh copy
 of a tiny trained run (a PhaseGPT with two checkpoints, trained once per session on a local text
 file), after an optional ``damage`` step (truncate a weight file, edit ``state.json``, plant a lock
 ...). The case passes when ``main`` returns 2 (argparse's ``SystemExit(2)`` counts), stderr is
@@ -31,7 +31,7 @@ from typing import Callable
 import pytest
 import torch
 
-from phaselm.cli import main
+from phaselm_cli import main
 from phaselm.nn.hooks import run_with_cache
 from tests.test_pma import tiny_lm
 

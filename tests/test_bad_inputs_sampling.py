@@ -148,7 +148,7 @@ def test_bad_input_is_one_line_error(tmp_path, case, call, error, words):
 
 
 def test_cli_device_foo_is_exit_2_before_loading(capsys):
-    from phaselm.cli import main
+    from phaselm_cli import main
 
     assert main(["generate", "the king", "--model", "/no/such/folder", "--device", "foo"]) == 2
     err = capsys.readouterr().err.strip()

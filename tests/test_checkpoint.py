@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from phaselm.cli import main
+from phaselm_cli import main
 from phaselm.training import checkpoint as ckpt
 from phaselm.training.config import load_config
 from phaselm.training.trainer import Trainer, TrainingError, usable_checkpoint
@@ -123,7 +123,7 @@ def test_a_stale_lock_is_taken_over_and_the_lock_is_held_while_training(tmp_path
 def test_sigterm_saves_a_checkpoint_like_ctrl_c(tmp_path):
     setup_run(tmp_path, train=False)
     run = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "phaselm.cli", "train", str(tmp_path / "cfg.yaml"),
+    proc = subprocess.Popen([sys.executable, "-m", "phaselm", "train", str(tmp_path / "cfg.yaml"),
                              "train.max_iters=100000", "train.eval_interval=100000", "train.log_interval=1"],
                             stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 120

@@ -74,14 +74,14 @@ def test_grid_report_mean_and_t_interval(tmp_path):
     assert "phase_b" in table(tmp_path) and "phase_b" not in table(tmp_path, exclude=("phase_b",))
 
 
-def test_loss_spike_is_the_largest_rise_above_the_running_minimum(tmp_path):
-    import json
+def test_loss_spike_is_the_largest_rise_above_the_running_minimum():
+    from phaselm.evaluation.run_report import curves, loss_spike
 
-    from phaselm.evaluation.grid_report import loss_spike
-
-    rows = [{"split": "train", "loss": v} for v in (4.0, 3.0, 3.5, 2.0, 2.1, 1.0)] + [{"split": "val", "loss": 9.0}]
-    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert loss_spike(tmp_path / "m.jsonl") == pytest.approx(0.5)
+    assert loss_spike([4.0, 3.0, 3.5, 2.0, 2.1, 1.0]) == pytest.approx(0.5)
+    assert loss_spike([3.0, 2.0, 1.0]) == 0.0
+    rows = [{"iter": 0, "split": "val", "loss": 9.0}, {"iter": 5, "split": "train", "loss": 4.0, "layer2.R_mean": 0.7},
+            {"iter": 10, "split": "train", "loss": 3.0, "layer2.R_mean": 0.5}, {"iter": 10, "split": "val", "loss": 8.0}]
+    assert curves(rows) == {"val_loss": [[0, 9.0], [10, 8.0]], "R": {"layer2": [[5, 0.7], [10, 0.5]]}}
 
 
 def test_python_docs_stand_in_is_fixed_by_hash():
@@ -117,10 +117,8 @@ def test_phase_b_criteria_answer_yes_or_no(tmp_path):
         for s, p in enumerate(ppls):
             d = tmp_path / arm / f"seed-{s}"
             d.mkdir(parents=True)
-            (d / "summary.json").write_text(json.dumps({"final_val_ppl": p}))
-            rows = [{"iter": 10, "split": "train", **({"layer4.R_mean": 0.1} if r else {})},
-                    {"iter": 20, "split": "train", **({"layer4.R_mean": r} if r else {})}]
-            (d / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows))
+            r_curve = {"layer4": [[10, 0.1], [20, r]]} if r else {}
+            (d / "summary.json").write_text(json.dumps({"final_val_ppl": p, "curves": {"val_loss": [], "R": r_curve}}))
     c = criteria(tmp_path)
     assert c["K0.75"]["ppl_ok"] and c["K0.75"]["R_ok"] and c["K0.75"]["variance_ok"]
     assert not c["K0.50"]["ppl_ok"] and not c["K0.50"]["R_ok"] and not c["K0.50"]["variance_ok"]

@@ -10,15 +10,16 @@ from huggingface_hub.errors import StrictDataclassError
 
 import phaselm
 from phaselm import PMAForCausalLM, create_130m_config, create_tiny_config, set_coupling_override
-from phaselm.nn.attention import CausalSelfAttention
-from phaselm.nn.phase_modulated import PhaseModulatedAttention
-from phaselm.nn.hooks import run_with_cache, run_with_hooks
-from phaselm.interventions import clear_overrides, override, set_override
 from phaselm.evaluation.metrics import fisher_trace
-from phaselm.nn.functional import entropy
+from phaselm.interventions import clear_overrides, override, set_override
 from phaselm.models import config_to_dict
+from phaselm.nn.attention import CausalSelfAttention
+from phaselm.nn.functional import entropy
+from phaselm.nn.hooks import run_with_cache, run_with_hooks
+from phaselm.nn.phase_modulated import PhaseModulatedAttention
 from phaselm.training.config import load_config
 from phaselm.training.trainer import Trainer, build_model
+from phaselm_cli import main
 
 ROOT = Path(__file__).parent.parent
 
@@ -235,7 +236,7 @@ def test_intervention_report_on_a_trained_run(tmp_path):
         f"train.out_dir={tmp_path / 'run'}", "train.max_iters=2", "train.eval_interval=2", "train.batch_size=2",
         "train.eval_max_tokens=100", "model.n_embd=16", "model.n_head=2", "model.block_size=16", "model.d_state=2"])
     Trainer(cfg, progress=False).train()
-    pma_report.main([str(tmp_path / "run"), "--out", str(tmp_path / "rep"), "--prompts", "2"])
+    assert main(["report", "interventions", str(tmp_path / "run"), "--out", str(tmp_path / "rep"), "--prompts", "2"]) == 0
     result = json.loads((tmp_path / "rep" / "intervention.json").read_text())
     run = result["per_run"][0]
     assert set(run["K"]) == {"shakespeare", "shuffled", "repetitive", "modern"}

@@ -7,7 +7,7 @@ import torch
 
 import phaselm
 from phaselm import ModelLoadError, PhaseSlipSampler, Sampler, load_causal_lm
-from phaselm.cli import main
+from phaselm_cli import main
 from tests.conftest import make_model, make_tokenizer
 
 
@@ -91,7 +91,7 @@ def test_embedded_model_end_to_end(embedded):
 
 @pytest.mark.embedded
 def test_demo_command_runs(embedded):
-    proc = subprocess.run([sys.executable, "-m", "phaselm.cli", "demo", "--max-new-tokens", "8"],
+    proc = subprocess.run([sys.executable, "-m", "phaselm", "demo", "--max-new-tokens", "8"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("tok/s") == 4 and "greedy" in proc.stdout and "phase-slip" in proc.stdout

@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from phaselm.cli import main
+from phaselm_cli import main
 from phaselm.evaluation import text_metrics as tm
 from phaselm.evaluation.sampling_bench import MAIN_METHODS, METRICS
 from tests.conftest import make_model, make_tokenizer

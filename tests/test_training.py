@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from phaselm.cli import main
+from phaselm_cli import main
 from phaselm.training import checkpoint as ckpt
 from phaselm.training.config import ConfigError, load_config
 from phaselm.training.trainer import Trainer, TrainingError
@@ -111,11 +111,11 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
 def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
     cfg_path = config_file(tmp_path)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    one = subprocess.run([sys.executable, "-m", "phaselm.cli", "train", str(cfg_path), f"train.out_dir={tmp_path / 'one'}"],
+    one = subprocess.run([sys.executable, "-m", "phaselm", "train", str(cfg_path), f"train.out_dir={tmp_path / 'one'}"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "-m", "phaselm.cli", "train", str(cfg_path), f"train.out_dir={tmp_path / 'two'}"],
+                          "-m", "phaselm", "train", str(cfg_path), f"train.out_dir={tmp_path / 'two'}"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert two.returncode == 0, two.stderr[-2000:]
     a, b = rows(tmp_path / "one", "train"), rows(tmp_path / "two", "train")

@@ -1,16 +1,41 @@
-"""phaselm: phase dynamics in language models."""
-from phaselm.nn.phase_coupled import PhaseCoupledAttention
-from phaselm.nn.phase_modulated import PhaseModulatedAttention
-from phaselm.interventions import clear_overrides, override, set_coupling_override
-from phaselm.models import (
+"""phaselm: phase dynamics in language models.
+
+``import phaselm`` registers the three model families (``phaselm_gpt``, ``phaselm_phasegpt``,
+``phaselm_pma``) with transformers' ``AutoConfig`` / ``AutoModelForCausalLM``, so that
+``AutoModelForCausalLM.from_pretrained(run_folder)`` works; that needs torch and transformers'
+modelling classes and little else. Every other public name (samplers, loaders, interventions,
+building blocks) is imported on first use.
+"""
+
+import importlib
+
+from phaselm.models import (  # noqa: F401  (registers the models with the Auto classes)
     GPTConfig, GPTForCausalLM, PhaseGPTConfig, PhaseGPTForCausalLM, PMAConfig, PMAForCausalLM, create_130m_config,
     create_tiny_config,
 )
-from phaselm.pretrained import ModelLoadError, load_causal_lm
-from phaselm.sampling import GenerationOutput, HeadCalibration, PhaseSlipSampler, Sampler
 
-__all__ = ["load_causal_lm", "ModelLoadError", "PhaseSlipSampler", "Sampler", "GenerationOutput", "HeadCalibration",
-           "GPTConfig", "GPTForCausalLM", "PhaseGPTConfig", "PhaseGPTForCausalLM", "PMAConfig", "PMAForCausalLM",
-           "create_130m_config", "create_tiny_config", "PhaseCoupledAttention", "PhaseModulatedAttention",
-           "set_coupling_override", "override", "clear_overrides"]
 __version__ = "0.1.0"
+
+_LAZY = {
+    "load_causal_lm": "phaselm.pretrained", "ModelLoadError": "phaselm.pretrained",
+    "PhaseSlipSampler": "phaselm.sampling", "Sampler": "phaselm.sampling", "GenerationOutput": "phaselm.sampling",
+    "HeadCalibration": "phaselm.sampling", "phase_slip_generate": "phaselm.sampling",
+    "PhaseCoupledAttention": "phaselm.nn.phase_coupled", "PhaseModulatedAttention": "phaselm.nn.phase_modulated",
+    "set_coupling_override": "phaselm.interventions", "override": "phaselm.interventions",
+    "clear_overrides": "phaselm.interventions",
+}
+
+__all__ = ["GPTConfig", "GPTForCausalLM", "PhaseGPTConfig", "PhaseGPTForCausalLM", "PMAConfig", "PMAForCausalLM",
+           "create_130m_config", "create_tiny_config", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'phaselm' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))

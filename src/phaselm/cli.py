@@ -1,176 +1,35 @@
-"""The ``phaselm`` command: ``generate``, ``calibrate``, ``demo``.
+"""What each ``phaselm`` command does (the arguments are parsed by :mod:`phaselm_cli`, which imports
+this module only once a command runs): ``generate``, ``calibrate``, ``demo``, ``train``, ``eval``,
+``sample``, ``interpret``, ``bench sampling | loops`` and ``report ...``.
 
-Bad input (a ``ValueError``, a model or checkpoint that cannot be loaded, a mistyped flag) prints
-one line and exits with status 2. Flags are never prefix-matched: ``--resum`` is an error, not
-``--resume``.
+:func:`run` turns bad input (a ``ValueError``, a model or checkpoint that cannot be loaded) into one
+line on stderr and exit status 2.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
-DEMO_PROMPT = "The ancient door creaked open"
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse without prefix matching of flags (every parser and subparser), whose usage errors
-    are one line."""
-
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _add_model(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="hub name, local folder or .gguf file (default: embedded SmolLM2-135M)")
-    p.add_argument("--device", default=None, help="torch device, e.g. cpu or cuda (default: cpu)")
-
-
-def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=None, help="default: 1.0 standard, 0.65 phase-slip")
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--min-p", type=float, default=None)
-
-
-def _add_phase_slip(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--noise-scale", type=float, default=0.03, help="rotation angle in radians (default 0.03)")
-    p.add_argument("--alpha", type=float, default=0.45, help="logit fusion alpha (clean weight floor)")
-    p.add_argument("--window", type=int, default=12, help="perturbation window W (positions)")
-    p.add_argument("--fusion", choices=["gate", "contrast"], default="gate")
-    p.add_argument("--search-layers", type=int, default=None, help="layers searched by head calibration (default: min(6, layers))")
-    p.add_argument("--num-heads", type=int, default=None,
-                   help="heads selected by calibration (default: 3, or all the searched layers have if fewer)")
-
-
-def _add_decoding(p: argparse.ArgumentParser, sampler: str) -> None:
-    p.add_argument("--sampler", choices=["greedy", "standard", "phase-slip"], default=sampler)
-    _add_sampling(p)
-    _add_phase_slip(p)
-    p.add_argument("--diagnostics", action="store_true", help="print per-step entropy / clean weight / KL")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="phaselm", description="Phase dynamics in language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    gen = sub.add_parser("generate", help="continue a prompt with greedy, standard or Phase-Slip sampling")
-    gen.add_argument("prompt", nargs="?", default=None, help="the prompt (or --input-file)")
-    _add_model(gen)
-    _add_decoding(gen, "phase-slip")
-    gen.add_argument("--input-file", default=None,
-                     help="one prompt per line; writes JSONL (line i: seed = --seed + i); runs under torchrun")
-    gen.add_argument("--output", default=None, help="the JSONL file for --input-file (default: stdout)")
-    gen.add_argument("--batch-size", type=int, default=8, help="prompts per batch with --input-file (default 8)")
-
-    cal = sub.add_parser("calibrate", help="score KV heads for Phase-Slip and print the table")
-    _add_model(cal)
-    cal.add_argument("--text-file", default=None, help="calibration text (default: a built-in paragraph)")
-    cal.add_argument("--search-layers", type=int, default=None, help="default: min(6, layers)")
-    cal.add_argument("--num-heads", type=int, default=3)
-    cal.add_argument("--seed", type=int, default=0)
-
-    demo = sub.add_parser("demo", help="greedy vs standard vs Phase-Slip on the embedded model")
-    _add_model(demo)
-    demo.add_argument("--prompt", default=DEMO_PROMPT)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--max-new-tokens", type=int, default=48)
-    demo.add_argument("--noise-scale", type=float, default=0.03)
-    tr = sub.add_parser("train", help="train a model from a YAML config (runs under torchrun too)")
-    tr.add_argument("config", help="YAML config file")
-    tr.add_argument("overrides", nargs="*", help="section.key=value overrides, e.g. train.max_iters=200")
-    again = tr.add_mutually_exclusive_group()
-    again.add_argument("--resume", action="store_true",
-                       help="continue from the newest intact checkpoint in train.out_dir")
-    again.add_argument("--overwrite", action="store_true",
-                       help="delete the checkpoints and metrics of a run already in train.out_dir, then start")
-    ev = sub.add_parser("eval", help="val/test perplexity of a checkpoint, and a few samples")
-    ev.add_argument("checkpoint", help="a run folder (train.out_dir) or a checkpoints/step-* folder")
-    ev.add_argument("--split", choices=["val", "test"], default="test")
-    ev.add_argument("--device", default="cpu")
-    sp = sub.add_parser("sample", help="continue a prompt with a trained run (the same decoding flags as generate)")
-    sp.add_argument("checkpoint", help="a run folder (train.out_dir) or a checkpoints/step-* folder")
-    sp.add_argument("prompt")
-    sp.add_argument("--device", default="cpu")
-    _add_decoding(sp, "standard")
-    sp.set_defaults(max_new_tokens=200)
-
-    it = sub.add_parser("interpret", help="phase synchrony (R, phases, coherence) of a PhaseGPT checkpoint on a text")
-    it.add_argument("checkpoint")
-    src = it.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", help="a text file (real text, not random ids)")
-    src.add_argument("--split", choices=["train", "val", "test"], help="a split of the run's own dataset instead of --text")
-    it.add_argument("--windows", type=int, default=8, help="how many block_size windows of the text to run (default 8)")
-    it.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/interpret)")
-    it.add_argument("--head", type=int, default=0)
-    it.add_argument("--device", default="cpu")
-
-    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    bs = bench.add_parser("sampling", help="Phase-Slip vs standard sampling at matched diversity",
-                          description="Writes results.json, report.md and frontier.png under --out.")
-    _add_model(bs)
-    bs.add_argument("--judge", default=None, help="a second model whose perplexity of the generations is reported")
-    bs.add_argument("--protocol", choices=["phaselm", "published", "powered"], default="phaselm",
-                    help="published: its 5 prompts x 40 rounds x 200 tokens; powered: the 64 prompts of "
-                         "evaluation/data/sampling_prompts.jsonl and the headline methods (docs/sampling_benchmark.md); "
-                         "--rounds, --max-new-tokens, ... override")
-    bs.add_argument("--rounds", type=int, default=None, help="generations per prompt (default 8)")
-    bs.add_argument("--max-new-tokens", type=int, default=None, help="default 64")
-    bs.add_argument("--prompts", default=None,
-                    help="a text file, one prompt per line, or .jsonl with a \"prompt\" field (default: the published 5)")
-    bs.add_argument("--methods", default=None, help="comma-separated subset of the main methods")
-    bs.add_argument("--metrics", default=None, help="comma-separated subset of the metrics")
-    bs.add_argument("--no-sweep", action="store_true", help="skip the temperature / noise sweeps")
-    bs.add_argument("--sweeps", default=None,
-                    help="comma-separated subset of standard_T,phase_slip_T,phase_slip_noise,contrast_noise")
-    bs.add_argument("--resume", action="store_true",
-                    help="skip the methods whose results are already in OUT/parts (same configuration)")
-    bs.add_argument("--temperatures", default=None, help="sweep temperatures, comma-separated")
-    bs.add_argument("--noise-scales", default=None, help="sweep noise scales (rad), comma-separated")
-    bs.add_argument("--human-passages", type=int, default=None,
-                    help="human-reference passages per source (0: none; default 20, powered: 0)")
-    bs.add_argument("--batch-size", type=int, default=8)
-    bs.add_argument("--out", default="results/sampling")
-    bl = bench.add_parser("loops", help="repetition loops: greedy vs Phase-Slip deterministic vs DRY & co.",
-                          description="Writes methods/*.json, results.json, report.md and loops.png under --out.")
-    _add_model(bl)
-    bl.add_argument("--out", default="results/loops")
-    bl.add_argument("--max-new-tokens", type=int, default=256)
-    bl.add_argument("--prompts", type=int, default=None, help="use this many prompts of the set (default: all 104)")
-    bl.add_argument("--methods", default=None, help="comma-separated subset (default: all; greedy is required)")
-    bl.add_argument("--batch-size", type=int, default=16)
-    bl.add_argument("--seed", type=int, default=0)
-    bl.add_argument("--human-passages", type=int, default=10, help="human-reference passages per source (0: none)")
-    bl.add_argument("--resume", action="store_true", help="keep the methods already written under OUT/methods")
-    bl.add_argument("--analyse-only", action="store_true", help="only rebuild results.json/report.md/loops.png")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    args.argv = argv
+def run(args) -> int:
+    """Run the parsed command ``args`` (from :func:`phaselm_cli.build_parser`); return the exit status."""
     from phaselm.pretrained import ModelLoadError
     from phaselm.training.trainer import TrainingError
 
+    commands = {"generate": cmd_generate, "calibrate": cmd_calibrate, "demo": cmd_demo, "bench": cmd_bench,
+                "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample, "interpret": cmd_interpret,
+                "report": cmd_report}
     try:
-        return {"generate": cmd_generate, "calibrate": cmd_calibrate, "demo": cmd_demo, "bench": cmd_bench,
-                "train": cmd_train, "eval": cmd_eval, "sample": cmd_sample,
-                "interpret": cmd_interpret}[args.command](args)
+        return commands[args.command](args)
     except (ValueError, ModelLoadError, TrainingError) as err:
         print(f"phaselm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"phaselm {args.command}: interrupted", file=sys.stderr)
         return 130
+
 
 
 def _load(args):
@@ -388,8 +247,6 @@ def cmd_sample(args) -> int:
 
 
 def cmd_interpret(args) -> int:
-    from pathlib import Path
-
     from phaselm.evaluation.interpret import interpret
     from phaselm.training.trainer import load_for_inference
 
@@ -545,5 +402,47 @@ def cmd_bench(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+
+def cmd_report(args) -> int:
+    import json
+    import shlex
+
+    command = "phaselm " + shlex.join(args.argv)
+    if args.report == "run":
+        from phaselm.evaluation.run_report import summarize_run
+
+        s = summarize_run(args.run, args.out, args.command or command)
+        print(f"wrote {Path(args.out) / 'summary.json'}: final val loss {s['final_val_loss']:.4f}, "
+              f"test perplexity {s['final_test_ppl']:.3f}")
+    elif args.report == "grid":
+        from phaselm.evaluation.grid_report import report
+
+        print(report(args.runs, args.out, args.baseline, args.plots, tuple(args.exclude)), end="")
+    elif args.report == "criteria":
+        from phaselm.evaluation.phase_b_criteria import criteria, markdown
+        from phaselm.utils import atomic_write
+
+        if not Path(args.runs).is_dir():
+            raise ValueError(f"{args.runs} is not a folder of summarised runs (RUNS/ARM/seed-S/summary.json)")
+        text = markdown(criteria(Path(args.runs)))
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(args.out, text)
+        print(text, end="")
+    elif args.report == "interventions":
+        from phaselm.evaluation.pma_report import run_interventions
+
+        result = run_interventions(args.runs, args.out, args.prompts, str(torch_device(args.device)), command)
+        print(json.dumps(result["summary"], indent=1))
+    else:  # sampling
+        from phaselm.evaluation.sampling_report import plot_frontier, write_markdown
+
+        folder = Path(args.folder)
+        try:
+            data = json.loads((folder / "results.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"{folder}/results.json cannot be read ({err}); pass a folder written by phaselm bench sampling") from None
+        write_markdown(data, folder / "report.md", data["command"])
+        plot_frontier(data, folder / "frontier.png")
+        print(f"re-rendered {folder / 'report.md'} and {folder / 'frontier.png'}")
+    return 0

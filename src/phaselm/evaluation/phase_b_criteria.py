@@ -1,8 +1,8 @@
 """PhaseGPT Phase B: the preregistered criteria, each answered yes / no from the committed runs.
 
-    python -m phaselm.evaluation.phase_b_criteria results/phasegpt/runs/phase_b [--out results/phasegpt/phase_b.md]
+    phaselm report criteria results/phasegpt/runs/phase_b [--out results/phasegpt/phase_b.md]
 
-For every arm other than ``baseline`` (each ``ARM/seed-S/`` made by ``run_report``):
+For every arm other than ``baseline`` (each ``ARM/seed-S/summary.json`` made by ``phaselm report run``):
 
 1. perplexity: mean final val PPL ≤ 1.05 × the baseline's mean;
 2. synchrony: the final logged R of every phase layer (mean over seeds) lies in [0.35, 0.55];
@@ -11,7 +11,6 @@ For every arm other than ``baseline`` (each ``ARM/seed-S/`` made by ``run_report
 
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 from pathlib import Path
@@ -22,12 +21,9 @@ PPL_FACTOR = 1.05
 R_BAND = (0.35, 0.55)
 
 
-def final_r(run_dir: Path) -> dict[str, float]:
-    """The last logged ``layer{L}.R_mean`` of each phase layer in ``run_dir/metrics.jsonl``."""
-    last: dict[str, float] = {}
-    for row in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
-        last.update({k: v for k, v in row.items() if k.startswith("layer") and k.endswith(".R_mean")})
-    return last
+def final_r(summary: dict) -> dict[str, float]:
+    """The last logged R of each phase layer (``layer{L}``) in a run's ``summary.json`` curves."""
+    return {layer: points[-1][1] for layer, points in summary.get("curves", {}).get("R", {}).items() if points}
 
 
 def criteria(root: Path) -> dict[str, dict]:
@@ -42,8 +38,8 @@ def criteria(root: Path) -> dict[str, dict]:
             continue
         ppl = [r["final_val_ppl"] for r in runs]
         rs: dict[str, list[float]] = {}
-        for seed_dir in sorted((root / arm).glob("seed-*")):
-            for layer, r in final_r(seed_dir).items():
+        for run in runs:
+            for layer, r in final_r(run).items():
                 rs.setdefault(layer, []).append(r)
         r_mean = {k: sum(v) / len(v) for k, v in rs.items()}
         var = statistics.variance(ppl) if len(ppl) > 1 else None
@@ -69,19 +65,3 @@ def markdown(result: dict[str, dict]) -> str:
         lines.append(f"| {arm} | {c['seeds']} | {yn(c['ppl_ok'])} ({c['val_ppl_mean']:.3f} vs "
                      f"{c['baseline_val_ppl_mean']:.3f}) | {yn(c['R_ok'])} ({r}) | {yn(c['variance_ok'])} ({var}) |")
     return "\n".join(lines) + "\n"
-
-
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    text = markdown(criteria(Path(args.runs)))
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
-    print(text, end="")
-
-
-if __name__ == "__main__":
-    main()

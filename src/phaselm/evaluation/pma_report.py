@@ -1,7 +1,7 @@
 """The PMA intervention test: sweep the coupling K (and the order parameter R) on trained models and
 measure next-token entropy, R and the Fisher information, per kind of prompt.
 
-    python -m phaselm.evaluation.pma_report RUN [RUN ...] --out results/pma [--prompts 16]
+    phaselm report interventions RUN [RUN ...] --out results/pma [--prompts 16]
 
 Each RUN is a trained PMA run folder (e.g. ``runs/pma/tiny/seed-1``). Prompts (windows of the
 model's context length, characters or tokens of its tokenizer):
@@ -20,7 +20,6 @@ parameters (:func:`phaselm.evaluation.metrics.fisher_trace`, model-sampled, K sw
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -28,10 +27,11 @@ from pathlib import Path
 import torch
 
 from phaselm.data.datasets import load_splits
-from phaselm.nn.hooks import hooks
-from phaselm.interventions import override
 from phaselm.evaluation.metrics import fisher_trace
+from phaselm.interventions import override
 from phaselm.nn.functional import entropy
+from phaselm.nn.hooks import hooks
+from phaselm.utils import atomic_write, provenance, pyplot, save_figure
 
 K_GRID = [0.0, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0]
 R_GRID = [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
@@ -128,10 +128,7 @@ def summarize(per_run: list[dict]) -> dict:
 
 
 def plot(per_run: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 4, figsize=(18, 4.2))
     xk = [max(k, 0.01) for k in K_GRID]
@@ -156,39 +153,29 @@ def plot(per_run: list[dict], path: Path) -> None:
     axes[0].legend()
     fig.suptitle(f"PMA interventions on {len(per_run)} trained tiny model(s): mean over runs, band = min..max")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("runs", nargs="+")
-    ap.add_argument("--out", default="results/pma")
-    ap.add_argument("--prompts", type=int, default=16, help="prompts per kind")
-    args = ap.parse_args(argv)
-    from phaselm.evaluation.sampling_bench import provenance
+def run_interventions(runs: list[str], out: str | Path = "results/pma", prompts: int = 16, device: str = "cpu",
+                      command: str = "") -> dict:
+    """Sweep every PMA run in ``runs``; write ``out/intervention.json`` and ``out/intervention.png``."""
     from phaselm.training.trainer import load_for_inference
 
+    if prompts < 1:
+        raise ValueError(f"--prompts must be >= 1, got {prompts}")
     per_run = []
-    for run in args.runs:
-        model, tok, cfg, _ = load_for_inference(run)
+    for run in runs:
+        model, tok, cfg, _ = load_for_inference(run, device)
         if not hasattr(model, "pma_layers") or not model.pma_layers():
-            raise SystemExit(f"error: {run} is not a PMA model with PMA blocks")
+            raise ValueError(f"{run} is not a PMA model with PMA blocks; pass PMA run folders")
         torch.manual_seed(0)
-        prompts = make_prompts(tok, cfg.data.name, cfg.model.block_size, args.prompts)
-        per_run.append(sweep_run(model, prompts))
+        windows = make_prompts(tok, cfg.data.name, cfg.model.block_size, prompts)
+        per_run.append(sweep_run(model, windows))
         print(f"swept {run}")
-    out = Path(args.out)
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    result = {"command": "python -m phaselm.evaluation.pma_report " + " ".join(argv or []), "runs": args.runs,
-              "provenance": provenance(), "K_grid": K_GRID, "R_grid": R_GRID, "prompts_per_kind": args.prompts,
-              "summary": summarize(per_run), "per_run": per_run}
-    (out / "intervention.json").write_text(json.dumps(result, indent=1))
+    result = {"command": command, "runs": list(runs), "provenance": provenance(), "K_grid": K_GRID, "R_grid": R_GRID,
+              "prompts_per_kind": prompts, "summary": summarize(per_run), "per_run": per_run}
+    atomic_write(out / "intervention.json", json.dumps(result, indent=1))
     plot(per_run, out / "intervention.png")
-    print(json.dumps(result["summary"], indent=1))
-
-
-if __name__ == "__main__":
-    import sys
-
-    main(sys.argv[1:])
+    return result

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from phaselm.nn.functional import entropy, kl_divergence
+from phaselm.pretrained import unsupported_model_reason
 from phaselm.sampling.decoding import Sampler
 from phaselm.sampling.kernels import fast_linears
 from phaselm.sampling.kv import (
@@ -101,12 +102,28 @@ def _check_heads(heads, num_layers: int, num_kv_heads: int, attention: list[int]
     return sorted(out)
 
 
-def check_model(model) -> None:
-    """Raise ``ValueError`` (one line) unless ``model`` is a decoder-only causal LM object that
-    Phase-Slip can drive (checked before anything is generated)."""
-    from phaselm.pretrained import unsupported_model_reason
+def unsupported_reason(model, name: str | None = None) -> str | None:
+    """Why Phase-Slip cannot drive ``model`` (one line), or ``None``: it must be a decoder-only
+    causal LM (:func:`phaselm.pretrained.unsupported_model_reason`) with at least one attention
+    layer whose values can be rotated. Checked from the object alone (no forward pass)."""
+    reason = unsupported_model_reason(model, name)
+    if reason:
+        return reason
+    label = f"'{name}'" if name else type(model).__name__
+    try:
+        attn = attention_layers(model)
+    except Exception as err:  # noqa: BLE001
+        return f"{label}: cannot read its layer structure for Phase-Slip ({str(err).splitlines()[0]})"
+    if not attn:
+        return (f"{label} ({model.config.model_type}) has no attention layers with a key/value cache, so Phase-Slip "
+                "has no value vectors to rotate (e.g. a pure state-space model); use plain sampling")
+    return None
 
-    reason = unsupported_model_reason(model)
+
+def check_model(model) -> None:
+    """Raise ``ValueError`` (one line) unless Phase-Slip can drive ``model`` (:func:`unsupported_reason`;
+    checked before anything is generated)."""
+    reason = unsupported_reason(model)
     if reason:
         raise ValueError(reason)
 

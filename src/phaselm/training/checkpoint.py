@@ -43,21 +43,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from phaselm.utils import atomic_write
+
 MANIFEST = "state.json"
 STEP_NAME = re.compile(r"^step-(\d+)$")
 
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, damaged or does not match; the message names the file."""
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def sha256(path: Path) -> str:
@@ -173,7 +166,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, opti
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    _atomic_text(root / "latest", name)
+    atomic_write(root / "latest", name, durable=True)
     publish(final, Path(out_dir))
     for old in step_folders(out_dir)[keep:]:
         shutil.rmtree(old, ignore_errors=True)

@@ -469,9 +469,7 @@ class Trainer:
         if not path.exists():
             return
         rows = [r for r in path.read_text().splitlines() if (row := _json_row(r)) and row.get("iter", 0) <= start_iter]
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(r + "\n" for r in rows))
-        os.replace(tmp, path)
+        atomic_write(path, "".join(r + "\n" for r in rows))
 
 
 def _raise_terminated(signum, frame):
