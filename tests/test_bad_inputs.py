@@ -402,7 +402,7 @@ API_CASES = [
     ("tau-negative", _set("tau", -1.0), ["tau", "> 0"]),
     ("tau-inf", _set("tau", math.inf), ["tau"]),
     ("lam-above-one", _set("lam", 1.5), ["lam", "[0, 1]"]),
-    ("lam-negative", _set("lambda_", -0.2), ["lambda_"]),
+    ("lam-negative", _set("lam", -0.2), ["lam"]),
     ("phi-inf", _set("phi", math.inf), ["phi", "finite"]),
     ("phi-pos-nan", _set("phi_pos", math.nan), ["phi_pos", "finite"]),
     ("R-wrong-heads", _set("R", torch.full((3, 1), 0.5)), ["R", "shape"]),

@@ -25,10 +25,10 @@ def test_mean_field_equals_the_pairwise_sum(causal):
 
 def test_causal_coupling_never_looks_ahead():
     theta = torch.rand(1, 12, 4) * 6
-    out = osc.integrate(theta, 0.3, 2.0, steps=5, method="rk4")
+    out = osc.integrate(theta, 0.3, 2.0, steps=5, integrator="rk4")
     changed = theta.clone()
     changed[:, 7:] = torch.rand(1, 5, 4) * 6
-    out2 = osc.integrate(changed, 0.3, 2.0, steps=5, method="rk4")
+    out2 = osc.integrate(changed, 0.3, 2.0, steps=5, integrator="rk4")
     assert torch.equal(out[:, :7], out2[:, :7])
     assert not torch.allclose(out[:, 7:], out2[:, 7:])
 
@@ -37,7 +37,7 @@ def test_zero_coupling_advances_each_phase_by_omega_t():
     theta = torch.rand(10, 6, dtype=torch.float64)
     omega = torch.randn(10, 6, dtype=torch.float64)
     for method in ("euler", "rk4"):
-        out = osc.integrate(theta, omega, 0.0, steps=40, dt=0.05, method=method)
+        out = osc.integrate(theta, omega, 0.0, steps=40, dt=0.05, integrator=method)
         assert torch.allclose(out, theta + omega * 2.0, atol=1e-12)
 
 
@@ -56,7 +56,7 @@ def test_two_oscillators_match_the_analytic_solution_and_rk4_beats_euler():
     exact = 2 * math.atan(math.tan(d0 / 2) * math.exp(-k * steps * dt))
     errs = {}
     for method in ("euler", "rk4"):
-        out = osc.integrate(theta, 0.0, k, steps=steps, dt=dt, method=method, causal=False)
+        out = osc.integrate(theta, 0.0, k, steps=steps, dt=dt, integrator=method, causal=False)
         errs[method] = abs(float(out[1, 0] - out[0, 0]) - exact)
     assert errs["rk4"] < 1e-7 and errs["euler"] > 100 * errs["rk4"]
 
@@ -110,5 +110,5 @@ def test_noise_and_jitter_act_and_are_seeded():
     assert torch.equal(a, b) and float(osc.order_parameter(a, dim=0)) < 1.0
     omega = torch.zeros(100)
     assert osc.jitter_frequencies(omega, 0.02, torch.Generator().manual_seed(0)).std() > 0.01
-    with pytest.raises(ValueError, match="method"):
-        osc.integrate(theta, 0.0, 1.0, method="heun")
+    with pytest.raises(ValueError, match="integrator"):
+        osc.integrate(theta, 0.0, 1.0, integrator="heun")

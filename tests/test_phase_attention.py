@@ -16,7 +16,7 @@ def phase_gpt(phase_layers, **kw):
 
 def layer(**kw):
     torch.manual_seed(0)
-    return PhaseCoupledAttention(16, 2, n_osc=5, steps=3, **kw).double().eval()
+    return PhaseCoupledAttention(16, 2, n_osc=5, kuramoto_steps=3, **kw).double().eval()
 
 
 def test_fast_path_equals_the_explicit_formula_forward_and_backward():

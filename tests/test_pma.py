@@ -26,10 +26,10 @@ ROOT = Path(__file__).parent.parent
 
 def layer(**kw):
     torch.manual_seed(0)
-    attn = PhaseModulatedAttention(16, 2, block_size=24, steps=3, **kw).double().eval()
+    attn = PhaseModulatedAttention(16, 2, block_size=24, kuramoto_steps=3, **kw).double().eval()
     with torch.no_grad():  # spread the phases and make every term matter
         attn.phase_proj.weight.normal_(0, 1.0)
-        attn.lambda_raw.fill_(0.5) if hasattr(attn, "lambda_raw") else None
+        attn.lam_raw.fill_(0.5) if hasattr(attn, "lam_raw") else None
         attn.alpha_raw.fill_(0.5)
         attn.beta_raw.fill_(0.5)
     return attn
@@ -114,7 +114,7 @@ def test_metrics_are_returned_and_in_range():
     logits, m = out.logits, out.metrics
     assert set(m["R"]) == {2, 3} and 0 <= m["R_mean"] <= 1
     assert all(0 < v <= math.log(12) + 1e-9 for v in m["attention_entropy"].values())
-    assert all(v > 0 for v in m["tau"].values()) and all(0 <= v < 0.5 for v in m["lambda"].values())
+    assert all(v > 0 for v in m["tau"].values()) and all(0 <= v < 0.5 for v in m["lam"].values())
     assert m["next_token_entropy"] == pytest.approx(float(entropy(logits.detach()).mean()))
     plain = model(x).logits
     assert torch.allclose(plain, logits, atol=1e-10)  # metrics use the explicit path, same result
@@ -123,7 +123,7 @@ def test_metrics_are_returned_and_in_range():
 def test_hook_names_cache_and_a_bad_name():
     model = tiny_lm()
     names = model.hook_names()
-    for n in ("hook_K", "hook_phi", "hook_R", "hook_tau", "hook_lambda", "hook_P", "hook_pattern"):
+    for n in ("hook_K", "hook_phi", "hook_R", "hook_tau", "hook_lam", "hook_P", "hook_pattern"):
         assert f"blocks.2.pma.{n}" in names
     x = torch.randint(0, 30, (1, 10))
     out, cache = run_with_cache(model, x, names_filter=lambda n: n.startswith("blocks.3"))
@@ -183,7 +183,7 @@ def test_gradients_reach_every_phase_parameter():
     x = torch.randint(0, 30, (2, 12))
     model(x, x).loss.backward()
     pma = model.pma_layers()[2]
-    for name in ("omega", "phi_pos", "lambda_raw", "tau_raw", "alpha_raw", "beta_raw", "coupling_map.weight",
+    for name in ("omega", "phi_pos", "lam_raw", "tau_raw", "alpha_raw", "beta_raw", "coupling_map.weight",
                  "phase_proj.weight"):
         grad = dict(pma.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name

@@ -3,9 +3,7 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
-import phaselm
 from phaselm import ModelLoadError, PhaseSlipSampler, Sampler, load_causal_lm
 from phaselm_cli import main
 from tests.conftest import make_model, make_tokenizer

@@ -32,13 +32,13 @@ from torch import nn
 from phaselm.nn.hooks import HookPoint
 
 Value = Union[float, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]
-TARGETS = {"K": "hook_K", "R": "hook_R", "tau": "hook_tau", "lam": "hook_lambda", "lambda_": "hook_lambda",
+TARGETS = {"K": "hook_K", "R": "hook_R", "tau": "hook_tau", "lam": "hook_lam",
            "phi": "hook_phi", "phi_pos": "hook_phi_pos"}
 _ATTR = "_phaselm_overrides"
 # (lowest, highest, lowest allowed?) per target; every value must also be finite
-RANGES = {"R": (0.0, 1.0, True), "tau": (0.0, math.inf, False), "lam": (0.0, 1.0, True), "lambda_": (0.0, 1.0, True)}
+RANGES = {"R": (0.0, 1.0, True), "tau": (0.0, math.inf, False), "lam": (0.0, 1.0, True)}
 # index of the head axis counted from the end, and the most dimensions, of each hooked tensor
-SHAPES = {"K": (-2, 3), "phi": (-2, 3), "R": (-2, 3), "tau": (-2, 3), "lam": (-1, 1), "lambda_": (-1, 1),
+SHAPES = {"K": (-2, 3), "phi": (-2, 3), "R": (-2, 3), "tau": (-2, 3), "lam": (-1, 1),
           "phi_pos": (-2, 2)}
 
 

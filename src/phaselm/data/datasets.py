@@ -26,11 +26,15 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from phaselm.data import corpora
 from phaselm.utils import atomic_write, cache_dir
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 TINY_PLAYS = ("hamlet", "macbeth", "romeo_and_juliet", "julius_caesar", "tempest", "midsummer_nights_dream",
               "othello", "lear", "twelfth_night")
@@ -84,7 +88,7 @@ def split_hashes(splits: dict[str, str]) -> dict[str, str]:
     return {s: hashlib.sha256(t.encode("utf-8")).hexdigest() for s, t in splits.items()}
 
 
-def char_tokenizer(chars) -> "PreTrainedTokenizerFast":
+def char_tokenizer(chars) -> PreTrainedTokenizerFast:
     """A transformers tokenizer (built with ``tokenizers``) whose tokens are the characters
     ``chars``, id = index: every character is its own token, decoding concatenates. It has no
     special tokens (so no padding: batch prompts of one length, or pass ids and a mask), and

@@ -11,7 +11,6 @@ For every arm other than ``baseline`` (each ``ARM/seed-S/summary.json`` made by 
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 

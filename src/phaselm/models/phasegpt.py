@@ -61,5 +61,5 @@ class PhaseGPTForCausalLM(GPTForCausalLM):
             return super().make_attention(layer_idx)
         return PhaseCoupledAttention(
             c.n_embd, c.n_head, c.dropout, c.bias, layer_idx, n_osc=c.n_osc, coupling_init=c.coupling_init,
-            steps=c.kuramoto_steps, dt=c.kuramoto_dt, method=c.integrator, coherence_init=c.coherence_init,
+            kuramoto_steps=c.kuramoto_steps, kuramoto_dt=c.kuramoto_dt, integrator=c.integrator, coherence_init=c.coherence_init,
             phase_noise=c.phase_noise, freq_jitter=c.freq_jitter)

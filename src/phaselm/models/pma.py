@@ -21,7 +21,7 @@ which ``generate`` reads; its first block is then a "hybrid" layer that also rec
 key/value entry per token (transformers counts a zero-width entry as no tokens).
 
 Every internal quantity has a hook point (:mod:`phaselm.nn.hooks`): ``hook_embed``,
-``blocks.{L}.hook_resid_post``, ``blocks.{L}.pma.hook_{K,phi,phi_pos,R,lambda,var_P,tau,P,pattern,z}``.
+``blocks.{L}.hook_resid_post``, ``blocks.{L}.pma.hook_{K,phi,phi_pos,R,lam,var_P,tau,P,pattern,z}``.
 """
 
 
@@ -50,8 +50,8 @@ LAYOUTS = ("ssm_first", "interleaved")
 class PMAConfig(CacheLayout, PreTrainedConfig, KuramotoSettings, CoherenceRegulariser):
     """``n_layer`` blocks (``n_ssm`` Mamba + the rest PMA, arranged by ``layout``) of width
     ``n_embd`` (d_model); PMA blocks have ``n_head`` heads; Mamba blocks ``d_state``, ``d_conv``,
-    ``expand`` and a ``scan`` implementation; the modulation's λ₀ (``lambda_init`` in [0, 0.5),
-    ``lambda_trainable``), τ_base₀, α₀, β₀, the coupling mode (``context`` | ``constant``), the
+    ``expand`` and a ``scan`` implementation; the modulation's λ₀ (``lam_init`` in [0, 0.5),
+    ``lam_trainable``), τ_base₀, α₀, β₀, the coupling mode (``context`` | ``constant``), the
     Kuramoto settings and the coherence regulariser."""
 
     model_type = "phaselm_pma"
@@ -70,8 +70,8 @@ class PMAConfig(CacheLayout, PreTrainedConfig, KuramotoSettings, CoherenceRegula
     expand: int = 2
     dropout: float | int = 0.0
     bias: bool = False
-    lambda_init: float | int = 0.1
-    lambda_trainable: bool = True
+    lam_init: float | int = 0.1
+    lam_trainable: bool = True
     tau_base_init: float | int = 1.0
     tau_alpha_init: float | int = 0.1
     tau_beta_init: float | int = 0.1
@@ -93,9 +93,9 @@ class PMAConfig(CacheLayout, PreTrainedConfig, KuramotoSettings, CoherenceRegula
             raise ValueError(f"coupling_mode must be 'context' or 'constant', got {self.coupling_mode!r}")
         if self.scan not in SCANS:
             raise ValueError(f"scan must be one of {SCANS}, got {self.scan!r}")
-        if not 0 <= self.lambda_init < PhaseModulatedAttention.LAMBDA_MAX or (
-                self.lambda_trainable and self.lambda_init <= 0):
-            raise ValueError(f"lambda_init must be in [0, 0.5) (and > 0 when trainable), got {self.lambda_init}")
+        if not 0 <= self.lam_init < PhaseModulatedAttention.LAM_MAX or (
+                self.lam_trainable and self.lam_init <= 0):
+            raise ValueError(f"lam_init must be in [0, 0.5) (and > 0 when trainable), got {self.lam_init}")
         if min(self.tau_base_init, self.tau_alpha_init, self.tau_beta_init) <= 0:
             raise ValueError("tau_base_init, tau_alpha_init and tau_beta_init must be > 0")
         if not 0 <= self.dropout < 1:
@@ -158,9 +158,9 @@ class PMABlock(nn.Module):
         self.norm_1 = nn.RMSNorm(cfg.n_embd)
         self.pma = PhaseModulatedAttention(
             cfg.n_embd, cfg.n_head, cfg.block_size, cfg.dropout, cfg.bias, layer_idx,
-            coupling_init=cfg.coupling_init, coupling_mode=cfg.coupling_mode, steps=cfg.kuramoto_steps,
-            dt=cfg.kuramoto_dt, method=cfg.integrator, lambda_init=cfg.lambda_init,
-            lambda_trainable=cfg.lambda_trainable, tau_base_init=cfg.tau_base_init, tau_alpha_init=cfg.tau_alpha_init,
+            coupling_init=cfg.coupling_init, coupling_mode=cfg.coupling_mode, kuramoto_steps=cfg.kuramoto_steps,
+            kuramoto_dt=cfg.kuramoto_dt, integrator=cfg.integrator, lam_init=cfg.lam_init,
+            lam_trainable=cfg.lam_trainable, tau_base_init=cfg.tau_base_init, tau_alpha_init=cfg.tau_alpha_init,
             tau_beta_init=cfg.tau_beta_init, phase_noise=cfg.phase_noise, freq_jitter=cfg.freq_jitter)
         self.norm_2 = nn.RMSNorm(cfg.n_embd)
         self.mlp = MLP(cfg.n_embd, cfg.dropout, cfg.bias)
@@ -183,7 +183,7 @@ class PMAForCausalLM(PhaseLMForCausalLM):
     """``model(ids).logits``; ``model(ids, targets).loss``; ``model(ids, return_metrics=True).metrics``.
 
     ``metrics``: ``R_mean`` (mean order parameter over PMA layers), per PMA layer (keyed by block
-    index) ``R``, ``tau``, ``lambda``, ``K`` and ``attention_entropy`` (nats), the mean
+    index) ``R``, ``tau``, ``lam``, ``K`` and ``attention_entropy`` (nats), the mean
     ``next_token_entropy`` (nats) and that of the last position, and ``loss`` when targets are given.
     """
 
@@ -252,7 +252,7 @@ class PMAForCausalLM(PhaseLMForCausalLM):
         ent = entropy(logits.detach())
         out: dict = {"next_token_entropy": float(ent.mean()), "next_token_entropy_last": float(ent[:, -1].mean())}
         layers = self.phase_layers()
-        for key in ("R", "tau", "lambda", "K", "attention_entropy"):
+        for key in ("R", "tau", "lam", "K", "attention_entropy"):
             out[key] = {i: float(m.last[key]) for i, m in layers.items() if key in m.last}
         out["R_mean"] = sum(out["R"].values()) / len(layers) if layers else float("nan")
         if loss is not None:

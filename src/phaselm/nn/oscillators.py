@@ -121,7 +121,7 @@ def integrate(
     coupling,
     steps: int = 1,
     dt: float = 0.1,
-    method: str = "euler",
+    integrator: str = "euler",
     dim: int = -2,
     causal: bool = True,
     noise_std: float = 0.0,
@@ -136,8 +136,8 @@ def integrate(
     tokens out of every mean field; ``sums`` (:class:`PhasorSums`) continues from earlier tokens
     (incremental decoding): the result for the new tokens equals integrating the whole sequence.
     """
-    if method not in ("euler", "rk4"):
-        raise ValueError(f"method must be 'euler' or 'rk4', got {method!r}")
+    if integrator not in ("euler", "rk4"):
+        raise ValueError(f"integrator must be 'euler' or 'rk4', got {integrator!r}")
     if steps < 0 or dt <= 0:
         raise ValueError(f"steps must be >= 0 and dt > 0, got steps={steps}, dt={dt}")
 
@@ -145,7 +145,7 @@ def integrate(
         return velocity(th, omega, coupling, dim, causal, weight, sums)
 
     for _ in range(steps):
-        if method == "euler":
+        if integrator == "euler":
             theta = theta + dt * f(theta)
         else:
             k1 = f(theta)

@@ -34,13 +34,14 @@ class PhaseCoupledAttention(CausalSelfAttention):
     """Phase-coupled causal attention (see the module docstring)."""
 
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = False, layer_idx: int = 0,
-                 n_osc: int = 32, coupling_init: float = 1.0, steps: int = 2, dt: float = 0.1,
-                 method: str = "euler", coherence_init: float = 0.5, phase_noise: float = 0.0,
+                 n_osc: int = 32, coupling_init: float = 1.0, kuramoto_steps: int = 2,
+                 kuramoto_dt: float = 0.1, integrator: str = "euler", coherence_init: float = 0.5, phase_noise: float = 0.0,
                  freq_jitter: float = 0.0):
         super().__init__(n_embd, n_head, dropout, bias, layer_idx)
-        if n_osc < 1 or steps < 0 or dt <= 0:
-            raise ValueError(f"n_osc must be >= 1, steps >= 0 and dt > 0 (got {n_osc}, {steps}, {dt})")
-        self.n_osc, self.steps, self.dt, self.method = n_osc, steps, dt, method
+        if n_osc < 1 or kuramoto_steps < 0 or kuramoto_dt <= 0:
+            raise ValueError(f"n_osc must be >= 1, kuramoto_steps >= 0 and kuramoto_dt > 0 (got {n_osc}, {kuramoto_steps}, "
+                             f"{kuramoto_dt})")
+        self.n_osc, self.kuramoto_steps, self.kuramoto_dt, self.integrator = n_osc, kuramoto_steps, kuramoto_dt, integrator
         self.phase_noise, self.freq_jitter = phase_noise, freq_jitter
         self.phase_proj = nn.Linear(n_embd, n_head * n_osc, bias=bias)
         self.omega = nn.Parameter(0.1 * torch.randn(n_head, n_osc))
@@ -57,8 +58,8 @@ class PhaseCoupledAttention(CausalSelfAttention):
         if self.training and self.freq_jitter > 0:
             omega = osc.jitter_frequencies(omega, self.freq_jitter)
         sums = phasor_sums(inputs, self.layer_idx, theta)
-        theta = osc.integrate(theta, omega[:, None, :], self.coupling[:, None, None], steps=self.steps, dt=self.dt,
-                              method=self.method, dim=-2, causal=True,
+        theta = osc.integrate(theta, omega[:, None, :], self.coupling[:, None, None], steps=self.kuramoto_steps,
+                              dt=self.kuramoto_dt, integrator=self.integrator, dim=-2, causal=True,
                               noise_std=self.phase_noise if self.training else 0.0,
                               weight=token_weight(inputs, 4), sums=sums)
         store_phasor_sums(inputs, self.layer_idx, sums)

@@ -45,28 +45,28 @@ class PhaseModulatedAttention(CausalSelfAttention):
 
     Hook points (``blocks.{L}.pma.`` + name): ``hook_K`` [B,H,T], ``hook_phi`` [B,H,T] (after the
     Kuramoto steps), ``hook_phi_pos`` [H,T] ([B,H,T] with position ids), ``hook_R`` [B,H,T],
-    ``hook_lambda`` [H], ``hook_var_P`` [B,H,T], ``hook_tau`` [B,H,T], ``hook_P`` [B,H,T,T],
+    ``hook_lam`` [H], ``hook_var_P`` [B,H,T], ``hook_tau`` [B,H,T], ``hook_P`` [B,H,T,T],
     ``hook_pattern`` [B,H,T,T] (A, explicit path) and ``hook_z`` [B,H,T,D] (heads before the output
     projection). Each one sits on the tensor that the next computation consumes, so replacing it is
     an intervention.
     """
 
-    LAMBDA_MAX = 0.5
+    LAM_MAX = 0.5
 
     def __init__(self, n_embd: int, n_head: int, block_size: int, dropout: float = 0.0, bias: bool = False,
-                 layer_idx: int = 0, coupling_init: float = 1.0, coupling_mode: str = "context", steps: int = 2,
-                 dt: float = 0.1, method: str = "euler", lambda_init: float = 0.1, lambda_trainable: bool = True,
+                 layer_idx: int = 0, coupling_init: float = 1.0, coupling_mode: str = "context",
+                 kuramoto_steps: int = 2, kuramoto_dt: float = 0.1, integrator: str = "euler", lam_init: float = 0.1, lam_trainable: bool = True,
                  tau_base_init: float = 1.0, tau_alpha_init: float = 0.1, tau_beta_init: float = 0.1,
                  phase_noise: float = 0.0, freq_jitter: float = 0.0):
         super().__init__(n_embd, n_head, dropout, bias, layer_idx)
         if coupling_mode not in ("context", "constant"):
             raise ValueError(f"coupling_mode must be 'context' or 'constant', got {coupling_mode!r}")
-        if not 0 <= lambda_init < self.LAMBDA_MAX or (lambda_trainable and lambda_init <= 0):
-            raise ValueError(f"lambda_init must be in [0, 0.5) (and > 0 when trainable), got {lambda_init}")
-        if tau_base_init <= 0 or tau_alpha_init <= 0 or tau_beta_init <= 0 or steps < 0 or dt <= 0:
-            raise ValueError("tau_base_init, tau_alpha_init, tau_beta_init and dt must be > 0 and steps >= 0")
+        if not 0 <= lam_init < self.LAM_MAX or (lam_trainable and lam_init <= 0):
+            raise ValueError(f"lam_init must be in [0, 0.5) (and > 0 when trainable), got {lam_init}")
+        if tau_base_init <= 0 or tau_alpha_init <= 0 or tau_beta_init <= 0 or kuramoto_steps < 0 or kuramoto_dt <= 0:
+            raise ValueError("tau_base_init, tau_alpha_init, tau_beta_init and kuramoto_dt must be > 0 and kuramoto_steps >= 0")
         h = n_head
-        self.steps, self.dt, self.method = steps, dt, method
+        self.kuramoto_steps, self.kuramoto_dt, self.integrator = kuramoto_steps, kuramoto_dt, integrator
         self.phase_noise, self.freq_jitter, self.coupling_mode = phase_noise, freq_jitter, coupling_mode
         self.coupling_init = coupling_init
         self.phase_proj = nn.Linear(n_embd, h, bias=bias)
@@ -78,15 +78,15 @@ class PhaseModulatedAttention(CausalSelfAttention):
             self.coupling_raw = nn.Parameter(torch.full((h,), inverse_softplus(coupling_init)))
         self.phi_pos = nn.Parameter(torch.empty(h, block_size).uniform_(-math.pi, math.pi))
         self.phi_pos._no_weight_decay = True
-        lam_raw = torch.full((h,), math.log(lambda_init / (0.5 - lambda_init)) if lambda_init > 0 else 0.0)
-        if lambda_trainable:
-            self.lambda_raw = nn.Parameter(lam_raw)  # λ = 0.5·sigmoid(raw) ∈ (0, 0.5)
+        lam_raw = torch.full((h,), math.log(lam_init / (0.5 - lam_init)) if lam_init > 0 else 0.0)
+        if lam_trainable:
+            self.lam_raw = nn.Parameter(lam_raw)  # λ = 0.5·sigmoid(raw) ∈ (0, 0.5)
         else:
-            self.register_buffer("lambda_fixed", torch.full((h,), float(lambda_init)))
+            self.register_buffer("lam_fixed", torch.full((h,), float(lam_init)))
         self.tau_raw = nn.Parameter(torch.full((h,), inverse_softplus(tau_base_init)))
         self.alpha_raw = nn.Parameter(torch.full((h,), inverse_softplus(tau_alpha_init)))
         self.beta_raw = nn.Parameter(torch.full((h,), inverse_softplus(tau_beta_init)))
-        for name in ("K", "phi", "phi_pos", "R", "lambda", "var_P", "tau", "P", "pattern", "z"):
+        for name in ("K", "phi", "phi_pos", "R", "lam", "var_P", "tau", "P", "pattern", "z"):
             setattr(self, f"hook_{name}", HookPoint())
         self.explicit = False  # force the explicit path (set by the LM while recording metrics)
         self.last_r: torch.Tensor | None = None  # [H], with gradients (coherence regulariser)
@@ -103,12 +103,12 @@ class PhaseModulatedAttention(CausalSelfAttention):
     def phase_parameters(self) -> list[nn.Parameter]:
         """The parameters that shape the phases and their effect (for the Fisher information)."""
         mods = [self.phase_proj] + ([self.coupling_map] if self.coupling_mode == "context" else [])
-        own = [self.omega, self.phi_pos] + [getattr(self, n) for n in ("coupling_raw", "lambda_raw")
+        own = [self.omega, self.phi_pos] + [getattr(self, n) for n in ("coupling_raw", "lam_raw")
                                             if isinstance(getattr(self, n, None), nn.Parameter)]
         return [p for m in mods for p in m.parameters()] + own
 
     def lam(self) -> torch.Tensor:
-        return self.LAMBDA_MAX * torch.sigmoid(self.lambda_raw) if hasattr(self, "lambda_raw") else self.lambda_fixed
+        return self.LAM_MAX * torch.sigmoid(self.lam_raw) if hasattr(self, "lam_raw") else self.lam_fixed
 
     def coupling_strength(self, x: torch.Tensor, context: torch.Tensor | None) -> torch.Tensor:
         """K ``[B, H, T]`` (> 0)."""
@@ -125,8 +125,8 @@ class PhaseModulatedAttention(CausalSelfAttention):
         self.last["K"] = k.detach().mean()
         phi0 = math.pi * torch.tanh(self.phase_proj(x)).transpose(1, 2)  # [B, H, T]
         omega = osc.jitter_frequencies(self.omega, self.freq_jitter) if self.training else self.omega
-        phi = osc.integrate(phi0[..., None], omega[:, None, None], k[..., None], steps=self.steps, dt=self.dt,
-                            method=self.method, dim=-2, causal=True,
+        phi = osc.integrate(phi0[..., None], omega[:, None, None], k[..., None], steps=self.kuramoto_steps,
+                            dt=self.kuramoto_dt, integrator=self.integrator, dim=-2, causal=True,
                             noise_std=self.phase_noise if self.training else 0.0,
                             weight=token_weight(inputs, 4), sums=sums)[..., 0]
         return self.hook_phi(phi)
@@ -161,7 +161,7 @@ class PhaseModulatedAttention(CausalSelfAttention):
             phi_pos = self.hook_phi_pos(self.phi_pos[:, :t])  # [H, T]
         else:  # the new keys' phases (an override reaches them, not Var(P) over cached keys)
             phi_pos = self.hook_phi_pos(self.phi_pos[:, inputs.positions].transpose(0, 1))  # [B, H, T]
-        lam = self.hook_lambda(self.lam())[:, None, None]  # [H, 1, 1]
+        lam = self.hook_lam(self.lam())[:, None, None]  # [H, 1, 1]
         explicit = explicit if explicit is not None else (self.explicit or self.hook_P.active
                                                           or self.hook_pattern.active)
         d, drop = self.head_dim, self.attn_dropout()
@@ -192,7 +192,7 @@ class PhaseModulatedAttention(CausalSelfAttention):
             y = attend(q_aug, k_aug, v, inputs, self.layer_idx, scale=1 / math.sqrt(d), dropout_p=drop)
             self.last.pop("attention_entropy", None)
         self.last_r = r.mean(dim=(0, 2))
-        self.last.update(R=r.detach().mean(), tau=tau.detach().mean(), **{"lambda": lam.detach().mean()})
+        self.last.update(R=r.detach().mean(), tau=tau.detach().mean(), lam=lam.detach().mean())
         return self.merge_heads(self.hook_z(y))
 
     def metrics(self) -> dict[str, float]:

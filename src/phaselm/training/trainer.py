@@ -43,6 +43,7 @@ from phaselm.data.datasets import TextTokenizer, char_tokenizer, get_tokenizer, 
 from phaselm.models import MODELS, config_from_dict, config_to_dict
 from phaselm.training import checkpoint as ckpt
 from phaselm.training.config import RunConfig, from_dict
+from phaselm.utils import atomic_write
 
 
 class TrainingError(RuntimeError):
