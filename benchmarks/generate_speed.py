@@ -14,13 +14,12 @@ and PhaseGPT, >= 5 for PMA) and GPT / GPT2LMHeadModel (target >= 0.9). Last line
 the smallest cache speed-up.
 """
 
-import time
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList, TopKLogitsWarper
 
 import phaselm
-from common import arg_parser, finish, machine
+from common import arg_parser, finish, machine, seconds
 
 PROMPT = 16
 
@@ -33,12 +32,6 @@ def models(context: int) -> dict:
         "phasegpt": phaselm.PhaseGPTForCausalLM(phaselm.PhaseGPTConfig(**sizes, phase_layers=[4], n_osc=32)),
         "pma": phaselm.PMAForCausalLM(phaselm.PMAConfig(**sizes, n_ssm=4, d_state=8)),
     }
-
-
-def timed(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 @torch.no_grad()
@@ -68,8 +61,9 @@ def main():
         model.to(args.device).eval()
         for b in batches:
             ids = torch.randint(0, 65, (b, PROMPT), generator=torch.Generator().manual_seed(b), device=args.device)
-            t_cache = timed(lambda: cached(model, ids, args.tokens))
-            t_full = timed(lambda: recompute(model, ids, args.tokens, torch.Generator(args.device).manual_seed(0)))
+            t_cache = seconds(lambda: cached(model, ids, args.tokens), args.device)
+            t_full = seconds(lambda: recompute(model, ids, args.tokens, torch.Generator(args.device).manual_seed(0)),
+                             args.device)
             row = {"cached_tok_s": b * args.tokens / t_cache, "recompute_tok_s": b * args.tokens / t_full,
                    "speedup": t_full / t_cache}
             res["runs"][f"{name}/batch{b}"] = row
@@ -82,7 +76,8 @@ def main():
                                     bos_token_id=None, eos_token_id=None)).to(args.device).eval()
     for b in batches:
         ids = torch.randint(0, 65, (b, PROMPT), generator=torch.Generator().manual_seed(b), device=args.device)
-        t_ours, t_hf = timed(lambda: cached(ours, ids, args.tokens)), timed(lambda: cached(hf, ids, args.tokens))
+        t_ours, t_hf = (seconds(lambda: cached(ours, ids, args.tokens), args.device),
+                           seconds(lambda: cached(hf, ids, args.tokens), args.device))
         res["runs"][f"gpt_vs_gpt2/batch{b}"] = {"ours_tok_s": b * args.tokens / t_ours,
                                                  "gpt2_tok_s": b * args.tokens / t_hf, "ratio": t_hf / t_ours}
         print(f"GPT vs GPT2LMHeadModel batch {b}: {b * args.tokens / t_ours:.1f} vs {b * args.tokens / t_hf:.1f} tok/s, "

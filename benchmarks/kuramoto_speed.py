@@ -8,11 +8,10 @@ times (median of 5), last line ``ratio: X`` = pairwise time / mean-field time.
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 
+from common import median_seconds
 from phaselm.nn import oscillators as osc
 
 
@@ -24,13 +23,7 @@ def pairwise(theta):
 
 
 def timed(fn, x, repeats=5):
-    fn(x)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(lambda: fn(x), repeats)
 
 
 def main():

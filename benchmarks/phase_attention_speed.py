@@ -14,11 +14,10 @@ The last line is the seed-shape ratio (``ratio: X``; target <= 1.3).
 """
 
 import statistics
-import time
 
 import torch
 
-from common import arg_parser, finish, machine
+from common import arg_parser, finish, machine, median_seconds
 from phaselm.nn.attention import CausalSelfAttention
 from phaselm.nn.phase_coupled import PhaseCoupledAttention
 from phaselm.models import config_to_dict, GPTConfig, GPTForCausalLM, PhaseGPTConfig, PhaseGPTForCausalLM
@@ -42,13 +41,7 @@ def step_time(model, batch, block, device, repeats):
         if device == "cuda":
             torch.cuda.synchronize()
 
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_seconds(step, repeats, device)
 
 
 def peak_memory_mb(kind: str, t: int, device: str) -> float:

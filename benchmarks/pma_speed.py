@@ -11,22 +11,17 @@ batch 16) and the 130M config's (d 768, 12 heads, T 1024, batch 2 on CPU, 8 on G
 """
 
 import statistics
-import time
 
 import torch
 
-from common import arg_parser, finish, machine
+from common import arg_parser, finish, machine, seconds
 from phaselm.nn.attention import CausalSelfAttention
 from phaselm.nn.phase_modulated import PhaseModulatedAttention
 
 
 def timed(layer, x, context, device, **kw) -> float:
-    start = time.perf_counter()
-    out = layer(x, context, **kw) if context is not None else layer(x)
-    out.square().mean().backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    """Seconds of one forward + backward."""
+    return seconds(lambda: (layer(x, context, **kw) if context is not None else layer(x)).square().mean().backward(), device)
 
 
 def main():

@@ -27,10 +27,10 @@ import os
 import platform
 import statistics
 import subprocess
-import time
 
 import torch
 
+from common import seconds
 from phaselm import PhaseSlipSampler, Sampler, load_causal_lm
 from phaselm.sampling import PhaseSlipStep, phase_slip_generate
 from phaselm.sampling.processors import SamplingConfig, process_logits
@@ -45,25 +45,15 @@ def hf_generate(model, tok, prompts, n, **phase):
     torch.manual_seed(0)
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=0.65, top_k=40, top_p=1.0,
               pad_token_id=tok.pad_token_id)
-    start = time.perf_counter()
-    if phase:
-        phase_slip_generate(model, **enc, **kw, **phase)
-    else:
-        model.generate(**enc, **kw)
-    _sync(model)
-    return len(prompts) * n / (time.perf_counter() - start)
+    run = (lambda: phase_slip_generate(model, **enc, **kw, **phase)) if phase else (lambda: model.generate(**enc, **kw))
+    return len(prompts) * n / seconds(run, model.device)
 
 
 def ours(sampler, prompts, n, **kw):
-    start = time.perf_counter()
-    out = sampler.generate(prompts, max_new_tokens=n, top_k=40, seed=0, stop_at_eos=False, return_details=True, **kw)
-    _sync(sampler.model)
-    return out.new_tokens / (time.perf_counter() - start)
-
-
-def _sync(model):
-    if model.device.type == "cuda":
-        torch.cuda.synchronize()
+    out = {}
+    s = seconds(lambda: out.update(r=sampler.generate(prompts, max_new_tokens=n, top_k=40, seed=0, stop_at_eos=False,
+                                                       return_details=True, **kw)), sampler.model.device)
+    return out["r"].new_tokens / s
 
 
 @torch.no_grad()
@@ -116,9 +106,10 @@ def main():
 
     model, tok = load_causal_lm(args.model, device=args.device)
     phase = PhaseSlipSampler(model, tok)  # published defaults: noise 0.03, alpha 0.45, window 12
-    t0 = time.perf_counter()
-    cal = phase.calibrate_heads(search_layers=min(6, model.config.num_hidden_layers))
-    calib_s = time.perf_counter() - t0
+    cal = {}
+    calib_s = seconds(lambda: cal.update(r=phase.calibrate_heads(search_layers=min(6, model.config.num_hidden_layers))),
+                      args.device)
+    cal = cal["r"]
     plausible = PhaseSlipSampler(model, tok, heads=phase.heads, plausible_only=True)
     plain = Sampler(model, tok)
     methods = {

@@ -9,11 +9,10 @@ line is the tiny-shape ratio at L = 1024, sequential time / parallel time (``rat
 """
 
 import statistics
-import time
 
 import torch
 
-from common import arg_parser, finish, machine
+from common import arg_parser, finish, machine, seconds
 from phaselm.nn.mamba import selective_scan
 
 
@@ -23,11 +22,7 @@ def timed(scan: str, batch: int, length: int, e: int, n: int, device: str) -> fl
     A, D = -torch.rand(e, n, generator=g) - 0.5, torch.ones(e)
     B, C = torch.randn(batch, length, n, generator=g), torch.randn(batch, length, n, generator=g)
     tensors = [t.to(device).requires_grad_() for t in (u, delta, A, B, C, D)]
-    start = time.perf_counter()
-    selective_scan(*tensors, scan=scan).square().sum().backward()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return seconds(lambda: selective_scan(*tensors, scan=scan).square().sum().backward(), device)
 
 
 def main():

@@ -10,25 +10,19 @@ transformers (target >= 1.0).
 
 import argparse
 import statistics
-import time
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from common import seconds
 from phaselm.models.gpt import GPTConfig, GPTForCausalLM
 
 
 def timed_steps(step, steps, device):
+    """Seconds for ``steps`` training steps after 3 warm-up steps."""
     for _ in range(3):
         step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return seconds(lambda: [step() for _ in range(steps)], device)
 
 
 def main():
