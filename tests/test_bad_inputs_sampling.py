@@ -1,5 +1,5 @@
 """Bad input to the sampler and the loader: each case is one line naming the problem, raised before
-any model is loaded or any token generated (issue 15, "Sampler and loader").
+any model is loaded or any token generated ("Sampler and loader").
 
 Each case: (id, what to call, expected exception, words the message must contain).
 """
