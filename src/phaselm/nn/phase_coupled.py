@@ -1,7 +1,7 @@
 """Phase-coupled attention (PhaseGPT).
 
 Each head h carries N oscillators per token. Phases start from the hidden state, θ⁰ = π·tanh(W x) (``[B, H, T, N]``), evolve for a few causal Kuramoto steps
-along the token axis (:mod:`phaselm.oscillators`; learnable per-head ω ``[H, N]`` and K ``[H]``),
+along the token axis (:mod:`phaselm.nn.oscillators`; learnable per-head ω ``[H, N]`` and K ``[H]``),
 and bias the attention logits by the phase coherence of query and key tokens:
 
     s_ij = q_i·k_j / √d + β_h · c_ij,      c_ij = (1/N) Σ_n cos(θ_i,n − θ_j,n) ∈ [−1, 1]

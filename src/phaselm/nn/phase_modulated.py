@@ -26,7 +26,7 @@ class PhaseModulatedAttention(CausalSelfAttention):
         A[h]       = softmax_j((q_i·k_j / √d) P_eff[h,i,j] / τ[h,i] + causal mask) ,  y = A v
 
     One oscillator per head and token: φ⁰ = π tanh(W_φ x) ``[B, H, T]`` evolves for a few causal
-    Kuramoto steps along the tokens (:mod:`phaselm.oscillators`) with learnable ω_h and coupling K
+    Kuramoto steps along the tokens (:mod:`phaselm.nn.oscillators`) with learnable ω_h and coupling K
     ``[B, H, T]`` = softplus(W_K · RMSNorm(c) + b_K), c the hidden state of the preceding SSM block
     (``coupling_mode="context"``; W_K starts at 0 so K starts at ``coupling_init``), or a learnable
     constant per head (``"constant"``). R[h,i] e^{iψ} = mean_{j≤i} e^{iφ[h,j]} (causal, circular),
