@@ -262,3 +262,13 @@ def test_sample_decodes_a_trained_run_and_phase_slip_at_noise_zero_matches_it(tm
         texts.append(capsys.readouterr().out[:-1])  # print's newline
     assert texts[0].startswith("ROMEO:") and len(texts[0]) == len("ROMEO:") + 9
     assert texts[1] == texts[0]
+
+
+def test_flops_per_token_is_nanogpts_estimate_and_mfu_needs_a_known_gpu():
+    from phaselm.models import GPTConfig, GPTForCausalLM
+    from phaselm.training.trainer import flops_per_token, peak_flops
+
+    model = GPTForCausalLM(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=2, n_embd=16))
+    n = sum(p.numel() for p in model.parameters())
+    assert flops_per_token(model, 32) == 6 * n + 12 * 2 * 16 * 32
+    assert peak_flops(torch.device("cpu")) is None

@@ -181,6 +181,28 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+"""Dense bf16 tensor-core peak FLOP/s by GPU name (the denominator of MFU)."""
+
+
+def flops_per_token(model: torch.nn.Module, block_size: int) -> float:
+    """Training FLOPs per token, nanoGPT's estimate (PaLM, appendix B): 6·N for the weights'
+    matmuls forward and backward, plus 12·L·C·T for the attention scores and their use (N: every
+    parameter (nanoGPT leaves out the position embedding, < 1% of N at its baby-GPT size), L
+    layers, width C, context T). Oscillator and scan work is not counted."""
+    c = model.config
+    n = sum(p.numel() for p in model.parameters())
+    return 6 * n + 12 * c.n_layer * c.n_embd * block_size
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """The GPU's dense bf16 peak FLOP/s (None: unknown, or not a GPU)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
 def lr_at(it: int, cfg) -> float:
     """Linear warm-up to ``lr`` over ``warmup_iters``, then cosine decay to ``min_lr`` at ``lr_decay_iters``."""
     decay_iters = cfg.lr_decay_iters or cfg.max_iters
@@ -371,6 +393,9 @@ class Trainer:
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         scaler = torch.amp.GradScaler(enabled=self.autocast_dtype == torch.float16)
         tokens_per_iter = t.batch_size * t.grad_accum * cfg.model.block_size
+        # MFU on a known GPU: model FLOP/s of the global batch / (ranks · peak)
+        flops_per_iter = flops_per_token(self.raw_model, cfg.model.block_size) * tokens_per_iter
+        peak = peak_flops(self.device)
         bar = tqdm(total=t.max_iters, initial=start_iter, desc="train", unit="it",
                    disable=not self.progress or self.rank != 0)
         it, last_val = start_iter, None
@@ -432,11 +457,16 @@ class Trainer:
                 if it % t.log_interval == 0 or it == t.max_iters:
                     row = {"iter": it, "split": "train", "loss": loss_sum, "ppl": math.exp(min(loss_sum, 50)),
                            "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_iter / dt}
+                    if self.device.type == "cuda":
+                        row["model_tflops"] = flops_per_iter / dt / 1e12
+                        if peak:
+                            row["mfu"] = flops_per_iter / dt / (self.world * peak)
                     if getattr(cfg.model, "coherence_reg", 0) > 0:
                         row["coherence_reg"] = reg_sum
                     row.update(self.raw_model.layer_metrics())
                     self._log(row)
-                    bar.set_postfix_str(f"loss {loss_sum:.3f} ppl {row['ppl']:.2f} {row['tokens_per_s']:.0f} tok/s")
+                    mfu = f" MFU {row['mfu']:.1%}" if "mfu" in row else ""
+                    bar.set_postfix_str(f"loss {loss_sum:.3f} ppl {row['ppl']:.2f} {row['tokens_per_s']:.0f} tok/s{mfu}")
         except KeyboardInterrupt as stop:
             # rng holds the states at the start of iteration `it`, which has not been applied
             if on_main:  # a second SIGTERM must not cut the save short
