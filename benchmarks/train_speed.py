@@ -1,6 +1,6 @@
 """Training tokens/s of phaselm's GPT vs ``transformers.GPT2LMHeadModel`` of the same shapes, one run.
 
-    python benchmarks/train_speed.py [--device cpu|cuda] [--steps 20] [--repeats 3]
+    python benchmarks/train_speed.py [--device cpu|cuda] [--steps 20] [--repeats 3] [--json FILE]
 
 Same shapes (4 layers, 4 heads, 128 wide, block 128, vocab 65, no dropout, tied head), same
 batch, same AdamW; forward + backward + optimiser step, timed after warm-up; the two models are
@@ -8,13 +8,12 @@ interleaved and the median of ``--repeats`` timings is taken. Last line: ``ratio
 transformers (target >= 1.0).
 """
 
-import argparse
 import statistics
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from common import seconds
+from common import arg_parser, finish, machine, seconds
 from phaselm.models.gpt import GPTConfig, GPTForCausalLM
 
 
@@ -26,10 +25,8 @@ def timed_steps(step, steps, device):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
+    ap = arg_parser(__doc__)
     ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--width", type=int, default=128)
@@ -69,7 +66,8 @@ def main():
     print(f"device {args.device}, threads {torch.get_num_threads()}, torch {torch.__version__}; "
           f"batch {args.batch} x block {args.block}, {args.steps} steps x {args.repeats} repeats")
     print(f"phaselm GPT {a:.0f} tok/s, transformers GPT2LMHeadModel {b:.0f} tok/s")
-    print(f"ratio: {a / b:.2f}")
+    finish({"machine": machine(args), "shapes": {k: getattr(args, k) for k in ("batch", "layers", "width", "block", "steps")},
+            "tokens_per_s": {"phaselm": a, "gpt2": b}}, args, a / b)
 
 
 if __name__ == "__main__":

@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     rr = rep.add_parser("run", help="summarise one training run: summary.json (final/best val, test, curves)")
     rr.add_argument("run", help="a run folder (train.out_dir)")
     rr.add_argument("out", help="folder for summary.json")
-    rr.add_argument("--command", default="", help="the command that trained the run, recorded in the summary")
+    rr.add_argument("--command", dest="run_command", default="", help="the command that trained the run, recorded in the summary")
     rg = rep.add_parser("grid", help="table (mean ± 95%% CI over seeds, paired Δ) and curves of a grid of summarised runs")
     rg.add_argument("runs", help="RUNS/ARM/seed-S/summary.json")
     rg.add_argument("--out", default=None, help="write the markdown table here too")

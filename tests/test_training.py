@@ -176,6 +176,14 @@ def test_phasegpt_trains_logs_r_per_layer_and_applies_the_regulariser(tmp_path):
     # or on a split of the run's own dataset
     assert main(["interpret", str(tmp_path / "p"), "--split", "val", "--windows", "2", "--out", str(tmp_path / "iv")]) == 0
     assert json.loads((tmp_path / "iv" / "summary.json").read_text())["windows"] == 2
+    # the run's summary for results/ carries the val-loss and R curves of its log, and a grid of it reports them
+    grid = tmp_path / "grid" / "phasegpt" / "seed-1"
+    assert main(["report", "run", str(tmp_path / "p"), str(grid), "--command", "phaselm train x.yaml"]) == 0
+    summary = json.loads((grid / "summary.json").read_text())
+    assert summary["command"] == "phaselm train x.yaml" and summary["curves"]["R"]["layer1"][-1] == [4, last["layer1.R_mean"]]
+    assert [p[1] for p in summary["curves"]["val_loss"]] == [r["loss"] for r in rows(tmp_path / "p", "val")]
+    assert main(["report", "grid", str(tmp_path / "grid"), "--baseline", "phasegpt", "--plots", str(tmp_path / "plots")]) == 0
+    assert (tmp_path / "plots" / "val_curves.png").exists() and (tmp_path / "plots" / "r_curves.png").exists()
 
 
 def test_interpret_needs_a_phasegpt_checkpoint(tmp_path, capsys):

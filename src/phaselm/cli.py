@@ -411,7 +411,7 @@ def cmd_report(args) -> int:
     if args.report == "run":
         from phaselm.evaluation.run_report import summarize_run
 
-        s = summarize_run(args.run, args.out, args.command or command)
+        s = summarize_run(args.run, args.out, args.run_command or command)
         print(f"wrote {Path(args.out) / 'summary.json'}: final val loss {s['final_val_loss']:.4f}, "
               f"test perplexity {s['final_test_ppl']:.3f}")
     elif args.report == "grid":
