@@ -116,7 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     bs = bench.add_parser("sampling", help="Phase-Slip vs standard sampling at matched diversity",
-                          description="Writes results.json, report.md and frontier.png under --out.")
+                          description="Writes results.json, report.md, frontier.png and comparisons.png under --out.")
     _add_model(bs)
     bs.add_argument("--judge", default=None, help="a second model whose perplexity of the generations is reported")
     bs.add_argument("--protocol", choices=["phaselm", "published", "powered"], default="phaselm",
@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     ri.add_argument("--out", default="results/pma")
     ri.add_argument("--prompts", type=int, default=16, help="prompts per kind")
     ri.add_argument("--device", default="cpu")
-    rs = rep.add_parser("sampling", help="re-render report.md and frontier.png from a sampling benchmark's results.json")
+    rs = rep.add_parser("sampling", help="re-render report.md, frontier.png and comparisons.png from a sampling benchmark's results.json")
     rs.add_argument("folder", nargs="?", default="results/sampling")
     return parser
 

@@ -8,7 +8,7 @@ import socket
 import pytest
 import torch.multiprocessing as mp
 
-from phaselm.cli import main
+from phaselm_cli import main
 from tests.conftest import make_model, make_tokenizer
 
 BENCH = ["--rounds", "3", "--max-new-tokens", "6", "--human-passages", "0", "--batch-size", "4",

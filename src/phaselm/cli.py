@@ -75,7 +75,7 @@ def _generate_file(args) -> int:
     the output does not depend on the number of processes."""
     import json
 
-    from phaselm.evaluation.sampling_bench import all_gather, batches_for_rank
+    from phaselm.utils import all_gather, batches_for_rank
     from phaselm.sampling import Sampler
 
     if args.prompt is not None:
@@ -394,7 +394,7 @@ def cmd_bench(args) -> int:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     threads = os.environ.get("OMP_NUM_THREADS")
     command = ((f"OMP_NUM_THREADS={threads} " if threads else "")
-               + (f"torchrun --standalone --nproc_per_node {world} -m phaselm.cli " if world > 1 else "phaselm ")
+               + (f"torchrun --standalone --nproc_per_node {world} -m phaselm " if world > 1 else "phaselm ")
                + shlex.join(args.argv))
     for path in write_all(res, args.out, command):
         print(f"wrote {path}")
@@ -435,14 +435,12 @@ def cmd_report(args) -> int:
         result = run_interventions(args.runs, args.out, args.prompts, str(torch_device(args.device)), command)
         print(json.dumps(result["summary"], indent=1))
     else:  # sampling
-        from phaselm.evaluation.sampling_report import plot_frontier, write_markdown
+        from phaselm.evaluation.sampling_report import rerender
 
-        folder = Path(args.folder)
         try:
-            data = json.loads((folder / "results.json").read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"{folder}/results.json cannot be read ({err}); pass a folder written by phaselm bench sampling") from None
-        write_markdown(data, folder / "report.md", data["command"])
-        plot_frontier(data, folder / "frontier.png")
-        print(f"re-rendered {folder / 'report.md'} and {folder / 'frontier.png'}")
+            paths = rerender(args.folder)
+        except (OSError, json.JSONDecodeError, KeyError) as err:
+            raise ValueError(f"{args.folder}/results.json cannot be read ({err}); pass a folder written by "
+                             "phaselm bench sampling") from None
+        print("re-rendered " + ", ".join(str(p) for p in paths))
     return 0

@@ -1,5 +1,6 @@
 """Helpers shared by every layer (imports nothing from phaselm): the cache folder, atomic file
-writes, the record of what ran (provenance) and the plotting backend."""
+writes, the record of what ran (provenance), data-parallel sharding under torchrun and the
+plotting backend."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, durable: bool = Fal
 
 
 def provenance() -> dict:
-    """What produced a result: commit (and whether ``src`` had uncommitted changes), machine,
-    device, and the torch / transformers / Python versions."""
+    """What produced a result: commit (and whether ``src`` had uncommitted changes), machine (with the
+    processes of a torchrun launch), CPU, device, and the torch / transformers / Python versions."""
     import torch
     import transformers
 
@@ -46,10 +47,52 @@ def provenance() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
+    _, world = dist_info()
     return {"commit": git("rev-parse", "--short", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--", "src")),
-            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip()
+            + (f" × {world} processes" if world > 1 else ""),
+            "cpu": _cpu_name(), "cores": os.cpu_count(),
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def _cpu_name() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def dist_info() -> tuple[int, int]:
+    """``(rank, world_size)`` of a torch.distributed launch; ``(0, 1)`` without a process group."""
+    import torch
+
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def all_gather(obj) -> list:
+    """Every rank's ``obj`` (rank order), on every rank; ``[obj]`` without a process group."""
+    import torch
+
+    _, world = dist_info()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+def batches_for_rank(n_jobs: int, batch_size: int) -> list[range]:
+    """The job batches this rank runs: the job list cut into batches of ``batch_size`` (the same cut
+    for any world size), dealt round-robin to the ranks, so results do not depend on the world size."""
+    rank, world = dist_info()
+    cuts = [range(s, min(s + batch_size, n_jobs)) for s in range(0, n_jobs, batch_size)]
+    return cuts[rank::world]
 
 
 def pyplot():

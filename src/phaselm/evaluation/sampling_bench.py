@@ -26,8 +26,6 @@ import hashlib
 import json
 import math
 import os
-import platform
-import subprocess
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -40,6 +38,7 @@ from tqdm.auto import tqdm
 from phaselm.evaluation import text_metrics as tm
 from phaselm.evaluation.scoring import continuation_nll, last_token_features, perplexities, text_perplexities
 from phaselm.sampling import PhaseSlipSampler, Sampler
+from phaselm.utils import all_gather, batches_for_rank, dist_info, provenance
 
 PUBLISHED_PROMPTS = [
     "The scientific method is a process that",
@@ -267,31 +266,6 @@ def human_reference_set(tokenizer, per_source: int, prompt_tokens: int, continua
 
 
 # ---------------------------------------------------------------------- torch.distributed
-def dist_info() -> tuple[int, int]:
-    """``(rank, world_size)``; ``(0, 1)`` without an initialised process group."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-def all_gather(obj) -> list:
-    """Every rank's ``obj`` (rank order), on every rank; ``[obj]`` without a process group."""
-    rank, world = dist_info()
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
-
-
-def batches_for_rank(n_jobs: int, batch_size: int) -> list[range]:
-    """The job batches this rank runs: the job list cut into batches of ``batch_size`` (the same cut
-    for any world size), dealt round-robin to the ranks."""
-    rank, world = dist_info()
-    cuts = [range(s, min(s + batch_size, n_jobs)) for s in range(0, n_jobs, batch_size)]
-    return cuts[rank::world]
-
-
 # ---------------------------------------------------------------------- statistics
 def stratified_indices(n_prompts: int, rounds: int, n_boot: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Bootstrap draws stratified by prompt: ``prompts [B, P]`` (prompts drawn with replacement) and
@@ -699,28 +673,3 @@ class SamplingBench:
             "method_wall_seconds": timings, "resumed": resumed, "world_size": self.world,
             "provenance": prov, "wall_seconds": time.perf_counter() - t0,
         }
-
-
-def provenance() -> dict:
-    def git(*args):
-        return subprocess.run(["git", *args], capture_output=True, text=True).stdout.strip()
-
-    import transformers
-
-    rank, world = dist_info()
-    return {"commit": git("rev-parse", "--short", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--", "src")),
-            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip()
-            + (f" × {world} processes" if world > 1 else ""),
-            "cpu": _cpu_name(), "cores": os.cpu_count(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
-
-
-def _cpu_name() -> str | None:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None

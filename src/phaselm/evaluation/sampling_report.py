@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
+
+from phaselm.utils import atomic_write, pyplot, save_figure
 
 
 def _fmt(s: dict | None, digits: int = 3) -> str:
@@ -151,15 +152,13 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
             if ours.get("unique_word_ratio") and ours.get("perplexity") else ""
         out.append(f"| {name} | {d} | {p} | {t} |{mine}")
     out += ["", "Metric definitions: `docs/sampling_benchmark.md`. Every number: `results.json`."]
-    _atomic_write(path, "\n".join(out) + "\n")
+    atomic_write(path, "\n".join(out) + "\n")
 
 
 def plot_frontier(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import matplotlib.ticker
+
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(18, 5.2))
     results = res["results"]
@@ -201,18 +200,12 @@ def plot_frontier(res: dict, path: Path) -> None:
     axes[0].legend(fontsize=7, loc="upper left")
     fig.suptitle(f"Diversity vs perplexity, {res['model']} (bands: 95% bootstrap CI of perplexity)")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def plot_comparisons(res: dict, path: Path) -> None:
     """Forest plot: each comparison's perplexity difference with its 95% CI (bars) and ±MDE (grey)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     primary = res.get("primary_diversity", "entropy")
     items = []
@@ -235,35 +228,25 @@ def plot_comparisons(res: dict, path: Path) -> None:
     ax.set_xlabel("perplexity vs standard sampling (%): 95% CI; grey: ±MDE (80% power); dotted: ±5%")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def write_all(res: dict, out_dir: str | Path, command: str) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     res = dict(res, command=command)
-    _atomic_write(out_dir / "results.json", json.dumps(res, indent=1, default=float))
+    atomic_write(out_dir / "results.json", json.dumps(res, indent=1, default=float))
     write_markdown(res, out_dir / "report.md", command)
     plot_frontier(res, out_dir / "frontier.png")
     plot_comparisons(res, out_dir / "comparisons.png")
     return [out_dir / "results.json", out_dir / "report.md", out_dir / "frontier.png", out_dir / "comparisons.png"]
 
 
-if __name__ == "__main__":  # re-render report.md and frontier.png from a results.json
-    import sys
-
-    folder = Path(sys.argv[1] if len(sys.argv) > 1 else "results/sampling")
+def rerender(folder: str | Path) -> list[Path]:
+    """Re-render report.md, frontier.png and comparisons.png from ``folder/results.json``."""
+    folder = Path(folder)
     data = json.loads((folder / "results.json").read_text())
     write_markdown(data, folder / "report.md", data["command"])
     plot_frontier(data, folder / "frontier.png")
     plot_comparisons(data, folder / "comparisons.png")
-    print(f"re-rendered {folder / 'report.md'}, {folder / 'frontier.png'} and {folder / 'comparisons.png'}")
+    return [folder / "report.md", folder / "frontier.png", folder / "comparisons.png"]
