@@ -34,6 +34,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from phaselm.utils import atomic_write, provenance, pyplot, save_figure
+
 LOOP_N, LOOP_K = 8, 3
 PROMPT_FILE = "loop_prompts.jsonl"
 
@@ -293,7 +295,6 @@ class LoopBench:
                                    self.cfg.max_new_tokens)
 
     def run(self, command: str = "", resume: bool = False) -> dict:
-        from phaselm.evaluation.sampling_bench import provenance
         from phaselm.sampling import PhaseSlipSampler
 
         cfg, methods_dir = self.cfg, self.out / "methods"
@@ -342,7 +343,7 @@ class LoopBench:
                           "heads": [list(h) for h in self.heads] if spec.kind == "phase_slip" else None,
                           "fingerprint": self._fingerprint(), "provenance": prov, **run,
                           "human_prompts": hrun}
-                (methods_dir / f"{name}.json").write_text(json.dumps(record))
+                atomic_write(methods_dir / f"{name}.json", json.dumps(record))
         return analyse(self.out, cfg.n, cfg.k, cfg.max_new_tokens, command=command)
 
 
@@ -432,18 +433,16 @@ def analyse(out: str | Path, n: int = LOOP_N, k: int = LOOP_K, horizon: int = 25
                     for m in order},
            "examples": {m: [g["text"][:300] for g in runs[m]["generations"][:3]] for m in order}}
     res["comparisons"] = _head_to_head(runs, order, n, k)
-    (out / "results.json").write_text(json.dumps(res, indent=1, default=float))
+    atomic_write(out / "results.json", json.dumps(res, indent=1, default=float))
     _plot(res, out / "loops.png")
     text = report(res)
     if (out / "notes.md").exists():  # hand-written reading of the numbers, kept next to the data
         text += "\n" + (out / "notes.md").read_text(encoding="utf-8")
-    (out / "report.md").write_text(text)
+    atomic_write(out / "report.md", text)
     return res
 
 
 def _commit() -> str | None:
-    from phaselm.evaluation.sampling_bench import provenance
-
     return provenance()["commit"]
 
 
@@ -564,13 +563,7 @@ def report(res: dict) -> str:
 
 
 def _plot(res: dict, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
+    plt = pyplot()
     r = res["results"]
     names = list(r)
     fig, (a, b) = plt.subplots(1, 2, figsize=(13, 5))
@@ -599,5 +592,4 @@ def _plot(res: dict, path: Path) -> None:
     b.set_ylim(0, 1.02)
     b.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -4,19 +4,18 @@ On the first 8 prompts on which greedy looped in results/loops/methods/greedy.js
 with PhaseSlipSampler(do_sample=False) and record per step the clean entropy H, the gate's clean
 weight α_eff = α + (1 − α)·sigmoid(c − H) and KL(clean ‖ perturbed); once with the default gate
 (α = 0.45, c = 2.5) and once with the gate open (α = 0, c = −100: α_eff = 0, the fused logits are the
-perturbed logits). Run: OMP_NUM_THREADS=1 .venv/bin/python results/loops/gate_diagnostic.py
+perturbed logits); writes results/loops/gate_diagnostic.json. Exploratory (8 prompts).
+Run: OMP_NUM_THREADS=1 .venv/bin/python experiments/loop_gate_diagnostic.py
 """
 import json
 from pathlib import Path
 
-import torch
-
 import phaselm
 from phaselm.evaluation.loops import has_loop
-from phaselm.evaluation.sampling_bench import provenance
+from phaselm.utils import provenance
 from phaselm.sampling import PhaseSlipSampler
 
-HERE = Path(__file__).parent
+HERE = Path(__file__).resolve().parents[1] / "results" / "loops"
 model, tok = phaselm.load_causal_lm()
 greedy = json.loads((HERE / "methods" / "greedy.json").read_text())
 ps1 = json.loads((HERE / "methods" / "phase_slip_1.json").read_text())
