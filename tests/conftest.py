@@ -45,6 +45,15 @@ def make_model(arch: str, seed: int = 0, layers: int = 4):
     return model.eval()
 
 
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A tiny random Llama and the word-level tokenizer, saved as a model folder."""
+    folder = tmp_path_factory.mktemp("tiny") / "llama"
+    make_model("llama").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tokenizer():
     return make_tokenizer()

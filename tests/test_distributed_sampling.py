@@ -5,11 +5,9 @@ import json
 import os
 import socket
 
-import pytest
 import torch.multiprocessing as mp
 
 from phaselm_cli import main
-from tests.conftest import make_model, make_tokenizer
 
 BENCH = ["--rounds", "3", "--max-new-tokens", "6", "--human-passages", "0", "--batch-size", "4",
          "--methods", "standard_matched,phase_slip,dry,xtc,top_nsigma", "--sweeps", "standard_T,phase_slip_noise",
@@ -19,14 +17,6 @@ PROMPTS = ["the old king", "a dark night", "she saw the sea", "the ship", "then 
            "it was a new day", "the dog"]
 # what may differ between runs: timings, and how the run was made
 VOLATILE = {"provenance", "wall_seconds", "method_wall_seconds", "world_size", "speed", "resumed", "command"}
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "llama"
-    make_model("llama").save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return folder
 
 
 def _free_port() -> int:

@@ -6,15 +6,7 @@ import pytest
 from phaselm_cli import main
 from phaselm.evaluation import text_metrics as tm
 from phaselm.evaluation.sampling_bench import MAIN_METHODS, METRICS
-from tests.conftest import make_model, make_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_folder(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tiny") / "llama"
-    make_model("llama").save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return folder
+from tests.conftest import make_model
 
 
 def test_bench_rounds_1_writes_every_method_and_metric(tiny_folder, tmp_path):
