@@ -45,18 +45,19 @@ class PhasorSums:
     def __init__(self, prefix: torch.Tensor | None = None, count: torch.Tensor | float = 0.0):
         self.prefix, self.count, self.totals = prefix, count, []
 
-    def take(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def take(self) -> torch.Tensor | None:
+        """The earlier tokens' sums for the next evaluation, ``[..., 2]`` (None: no earlier tokens)."""
         i = len(self.totals)
         if self.prefix is None:
             return None
         if i >= self.prefix.shape[0]:
             raise ValueError(f"the Kuramoto state holds {self.prefix.shape[0]} mean-field evaluations, "
                              f"but evaluation {i + 1} was asked for (steps or method changed?)")
-        return self.prefix[i, ..., 0], self.prefix[i, ..., 1]
+        return self.prefix[i]
 
     def stacked(self) -> torch.Tensor:
         """``[E, ..., 2]``: the totals after the new tokens, for the next call."""
-        return torch.stack([torch.stack(t, -1) for t in self.totals])
+        return torch.stack(self.totals)
 
 
 def _mean_phasor(theta: torch.Tensor, dim: int, causal: bool, weight: torch.Tensor | None = None,
@@ -81,12 +82,12 @@ def _mean_phasor(theta: torch.Tensor, dim: int, causal: bool, weight: torch.Tens
         return m[..., 0], m[..., 1]
     prefix, count = (None, 0.0) if sums is None else (sums.take(), sums.count)
     if prefix is not None:
-        prefix = torch.stack(prefix, -1).unsqueeze(axis).to(acc)
+        prefix = prefix.unsqueeze(axis).to(acc)
     if torch.is_tensor(count):
         count = count[..., None]
     m, totals = causal_mean(z, axis, w, prefix, count)
     if sums is not None:
-        sums.totals.append((totals[..., 0], totals[..., 1]))
+        sums.totals.append(totals)
     m = m.to(theta.dtype)
     return m[..., 0], m[..., 1]
 
