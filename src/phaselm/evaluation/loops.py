@@ -308,9 +308,9 @@ class LoopBench:
 
             ppl = text_perplexities(self.model, self.tok, [h["prompt"] for h in human], [h["human"] for h in human], 8)
             ids = [self.tok(h["human"], add_special_tokens=False)["input_ids"] for h in human]
-            human_path.write_text(json.dumps({"items": [dict(h, perplexity=p, has_loop=has_loop(i, cfg.n, cfg.k))
-                                                         for h, p, i in zip(human, ppl, ids)],
-                                              "fingerprint": self._fingerprint()}, indent=1))
+            atomic_write(human_path, json.dumps({"items": [dict(h, perplexity=p, has_loop=has_loop(i, cfg.n, cfg.k))
+                                                            for h, p, i in zip(human, ppl, ids)],
+                                                 "fingerprint": self._fingerprint()}, indent=1))
         todo = []
         for name in cfg.methods:
             path = methods_dir / f"{name}.json"

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,7 @@ from tqdm.auto import tqdm
 from phaselm.evaluation import text_metrics as tm
 from phaselm.evaluation.scoring import continuation_nll, last_token_features, perplexities, text_perplexities
 from phaselm.sampling import PhaseSlipSampler, Sampler
-from phaselm.utils import all_gather, batches_for_rank, dist_info, provenance
+from phaselm.utils import all_gather, atomic_write, batches_for_rank, dist_info, provenance
 
 PUBLISHED_PROMPTS = [
     "The scientific method is a process that",
@@ -584,9 +583,7 @@ class SamplingBench:
             return
         path = self._part_path(out_dir, name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({"fingerprint": fingerprint(key), "key": key, "data": data}, default=float))
-        os.replace(tmp, path)
+        atomic_write(path, json.dumps({"fingerprint": fingerprint(key), "key": key, "data": data}, default=float))
 
     # ------------------------------------------------------------------ main
     def run(self, out_dir: str | Path | None = None, resume: bool = False) -> dict:
