@@ -45,6 +45,9 @@ def test_each_filter_actually_restricts_the_draws():
 
 def test_entropy_in_nats():
     assert torch.allclose(entropy(torch.zeros(1, 8)), torch.tensor([torch.log(torch.tensor(8.0))]))
+    # tokens removed with -inf (after top-k, say) contribute 0: four equal survivors give log 4
+    masked = torch.tensor([[0.0, 0.0, 0.0, 0.0] + [float("-inf")] * 4])
+    assert torch.allclose(entropy(masked), torch.tensor([torch.log(torch.tensor(4.0))]))
 
 
 @pytest.mark.parametrize("kwargs, name", [

@@ -16,13 +16,15 @@ import torch
 
 def entropy(logits: torch.Tensor | None = None, *, probs: torch.Tensor | None = None) -> torch.Tensor:
     """Entropy (nats) over the last axis: of softmax(``logits [..., V]``) (computed in float32
-    at least), or of ``probs [..., V]`` (rows summing to 1; 0 log 0 = 0). Returns ``[...]``."""
+    at least; tokens removed with logit −inf contribute 0), or of ``probs [..., V]`` (rows summing
+    to 1; 0 log 0 = 0). Returns ``[...]``."""
     if (logits is None) == (probs is None):
         raise ValueError("give exactly one of logits and probs")
     if probs is not None:
         return -(probs * torch.log(probs.clamp_min(1e-30))).sum(-1)
     logp = logits.float().log_softmax(-1)
-    return -(logp.exp() * logp).sum(-1)
+    p = logp.exp()
+    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
 
 
 def kl_divergence(p_logits: torch.Tensor, q_logits: torch.Tensor) -> torch.Tensor:

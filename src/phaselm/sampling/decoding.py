@@ -15,15 +15,14 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from phaselm.nn.functional import entropy
 from phaselm.sampling.processors import SamplingConfig, choose_tokens, process_logits
 
 
 def sampling_entropy(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
     """``[B]``: entropy in nats of the distribution a token is drawn from (``logits`` after
     temperature / top-k / top-p / min-p); removed tokens contribute 0."""
-    logp = process_logits(logits, cfg).log_softmax(-1)
-    p = logp.exp()
-    return -(p * logp.masked_fill(p == 0, 0.0)).sum(-1)
+    return entropy(process_logits(logits, cfg))
 
 
 @dataclass
