@@ -75,8 +75,8 @@ def _generate_file(args) -> int:
     the output does not depend on the number of processes."""
     import json
 
-    from phaselm.utils import all_gather, batches_for_rank
     from phaselm.sampling import Sampler
+    from phaselm.utils import all_gather, atomic_write, batches_for_rank
 
     if args.prompt is not None:
         raise ValueError("give either a prompt or --input-file, not both")
@@ -115,7 +115,7 @@ def _generate_file(args) -> int:
         return 0
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     if args.output:
-        Path(args.output).write_text(text, encoding="utf-8")
+        atomic_write(args.output, text)
         print(f"wrote {len(rows)} generations to {args.output}", file=sys.stderr)
     else:
         sys.stdout.write(text)
