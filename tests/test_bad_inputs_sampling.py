@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from phaselm import ModelLoadError, PhaseSlipSampler, load_causal_lm
-from phaselm.sampling import PhaseSlipStep, phase_slip_generate
+from phaselm import ModelLoadError, PhaseSlipSampler, Sampler, load_causal_lm
+from phaselm.sampling import PhaseSlipStep, calibrate_heads, phase_slip_generate
 from tests.conftest import make_model, make_tokenizer
 
 TOK = make_tokenizer()
+TEXT = "the king said the sea was dark and the ship came to the town"
 
 
 def sampler(**kw):
@@ -71,12 +72,46 @@ def _bad_gguf(tmp, content):
     return load_causal_lm(path)
 
 
-def _generate(**kw):
+def _generate(build=lambda: make_model("llama"), **kw):
     def call(tmp):
         enc = TOK(["the king"], return_tensors="pt")
-        return phase_slip_generate(make_model("llama"), **enc, max_new_tokens=2, pad_token_id=0, **kw)
+        return phase_slip_generate(build(), **enc, max_new_tokens=2, pad_token_id=0, **kw)
 
     return call
+
+
+def sample(prompt="the king", sampler=Sampler, **kw):
+    """``sampler(tiny llama).generate(prompt, **kw)``; a PhaseSlipSampler without heads would calibrate
+    first, so an argument error must come before that (the calibration is made to fail loudly)."""
+    def call(tmp):
+        s = sampler(make_model("llama"), TOK)
+        s.calibrate_heads = lambda *a, **k: pytest.fail("calibrated before checking the arguments")
+        return s.generate(prompt, max_new_tokens=kw.pop("max_new_tokens", 2), **kw)
+
+    return call
+
+
+def calibrate(build=lambda: make_model("llama"), **kw):
+    return lambda tmp: calibrate_heads(build(), TOK, text=kw.pop("text", TEXT), **kw)
+
+
+def _tiny(model_type, **extra):
+    """A tiny random model of a transformers architecture (only the sizes that matter set)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                               num_attention_heads=4, max_position_embeddings=128, **extra)
+    return AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _bigcode():
+    return _tiny("gpt_bigcode", n_embd=32, n_layer=2, n_head=4, n_positions=128)
+
+
+def _deepseek():
+    return _tiny("deepseek_v3", num_key_value_heads=4, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4,
+                 qk_nope_head_dim=4, v_head_dim=8, head_dim=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
+                 topk_group=1, moe_intermediate_size=32)
 
 
 CASES = [
@@ -117,13 +152,66 @@ CASES = [
     ("a name instead of a model", model_object(lambda: "gpt2"), ValueError, "not a transformers model"),
     ("step on an encoder-decoder", lambda tmp: PhaseSlipStep(_t5()), ValueError, "encoder-decoder"),
     # Phase-Slip inside model.generate
-    ("generate without heads", _generate(), ValueError, "needs heads"),
+    ("generate without heads or a tokenizer", _generate(), ValueError, "needs heads"),
+    ("generate num_beams", _generate(heads=[(2, 0)], num_beams=2), ValueError, "beam search"),
+    ("generate contrastive search", _generate(heads=[(2, 0)], penalty_alpha=0.5, top_k=4), ValueError,
+     "contrastive search"),
+    ("generate num_beams before calibrating", _generate(num_beams=2, tokenizer=TOK), ValueError, "sampling and greedy"),
+    ("generate rotation_seed too large", _generate(heads=[(2, 0)], rotation_seed=2**64), ValueError, "rotation_seed"),
+    ("generate rotation_seed float", _generate(heads=[(2, 0)], rotation_seed=1.5), ValueError, "rotation_seed"),
+    ("generate on latent attention", _generate(_deepseek, heads=[(1, 0)]), ValueError, "latent attention"),
+    ("generate on GPTBigCode", _generate(_bigcode, heads=[(1, 0)]), ValueError, "GPTBigCode"),
     ("generate noise above pi", _generate(heads=[(2, 0)], noise_scale=3.5), ValueError, "noise_scale"),
     ("generate without cache", _generate(heads=[(2, 0)], use_cache=False), ValueError, "cache"),
     ("generate static cache", _generate(heads=[(2, 0)], cache_implementation="static"), ValueError, "dynamic cache"),
     ("generate rotation_seed list", _generate(heads=[(2, 0)], rotation_seed=[1, 2, 3]), ValueError, "rotation_seed"),
     ("generate kv head out of range", _generate(heads=[(2, 7)]), ValueError, "out of range"),
+    # generate's request: checked before calibrating or generating
+    ("prompt None", sample(None), ValueError, "string or a list of strings"),
+    ("prompt number in a list", sample(["the king", 3]), ValueError, "prompt 1 is not a string (got int)"),
+    ("temperature inf", sample(temperature=math.inf), ValueError, "temperature"),
+    ("temperature nan", sample(temperature=math.nan), ValueError, "temperature"),
+    ("temperature string", sample(temperature="0.7"), ValueError, "temperature"),
+    ("top_k float", sample(top_k=2.5), ValueError, "top_k"),
+    ("top_k bool", sample(top_k=True), ValueError, "top_k"),
+    ("top_p nan", sample(top_p=math.nan), ValueError, "top_p"),
+    ("min_p string", sample(min_p="0.1"), ValueError, "min_p"),
+    ("do_sample string", sample(do_sample="no"), ValueError, "do_sample"),
+    ("max_new_tokens True", sample(max_new_tokens=True), ValueError, "max_new_tokens"),
+    ("max_new_tokens float", sample(max_new_tokens=2.0), ValueError, "max_new_tokens"),
+    ("max_new_tokens beyond the context", sample(max_new_tokens=100000), ValueError, "max_new_tokens <= "),
+    ("seed float", sample(seed=1.5), ValueError, "seed must be an integer"),
+    ("seed 2**64", sample(seed=2**64), ValueError, "seed must be an integer in [0, 2**63 - 1]"),
+    ("seed negative", sample(seed=-1), ValueError, "seed must be an integer"),
+    ("seed string", sample(seed="abc"), ValueError, "seed must be an integer"),
+    ("seed list with a float", sample(["a", "b"], seed=[1, 2.5]), ValueError, "seed must be an integer"),
+    ("seed bool", sample(seed=True), ValueError, "seed"),
+    ("phase-slip temperature inf before calibrating", sample(sampler=PhaseSlipSampler, temperature=math.inf),
+     ValueError, "temperature"),
+    ("phase-slip too long before calibrating", sample(sampler=PhaseSlipSampler, max_new_tokens=100000), ValueError,
+     "context"),
+    ("phase-slip seed string before calibrating", sample(sampler=PhaseSlipSampler, seed="abc"), ValueError, "seed"),
+    ("tokenizer None", lambda tmp: PhaseSlipSampler(make_model("llama"), None), ValueError, "tokenizer"),
+    # the plain sampler refuses what is not a decoder-only causal LM, as Phase-Slip does
+    ("plain sampler on a masked LM", lambda tmp: Sampler(_bert("BertForMaskedLM")(), TOK), ValueError,
+     "not a causal LM"),
+    ("plain sampler on an encoder without is_decoder", lambda tmp: Sampler(_bert("BertLMHeadModel")(), TOK),
+     ValueError, "is_decoder"),
+    ("plain sampler on an encoder-decoder", lambda tmp: Sampler(_t5(), TOK), ValueError, "encoder-decoder"),
+    # head calibration: the same refusals as generating, and its own arguments
+    ("calibrate GPTBigCode", calibrate(_bigcode), ValueError, "GPTBigCode"),
+    ("calibrate latent attention", calibrate(_deepseek), ValueError, "latent attention"),
+    ("calibrate a state-space model", calibrate(_mamba), ValueError, "no attention layers"),
+    ("calibrate search_layers above the layers", calibrate(search_layers=5), ValueError, "search_layers"),
+    ("calibrate search_layers float", calibrate(search_layers=2.5), ValueError, "search_layers"),
+    ("calibrate num_heads above the heads", calibrate(search_layers=1, num_heads=3), ValueError, "num_heads <= 2"),
+    ("calibrate num_heads zero", calibrate(num_heads=0), ValueError, "num_heads"),
+    ("calibrate seed float", calibrate(seed=0.5), ValueError, "seed"),
+    ("calibrate angle above pi", calibrate(angle=4.0), ValueError, "angle"),
+    ("calibrate empty text", calibrate(text="  "), ValueError, "empty"),
+    ("calibrate exclude_fraction 1", calibrate(exclude_fraction=1.0), ValueError, "exclude_fraction"),
     # the loader: damaged files and devices, before any model loads
+    ("empty model name", lambda tmp: load_causal_lm(""), ModelLoadError, "model name is empty"),
     ("truncated safetensors", lambda tmp: _damaged_weights(tmp, "truncated"), ModelLoadError, "damaged"),
     ("garbage safetensors", lambda tmp: _damaged_weights(tmp, "garbage"), ModelLoadError, "damaged"),
     ("config not json", _bad_config, ModelLoadError, "could not load"),
@@ -163,3 +251,34 @@ def test_numpy_scalars_are_numbers():
                          heads=[(np.int64(2), np.int32(0))])
     assert (s.noise_scale, s.window, s.heads) == (0.5, 4, [(2, 0)])
     assert isinstance(s.generate("the king", max_new_tokens=3, seed=0), str)
+
+
+def test_one_layer_model_calibrates_automatically_without_arguments():
+    """Automatic calibration never complains about a num_heads or search_layers the user did not pass."""
+    sampler = PhaseSlipSampler(make_model("llama", layers=1), TOK, noise_scale=0.5)
+    assert isinstance(sampler.generate("the king", max_new_tokens=2, seed=0), str)
+    assert sampler.heads == [(0, 0), (0, 1)]
+
+
+@pytest.mark.parametrize("arch", ["mamba", "mamba2"])
+def test_state_space_models_decode_through_the_plain_sampler_like_a_full_forward(arch):
+    """Mamba / Mamba-2 take their cache as cache_params: the Sampler passes it there, so greedy tokens of a
+    left-padded batch equal recomputing each prompt from scratch (they differed silently before)."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+
+    torch.manual_seed(0)
+    model = _mamba() if arch == "mamba" else Mamba2ForCausalLM(Mamba2Config(
+        vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=2, num_heads=4, head_dim=16, n_groups=1,
+        chunk_size=8, pad_token_id=0, eos_token_id=1, bos_token_id=1))
+    model.eval()
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8.0)
+    prompts = ["the ancient door creaked open and", "a king"]
+    out = Sampler(model, TOK).generate(prompts, max_new_tokens=6, do_sample=False, stop_at_eos=False,
+                                       return_details=True)
+    for prompt, got in zip(prompts, out.token_ids):
+        seq = TOK(prompt, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            for _ in range(6):
+                seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        assert got == seq[0, -6:].tolist()

@@ -167,7 +167,7 @@ def test_plausible_only_keeps_noise_zero_exact_and_restricts_draws(llama, tokeni
 
 
 @pytest.mark.parametrize("kwargs, words", [
-    (dict(heads=None), "needs heads"),
+    (dict(heads=None), "needs heads"),  # no heads, and no tokenizer to calibrate them with
     (dict(heads=HEADS, noise_scale=4.0), "noise_scale"),
     (dict(heads=HEADS, use_cache=False), "cache"),
     (dict(heads=HEADS, cache_implementation="static"), "dynamic cache"),
@@ -177,3 +177,62 @@ def test_bad_generate_settings_are_one_line_errors(llama, tokenizer, kwargs, wor
     with pytest.raises(ValueError, match=words) as err:
         phase_slip_generate(llama, **_enc(tokenizer), **BASE, **kwargs)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("kwargs, mode", [
+    (dict(num_beams=2), "beam sample"),
+    (dict(num_beams=2, do_sample=False), "beam search"),
+    (dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.0, do_sample=False), "beam search"),
+    (dict(penalty_alpha=0.6, top_k=4, do_sample=False), "contrastive search"),
+    (dict(prompt_lookup_num_tokens=3), "assisted generation"),
+    (dict(dola_layers="high", do_sample=False), "dola generation"),
+])
+@pytest.mark.parametrize("form", ["function", "folder"])
+def test_generation_modes_phase_slip_does_not_implement_are_refused(llama, tokenizer, kwargs, mode, form):
+    """Beam search & co. through the custom loop would silently sample rows independently: refused."""
+    with pytest.raises(ValueError) as err:
+        FORMS[form](llama, **_enc(tokenizer), **{**BASE, **kwargs}, noise_scale=0.5, heads=HEADS)
+    message = str(err.value)
+    assert "sampling and greedy decoding only" in message and mode in message and "\n" not in message
+
+
+def test_assistant_model_is_refused(llama, tokenizer):
+    with pytest.raises(ValueError, match="assisted generation") as err:
+        phase_slip_generate(llama, **_enc(tokenizer), **BASE, heads=HEADS, assistant_model=make_model("llama", seed=1))
+    assert "\n" not in str(err.value)
+
+
+def test_generate_without_heads_calibrates_once_per_model_like_the_sampler(tokenizer, caplog):
+    """No heads: both paths run the same automatic calibration (cached per model, logged), so they take
+    the same arguments and give the same tokens."""
+    import logging
+
+    from phaselm.sampling.calibration import automatic_heads
+
+    model = make_model("llama", seed=4)
+    enc = _enc(tokenizer)
+    with caplog.at_level(logging.INFO, logger="phaselm"):
+        auto = _run(lambda **k: phase_slip_generate(model, **k), **enc, **BASE, noise_scale=0.5, tokenizer=tokenizer)
+    assert sum("calibrating" in r.getMessage() for r in caplog.records) == 1
+    heads = automatic_heads(model, tokenizer).selected  # cached: no second calibration
+    explicit = _run(lambda **k: phase_slip_generate(model, **k), **enc, **BASE, noise_scale=0.5, heads=heads)
+    assert torch.equal(auto, explicit)
+    sampler = PhaseSlipSampler(model, tokenizer, noise_scale=0.5)
+    sampler.generate(PROMPTS[0], max_new_tokens=1)
+    assert sampler.heads == heads and sum("calibrating" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_the_folder_form_without_heads_finds_the_models_own_tokenizer(tiny_folder, tokenizer):
+    """The issue's call: model.generate(custom_generate=CUSTOM_GENERATE_DIR, noise_scale=0.5), no heads, no
+    tokenizer: a model loaded from a folder calibrates with the tokenizer saved beside it."""
+    from transformers import AutoModelForCausalLM
+
+    from phaselm.sampling.calibration import calibrate_heads
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_folder).eval()
+    enc = _enc(tokenizer)
+    out = _run(lambda **k: model.generate(custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True, **k),
+               **enc, **BASE, noise_scale=0.5)
+    heads = calibrate_heads(model, tokenizer).selected
+    assert torch.equal(out, _run(lambda **k: phase_slip_generate(model, **k), **enc, **BASE, noise_scale=0.5,
+                                 heads=heads))

@@ -210,3 +210,23 @@ def test_calibration_scores_do_not_depend_on_how_many_groups_share_a_pass(tokeni
     three = PhaseSlipSampler(model, tokenizer).calibrate_heads(text=text, search_layers=2, groups_per_pass=3)
     for a, b in zip(one.rows, three.rows):
         assert a["damage"] == pytest.approx(b["damage"], abs=1e-5) and a["exploration"] == pytest.approx(b["exploration"], abs=1e-5)
+
+
+def test_calibration_defaults_are_the_automatic_rule_on_small_models(tokenizer):
+    """calibrate_heads() with its defaults searches min(6, layers) layers and selects min(3, candidates)
+    heads: the rule the automatic calibration uses, so a 3-layer or a 1-layer model needs no argument."""
+    from phaselm.sampling.calibration import automatic_heads, calibrate_heads
+    from tests.conftest import make_model
+
+    text = "the king said the sea was dark and the ship came to the town"
+    three = make_model("llama", layers=3)
+    cal = PhaseSlipSampler(three, tokenizer).calibrate_heads(text=text)
+    assert cal.config["search_layers"] == 3 and len(cal.rows) == 3 * 2 and len(cal.selected) == 3
+    one = make_model("llama", layers=1)  # 2 kv heads: both selected, no complaint about num_heads
+    auto = automatic_heads(one, tokenizer, text=text)
+    assert auto.config["search_layers"] == 1 and auto.selected == [(0, 0), (0, 1)]
+    assert auto.rows == calibrate_heads(one, tokenizer, text=text).rows
+    with pytest.raises(ValueError, match="num_heads=3 but the last 1 layers have only 2 kv heads"):
+        calibrate_heads(one, tokenizer, text=text, num_heads=3)
+    out = PhaseSlipSampler(one, tokenizer, noise_scale=0.5).generate("the king", max_new_tokens=2, return_details=True)
+    assert out.diagnostics["heads"] == [(0, 0), (0, 1)]

@@ -64,6 +64,9 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     device = check_device(device)
+    if name_or_path is not None and not str(name_or_path).strip():
+        raise ModelLoadError("the model name is empty; pass a hub name, a local folder or a .gguf file "
+                             "(or nothing for the embedded SmolLM2-135M)")
     if name_or_path is None:
         folder = embedded_model_folder()
     elif str(name_or_path).endswith(".gguf"):

@@ -19,6 +19,10 @@ by efficiency does not depend on it to first order.
 
 from __future__ import annotations
 
+import logging
+import math
+import numbers
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +30,7 @@ from tqdm.auto import tqdm
 
 from phaselm.nn.functional import kl_divergence
 from phaselm.sampling.kv import RowGroupCache, attention_layers, kv_geometry
+from phaselm.sampling.processors import check_seed
 from phaselm.sampling.rotation import random_rotations
 
 DEFAULT_CALIBRATION_TEXT = (
@@ -38,6 +43,8 @@ DEFAULT_CALIBRATION_TEXT = (
 )
 
 EFFICIENCY_EPS = 1e-4
+DEFAULT_SEARCH_LAYERS = 6
+DEFAULT_NUM_HEADS = 3
 
 
 @dataclass
@@ -66,13 +73,22 @@ class HeadCalibration:
         return self.table()
 
 
+def _integer(name: str, value, low: int, high: int | None = None, hint: str = "") -> int:
+    """``value`` as an int in ``[low, high]`` (bools and floats refused), else a one-line ValueError."""
+    ok = isinstance(value, numbers.Integral) and not isinstance(value, bool) and low <= value <= (high or value)
+    if not ok:
+        span = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an integer {span}{hint}, got {value!r}")
+    return int(value)
+
+
 @torch.no_grad()
 def calibrate_heads(
     model,
     tokenizer,
     text: str | None = None,
-    search_layers: int = 6,
-    num_heads: int | None = 3,
+    search_layers: int | None = None,
+    num_heads: int | None = None,
     samples_per_head: int = 2,
     angle: float = 0.5,
     exclude_fraction: float = 0.25,
@@ -81,27 +97,49 @@ def calibrate_heads(
     seed: int = 0,
     progress: bool = False,
 ) -> HeadCalibration:
-    """Score the KV heads of the last ``search_layers`` layers on ``text``; see the module doc."""
-    num_layers, num_kv, head_dim = kv_geometry(model)
-    if not (isinstance(search_layers, int) and 1 <= search_layers <= num_layers):
-        raise ValueError(f"search_layers must be an integer in [1, {num_layers}] (the model has {num_layers} layers), got {search_layers}")
+    """Score the KV heads of the last ``search_layers`` layers on ``text``; see the module doc.
+
+    ``search_layers``: default min(6, layers); ``num_heads``: how many heads to select, default
+    min(3, heads searched). The model is checked first, as for generating
+    (:func:`phaselm.sampling.phase_slip.check_model`): an architecture Phase-Slip refuses is refused here.
+    """
+    from phaselm.sampling.phase_slip import check_model
+
+    check_model(model)
+    num_layers = kv_geometry(model)[0]
+    if search_layers is None:
+        search_layers = min(DEFAULT_SEARCH_LAYERS, num_layers)
+    search_layers = _integer("search_layers", search_layers, 1, num_layers, f" (the model has {num_layers} layers)")
+    if num_heads is not None:
+        num_heads = _integer("num_heads", num_heads, 1)
+    for name, value in (("samples_per_head", samples_per_head), ("groups_per_pass", groups_per_pass),
+                        ("max_tokens", max_tokens)):
+        _integer(name, value, 1)
+    if isinstance(exclude_fraction, bool) or not isinstance(exclude_fraction, numbers.Real) \
+            or not 0 <= exclude_fraction < 1:
+        raise ValueError(f"exclude_fraction must be in [0, 1), got {exclude_fraction!r}")
+    if isinstance(angle, bool) or not isinstance(angle, numbers.Real) or not 0 < angle <= math.pi:
+        raise ValueError(f"angle must be a rotation angle in (0, π] radians, got {angle!r}")
+    text = DEFAULT_CALIBRATION_TEXT if text is None else text
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("calibration text is empty; pass non-empty text or None for the built-in text")
     attention = set(attention_layers(model))
     searched = [layer for layer in range(num_layers - search_layers, num_layers) if layer in attention]
     if not searched:
         raise ValueError(f"the last {search_layers} layers have no attention (values to rotate); raise search_layers "
                          f"(attention layers: {sorted(attention)})")
-    candidates = [(layer, head) for layer in searched for head in range(num_kv)]
-    if num_heads is None:  # 3, or every candidate when the searched layers hold fewer (e.g. a small PMA)
-        num_heads = min(3, len(candidates))
-    if not (isinstance(num_heads, int) and 1 <= num_heads <= len(candidates)):
-        raise ValueError(f"num_heads must be an integer in [1, {len(candidates)}], got {num_heads}")
-    if not (0 <= exclude_fraction < 1):
-        raise ValueError(f"exclude_fraction must be in [0, 1), got {exclude_fraction}")
-    if not (samples_per_head >= 1 and groups_per_pass >= 1 and angle > 0):
-        raise ValueError("samples_per_head and groups_per_pass must be >= 1 and angle > 0")
-    text = DEFAULT_CALIBRATION_TEXT if text is None else text
-    if not text.strip():
-        raise ValueError("calibration text is empty; pass non-empty text or None for the built-in text")
+    geometry = check_model(model, searched[0])  # {layer: (kv heads, head dim)} as the cache stores them
+    searched = [layer for layer in searched if layer in geometry]  # e.g. not a cross-attention layer
+    candidates = [(layer, head) for layer in searched for head in range(geometry[layer][0])]
+    if not candidates:
+        raise ValueError(f"the last {search_layers} layers cache no values to rotate; raise search_layers "
+                         f"(layers with cached values: {sorted(geometry)})")
+    if num_heads is None:  # 3, or every candidate when the searched layers hold fewer (e.g. a one-layer model)
+        num_heads = min(DEFAULT_NUM_HEADS, len(candidates))
+    if num_heads > len(candidates):
+        raise ValueError(f"num_heads={num_heads} but the last {search_layers} layers have only {len(candidates)} "
+                         f"kv heads; use num_heads <= {len(candidates)} or raise search_layers")
+    seed = check_seed("seed", seed)
     device = next(model.parameters()).device
     context = getattr(model.config, "max_position_embeddings", None) or max_tokens  # a small trained model's block
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :min(max_tokens, context)].to(device)
@@ -111,19 +149,20 @@ def calibrate_heads(
 
     generator = torch.Generator().manual_seed(seed)
     trials = [c for c in candidates for _ in range(samples_per_head)]
-    rotations = random_rotations(len(trials), head_dim, angle, generator=generator)
+    dims = sorted({geometry[layer][1] for layer in searched})  # one head size, except in a few hybrids
+    rotations = {d: random_rotations(len(trials), d, angle, generator=generator) for d in dims}
     damage = torch.zeros(len(candidates), dtype=torch.float64)
     explore = torch.zeros(len(candidates), dtype=torch.float64)
     first_layer = candidates[0][0]
-    eye = torch.eye(head_dim)
     starts = range(0, len(trials), groups_per_pass)
     for start in tqdm(starts, desc="calibrating heads", disable=not progress, leave=False):
         chunk = list(range(start, min(start + groups_per_pass, len(trials))))
         per_layer: dict[int, torch.Tensor] = {}
         for g, t in enumerate(chunk):
             layer, head = trials[t]
-            rot = per_layer.setdefault(layer, eye.repeat(len(chunk), 1, num_kv, 1, 1))
-            rot[g, 0, head] = rotations[t]
+            n_kv, d = geometry[layer]
+            rot = per_layer.setdefault(layer, torch.eye(d).repeat(len(chunk), 1, n_kv, 1, 1))
+            rot[g, 0, head] = rotations[d][t]
         cache = RowGroupCache(config=model.config)
         with cache.attach(model, first_layer), cache.row_groups(1, {k: v.to(device) for k, v in per_layer.items()}, None):
             logits = model(input_ids=ids, past_key_values=cache, use_cache=True).logits[:, :-1].float()
@@ -157,3 +196,41 @@ def calibrate_heads(
         exclude_fraction=exclude_fraction, tokens=int(ids.shape[1]), seed=seed,
     )
     return HeadCalibration(rows=rows, selected=sorted(candidates[i] for i in chosen), config=config)
+
+
+_AUTOMATIC: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+log = logging.getLogger("phaselm")
+
+
+def automatic_heads(model, tokenizer=None, **kwargs) -> HeadCalibration:
+    """The calibration Phase-Slip runs when no ``heads`` are given (:class:`phaselm.PhaseSlipSampler` on
+    first use, and ``model.generate(custom_generate=...)`` without ``heads=``): :func:`calibrate_heads`
+    with its defaults (``kwargs`` override them), run once per model and these settings, cached, logged.
+
+    ``tokenizer``: tokenises the calibration text; ``None`` loads the model's own from
+    ``model.name_or_path`` when that is a local folder (or a cached hub model).
+    """
+    key = tuple(sorted((k, v) for k, v in kwargs.items() if k != "progress"))
+    done = _AUTOMATIC.setdefault(model, {})
+    if key not in done:
+        from phaselm.sampling.phase_slip import check_model
+
+        check_model(model)  # an architecture Phase-Slip refuses is refused before a tokenizer is looked for
+        if tokenizer is None:
+            tokenizer = _own_tokenizer(model)
+        log.info("Phase-Slip: no heads given; calibrating %s once (%s)", type(model).__name__,
+                 ", ".join(f"{k}={v!r}" for k, v in key) or "defaults")
+        done[key] = calibrate_heads(model, tokenizer, **kwargs)
+        log.info("Phase-Slip: calibrated heads %s", done[key].selected)
+    return done[key]
+
+
+def _own_tokenizer(model):
+    from transformers import AutoTokenizer
+
+    name = getattr(model, "name_or_path", "") or ""
+    try:
+        return AutoTokenizer.from_pretrained(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - no tokenizer saved with the model
+        raise ValueError("Phase-Slip needs heads=[(layer, kv_head), ...] or a tokenizer to calibrate them: pass "
+                         "tokenizer=... to generate (or heads from PhaseSlipSampler(model, tok).calibrate_heads())") from None

@@ -8,6 +8,7 @@ A list of prompts runs as one batch (left padding, attention mask, position ids 
 from __future__ import annotations
 
 import inspect
+import numbers
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ import torch
 from tqdm.auto import tqdm
 
 from phaselm.nn.functional import entropy
-from phaselm.sampling.processors import SamplingConfig, choose_tokens, process_logits
+from phaselm.pretrained import unsupported_model_reason
+from phaselm.sampling.processors import SamplingConfig, check_seed, choose_tokens, process_logits
 
 
 def sampling_entropy(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -67,6 +69,12 @@ class Sampler:
     def __init__(self, model, tokenizer, logits_processor=None):
         if logits_processor is not None:
             self.logits_processor = list(logits_processor)
+        reason = unsupported_model_reason(model)
+        if reason:
+            raise ValueError(reason)
+        if not callable(tokenizer) or not hasattr(tokenizer, "decode"):
+            raise ValueError(f"tokenizer must be the model's tokenizer (load_causal_lm returns both), got "
+                             f"{type(tokenizer).__name__}")
         self.model = model
         self.tokenizer = tokenizer
         if tokenizer.pad_token_id is None and tokenizer.eos_token is not None:
@@ -76,7 +84,11 @@ class Sampler:
         eos = getattr(model.generation_config, "eos_token_id", None) if hasattr(model, "generation_config") else None
         eos = eos if eos is not None else tokenizer.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
-        self._forward_takes_logits_to_keep = "logits_to_keep" in inspect.signature(model.forward).parameters
+        params = inspect.signature(model.forward).parameters
+        self._forward_takes_logits_to_keep = "logits_to_keep" in params
+        # state-space models (Mamba, Mamba-2, FalconMamba) take their cache as cache_params
+        self._cache_keyword = "past_key_values" if "past_key_values" in params or "cache_params" not in params \
+            else "cache_params"
 
     @property
     def device(self) -> torch.device:
@@ -111,6 +123,9 @@ class Sampler:
         ``do_sample=False`` decodes greedily.
         """
         single = isinstance(prompt_or_prompts, str)
+        if not single and not isinstance(prompt_or_prompts, (list, tuple)):
+            raise ValueError(f"prompt_or_prompts must be a string or a list of strings, got "
+                             f"{type(prompt_or_prompts).__name__}")
         prompts = [prompt_or_prompts] if single else list(prompt_or_prompts)
         cfg = SamplingConfig(
             temperature=self.default_temperature if temperature is None else temperature,
@@ -119,15 +134,15 @@ class Sampler:
             min_p=min_p,
             do_sample=do_sample,
         )
-        if not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens}")
-        ids, mask = self._encode(prompts, max_new_tokens)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         if seed is None:
             seed = int(torch.randint(0, 2**31 - 1, ()).item())
-        seeds = list(seed) if isinstance(seed, (list, tuple)) else [int(seed)]
+        seeds = [check_seed("seed", s) for s in (seed if isinstance(seed, (list, tuple)) else [seed])]
         if len(seeds) not in (1, len(prompts)):
             raise ValueError(f"seed: give one int or one per prompt ({len(prompts)}), got {len(seeds)}")
-        out = self._decode(ids, mask, max_new_tokens, cfg, seeds, stop_at_eos, progress)
+        ids, mask = self.encode(prompts, int(max_new_tokens))
+        out = self._decode(ids, mask, int(max_new_tokens), cfg, seeds, stop_at_eos, progress)
         if return_details:
             return out
         return out.texts[0] if single else out.texts
@@ -154,16 +169,21 @@ class Sampler:
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self._cache_keyword: cache},
             **extra,
         )
 
-    def _encode(self, prompts: list[str], max_new_tokens: int):
+    def encode(self, prompts: list[str], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ``input_ids`` and ``attention_mask`` ``[B, T]`` of ``prompts``, or a one-line
+        ValueError for an empty prompt or one that cannot fit ``max_new_tokens`` more tokens in the
+        model's context (cheap: call it to check a request before anything slow, e.g. calibration)."""
         if not prompts:
             raise ValueError("prompt_or_prompts is an empty list; pass at least one prompt")
         for i, p in enumerate(prompts):
-            if not isinstance(p, str) or not p.strip():
+            if not isinstance(p, str):
+                raise ValueError(f"prompt {i} is not a string (got {type(p).__name__}); pass text")
+            if not p.strip():
                 raise ValueError(f"prompt {i} is empty; pass non-empty text")
         rows = [self.tokenizer(p)["input_ids"] for p in prompts]
         width = max(len(r) for r in rows)

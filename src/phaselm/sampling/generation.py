@@ -35,16 +35,19 @@ import functools
 from pathlib import Path
 
 import torch
+from transformers import GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from phaselm.sampling.calibration import automatic_heads
 from phaselm.sampling.phase_slip import PhaseSlipStep
+from phaselm.sampling.processors import check_seed
 
 CUSTOM_GENERATE_DIR = str(Path(__file__).parent / "phase_slip_method")
 """Folder holding ``custom_generate/generate.py``: pass it as ``model.generate(custom_generate=...)``."""
 
 DEFAULTS = dict(noise_scale=0.03, logit_fusion_alpha=0.45, perturbation_window=12, entropy_center=2.5, heads=None,
                 fusion="gate", plausible_only=False, rotation_seed=None)
-"""Phase-Slip's ``generate`` keywords and their defaults (``heads`` must be given)."""
+"""Phase-Slip's ``generate`` keywords and their defaults (``heads=None``: calibrated on first use)."""
 
 
 def _setting(name, value, generation_config):
@@ -70,6 +73,7 @@ def phase_slip_decode(
     fusion: str | None = None,
     plausible_only: bool | None = None,
     rotation_seed: int | list[int] | None = None,
+    tokenizer=None,
     **model_kwargs,
 ):
     """The decoding loop ``model.generate`` calls with ``custom_generate=phase_slip_decode``.
@@ -77,16 +81,17 @@ def phase_slip_decode(
     ``input_ids [B, T]`` (left-padded prompts), the prepared ``logits_processor`` /
     ``stopping_criteria`` / ``generation_config`` and ``model_kwargs`` (``past_key_values``,
     ``attention_mask``, ``position_ids``, ...) come from ``generate``; the Phase-Slip keywords are
-    :class:`PhaseSlipStep`'s. Returns ``input_ids [B, T + new]`` or a ``GenerateDecoderOnlyOutput``.
+    :class:`PhaseSlipStep`'s. Without ``heads`` the heads are calibrated on first use
+    (:func:`~phaselm.sampling.calibration.automatic_heads`, cached per model; ``tokenizer`` tokenises its
+    text), after every argument is checked. Returns ``input_ids [B, T + new]`` or a
+    ``GenerateDecoderOnlyOutput``.
     """
     cfg = generation_config
     settings = {k: _setting(k, v, cfg) for k, v in dict(
         noise_scale=noise_scale, logit_fusion_alpha=logit_fusion_alpha, perturbation_window=perturbation_window,
         entropy_center=entropy_center, heads=heads, fusion=fusion, plausible_only=plausible_only,
         rotation_seed=rotation_seed).items()}
-    if settings["heads"] is None:
-        raise ValueError("Phase-Slip in generate needs heads=[(layer, kv_head), ...]; pick them with "
-                         "phaselm.PhaseSlipSampler(model, tok).calibrate_heads() or `phaselm calibrate`")
+    check_generation_mode(cfg)
     seed = settings.pop("rotation_seed")
     step = PhaseSlipStep(model, **settings)
     if synced_gpus:
@@ -95,6 +100,8 @@ def phase_slip_decode(
         raise ValueError("Phase-Slip needs the model's cache; do not pass use_cache=False")
     batch, prompt_len = input_ids.shape
     seeds = _rotation_seeds(seed, batch)
+    if step.heads is None:
+        step.heads = step.check_heads(automatic_heads(model, tokenizer).selected)
 
     pad = cfg._pad_token_tensor
     has_eos_stop = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
@@ -167,9 +174,22 @@ def _rotation_seeds(seed, batch: int) -> list[int]:
     if seed is None:
         return [torch.initial_seed() % 2**62]
     seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
-    if len(seeds) not in (1, batch) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+    if len(seeds) not in (1, batch):
         raise ValueError(f"rotation_seed: give one int or one per row ({batch}), got {seed!r}")
-    return seeds
+    return [check_seed("rotation_seed", s) for s in seeds]
+
+
+def check_generation_mode(generation_config, assistant_model=None) -> None:
+    """Raise a one-line ``ValueError`` unless ``generate``'s settings ask for sampling or greedy decoding,
+    the two loops Phase-Slip implements (not beam search, contrastive search, assisted decoding, DoLa,
+    group or constrained beam search)."""
+    from transformers.generation.configuration_utils import GenerationMode
+
+    mode = generation_config.get_generation_mode(assistant_model)
+    if mode not in (GenerationMode.SAMPLE, GenerationMode.GREEDY_SEARCH):
+        raise ValueError(f"Phase-Slip implements sampling and greedy decoding only, but these settings ask for "
+                         f"{mode.value.replace('_', ' ')}; drop num_beams / penalty_alpha / assistant_model / "
+                         "prompt_lookup_num_tokens / dola_layers / constraints")
 
 
 def phase_slip_generate(model, *args, **kwargs):
@@ -182,7 +202,9 @@ def phase_slip_generate(model, *args, **kwargs):
     for key in ("custom_generate", "trust_remote_code"):
         kwargs.pop(key, None)
     ours = {k: kwargs.pop(k) for k in list(kwargs) if k in DEFAULTS}
-    streamer = kwargs.get("streamer")
-    # transformers hands `streamer` only to its own loops, so bind it here; generate still puts the prompt
-    loop = functools.partial(phase_slip_decode, streamer=streamer, **ours)
+    if kwargs.get("assistant_model") is not None:  # generate drops it before calling a custom loop
+        check_generation_mode(GenerationConfig(), kwargs["assistant_model"])
+    # transformers hands `streamer` and `tokenizer` only to its own loops, so bind them here
+    loop = functools.partial(phase_slip_decode, streamer=kwargs.get("streamer"), tokenizer=kwargs.get("tokenizer"),
+                             **ours)
     return model.generate(*args, custom_generate=loop, **kwargs)

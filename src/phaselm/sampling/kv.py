@@ -7,8 +7,11 @@ builds, or :class:`RowGroupCache`):
 * Below ``first_layer`` every group would compute the same thing, so the model runs the clean
   batch of B rows there.
 * From ``first_layer`` on, forward pre-hooks repeat the hidden state and every batch-shaped
-  argument (attention mask, rotary embeddings, position ids) to ``n·B`` rows, group-major:
-  row ``g·B + b`` is group ``g`` of prompt ``b``. Group 0 is the clean path.
+  argument (attention mask, rotary embeddings, position ids, Bloom's ALiBi ``[B·H, 1, T]``) to
+  ``n·B`` rows, group-major: row ``g·B + b`` is group ``g`` of prompt ``b``. Group 0 is the clean
+  path. Which arguments are batch-shaped is measured once per model (:func:`batch_plan`: the
+  arguments of a 2-row and a 1-row forward pass), not guessed from shapes: MPT's ALiBi
+  ``[H, 1, T]`` looks like Bloom's at batch 1 but is shared by all rows.
 * Key/value layers (``cache.update(k, v, layer_idx)``, patched on the cache instance): group
   ``g`` attends to the *clean* past keys/values plus its own new entries; its value vectors at the
   last ``window`` positions are multiplied by ``rotations[layer][g-1, b, kv_head]`` (``v ← R v``).
@@ -27,6 +30,7 @@ it. Static, quantised and offloaded caches are refused (:func:`check_cache`).
 
 from __future__ import annotations
 
+import functools
 import weakref
 from contextlib import contextmanager
 
@@ -105,7 +109,6 @@ class RowGroups:
         self.batch = 0
         self.rotations: dict[int, torch.Tensor] = {}
         self.window: int | None = None
-        self.attention_heads = 0
 
     @contextmanager
     def attach(self, model: nn.Module, first_layer: int):
@@ -113,10 +116,11 @@ class RowGroups:
         :meth:`update` for the duration of the block."""
         check_cache(self.cache)
         self.first_layer = first_layer
-        self.attention_heads = getattr(model.config.get_text_config(decoder=True), "num_attention_heads", 0) or 0
+        plans = batch_plan(model, first_layer)
         layers = decoder_layers(model)
         handles = [
-            layer.register_forward_pre_hook(self._repeat_rows, with_kwargs=True) for layer in layers[first_layer:]
+            layer.register_forward_pre_hook(functools.partial(self._repeat_rows, plan), with_kwargs=True)
+            for layer, plan in zip(layers[first_layer:], plans)
         ]
         own = vars(self.cache).get("update")
         clean_update = self.cache.update
@@ -184,27 +188,12 @@ class RowGroups:
                 states[idx] = grown[:b].clone()
 
     # ------------------------------------------------------------------ hidden rows and KV
-    def _repeat_rows(self, module, args, kwargs):
-        n, b, heads = self.n_groups, self.batch, self.attention_heads
-        if n == 1:
+    def _repeat_rows(self, plan, module, args, kwargs):
+        """Pre-hook: repeat every argument that ``plan`` (:func:`batch_plan`) marks batch-shaped to ``n``
+        groups, unless it already has them (the hidden state above the first hooked layer)."""
+        if self.n_groups == 1:
             return None
-
-        def repeat(x, per_head=True):
-            if isinstance(x, torch.Tensor) and x.ndim >= 2 and x.shape[0] == b:
-                return x.repeat(n, *([1] * (x.ndim - 1)))
-            if per_head and isinstance(x, torch.Tensor) and x.ndim == 3 and heads > 1 and x.shape[0] == b * heads:
-                return x.repeat(n, 1, 1)  # per (row, head) biases, e.g. ALiBi [B·H, 1, T]
-            if isinstance(x, tuple) and x and all(isinstance(t, torch.Tensor) for t in x):
-                return tuple(repeat(t) for t in x)
-            if isinstance(x, dict):  # e.g. {"full_attention": mask, "sliding_attention": mask}
-                return {k: repeat(v) for k, v in x.items()}
-            return x
-
-        # the hidden state (first argument) has n·B rows already above the first hooked layer
-        return (
-            tuple(repeat(a, per_head=i > 0) for i, a in enumerate(args)),
-            {k: (v if k == "cache_position" else repeat(v, per_head=k != "hidden_states")) for k, v in kwargs.items()},
-        )
+        return repeat_batch_shaped((args, kwargs), plan, self.batch, self.n_groups)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """``cache.update`` during decoding: clean rows are stored as usual; every group gets the clean
@@ -228,6 +217,74 @@ class RowGroups:
 
 
 _PROBES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _rows_per_prompt(two, one):
+    """The plan of one argument, from its value in a 2-prompt (``two``) and a 1-prompt (``one``) pass:
+    ``k`` for a tensor with ``k`` rows per prompt on dim 0 (``[k·B, ...]``), 0 for a tensor shared by
+    all prompts, ``None`` where the two passes disagree in structure; tuples / dicts element-wise."""
+    if isinstance(two, torch.Tensor) and isinstance(one, torch.Tensor):
+        if two.ndim == one.ndim >= 1 and two.shape[0] == 2 * one.shape[0] and two.shape[1:] == one.shape[1:]:
+            return one.shape[0]
+        return 0 if two.shape == one.shape else None
+    if isinstance(two, (tuple, list)) and isinstance(one, (tuple, list)) and len(two) == len(one):
+        return tuple(_rows_per_prompt(a, b) for a, b in zip(two, one))
+    if isinstance(two, dict) and isinstance(one, dict) and two.keys() == one.keys():
+        return {k: _rows_per_prompt(two[k], one[k]) for k in two}
+    return None
+
+
+def repeat_batch_shaped(value, plan, batch: int, n: int):
+    """``value`` (a layer's arguments: tensors in tuples / dicts) with every tensor that ``plan`` marks
+    as ``[k·B, ...]`` and that still has ``k·batch`` rows repeated ``n`` times on dim 0 (group-major).
+    Where no plan was measured (``None``), a tensor of ``[batch, ...]`` is taken as batch-shaped."""
+    if isinstance(value, torch.Tensor):
+        k = 1 if plan is None and value.ndim >= 2 else plan
+        if isinstance(k, int) and k > 0 and value.shape[0] == k * batch:
+            return value.repeat(n, *([1] * (value.ndim - 1)))
+        return value
+    if isinstance(value, (tuple, list)):
+        plans = plan if isinstance(plan, tuple) and len(plan) == len(value) else (None,) * len(value)
+        items = [repeat_batch_shaped(v, p, batch, n) for v, p in zip(value, plans)]
+        return items if isinstance(value, list) else type(value)(*items) if hasattr(value, "_fields") else tuple(items)
+    if isinstance(value, dict):
+        plans = plan if isinstance(plan, dict) else {}
+        return {k: repeat_batch_shaped(v, plans.get(k), batch, n) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def batch_plan(model: nn.Module, first_layer: int) -> list:
+    """For each decoder layer from ``first_layer`` on, which of its call arguments ``(args, kwargs)``
+    carry the batch: measured once per model by running 2 left-padded prompts and then 1 (3 tokens,
+    fresh caches) and comparing the arguments each layer receives (:func:`_rows_per_prompt`)."""
+    key = ("plan", first_layer, torch.get_default_dtype())
+    done = _PROBES.setdefault(model, {})
+    if key not in done:
+        layers = decoder_layers(model)[first_layer:]
+        device = next(model.parameters()).device
+        vocab = model.config.get_text_config(decoder=True).vocab_size
+        ids = ((torch.arange(6, device=device) * 7 + 3) % vocab).view(2, 3)
+        mask = torch.ones_like(ids)
+        mask[:, 0] = 0  # both passes left-padded, so both build the same kind of attention mask
+        seen: list[list] = []
+
+        def record(module, args, kwargs):
+            seen[-1].append((args, kwargs))
+
+        handles = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+        try:
+            for rows in (2, 1):
+                seen.append([])
+                model(input_ids=ids[:rows], attention_mask=mask[:rows],
+                      position_ids=(mask[:rows].cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        two, one = seen
+        done[key] = [_rows_per_prompt(a, b) for a, b in zip(two, one)] if len(two) == len(one) == len(layers) \
+            else [None] * len(layers)
+    return done[key]
 
 
 @torch.no_grad()

@@ -105,11 +105,22 @@ def _check_heads(heads, num_layers: int, num_kv_heads: int, attention: list[int]
 def unsupported_reason(model, name: str | None = None) -> str | None:
     """Why Phase-Slip cannot drive ``model`` (one line), or ``None``: it must be a decoder-only
     causal LM (:func:`phaselm.pretrained.unsupported_model_reason`) with at least one attention
-    layer whose values can be rotated. Checked from the object alone (no forward pass)."""
+    layer whose cached values are the values its attention reads (not multi-head latent attention,
+    DeepSeek-V2/V3 style, whose cache holds a latent and the rotary keys). Checked from the object
+    alone (no forward pass); :func:`check_model` adds the one-time probe."""
     reason = unsupported_model_reason(model, name)
     if reason:
         return reason
     label = f"'{name}'" if name else type(model).__name__
+    cfg = model.config.get_text_config(decoder=True)
+    try:
+        latent = getattr(cfg, "kv_lora_rank", None)
+    except Exception:  # noqa: BLE001 - a per-layer attribute: heterogeneous latent attention
+        latent = True
+    if latent:
+        return (f"{label} ({model.config.model_type}) uses multi-head latent attention: its cache holds a compressed "
+                "latent and the rotary part of the keys, not the value vectors the attention reads, so Phase-Slip "
+                "cannot rotate them; use plain sampling for this architecture")
     try:
         attn = attention_layers(model)
     except Exception as err:  # noqa: BLE001
@@ -120,12 +131,15 @@ def unsupported_reason(model, name: str | None = None) -> str | None:
     return None
 
 
-def check_model(model) -> None:
-    """Raise ``ValueError`` (one line) unless Phase-Slip can drive ``model`` (:func:`unsupported_reason`;
-    checked before anything is generated)."""
+def check_model(model, first_layer: int | None = None) -> dict[int, tuple[int, int]] | None:
+    """Raise ``ValueError`` (one line) unless Phase-Slip can drive ``model``: :func:`unsupported_reason`,
+    then, given the lowest perturbed layer, the one-time probe (:func:`~phaselm.sampling.kv.probe_row_groups`),
+    whose value geometry ``{layer: (kv_heads, head_dim)}`` is returned. The one rule for generating
+    and calibrating, checked before either runs."""
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(reason)
+    return None if first_layer is None else probe_row_groups(model, first_layer)
 
 
 class PhaseSlipStep:
@@ -192,12 +206,12 @@ class PhaseSlipStep:
         if self.heads is None:
             raise ValueError("no heads to perturb; pass heads=[(layer, kv_head), ...] or calibrate first")
         first = min(layer for layer, _ in self.heads)
-        self._geometry = probe_row_groups(self.model, first)  # refuses a model that cannot carry the rows
+        self._geometry = check_model(self.model, first)  # refuses a model that cannot carry the rows
         for layer, head in self.heads:
             if layer not in self._geometry or head >= self._geometry[layer][0]:
                 raise ValueError(f"head ({layer}, {head}) does not exist in the cache: it stores "
                                  f"{self._geometry.get(layer, (0, 0))[0]} kv heads at layer {layer}")
-        self._rotation_rngs = [torch.Generator().manual_seed(int(s) + 0x5EED) for s in seeds]
+        self._rotation_rngs = [torch.Generator().manual_seed((int(s) + 0x5EED) % 2**63) for s in seeds]
         groups = RowGroups(cache) if not isinstance(cache, RowGroupCache) else cache._groups
         head = self.model.get_output_embeddings()
         suffix = [m for layer in decoder_layers(self.model)[first:] for m in layer.modules()]
@@ -294,8 +308,9 @@ class PhaseSlipStep:
 class PhaseSlipSampler(Sampler):
     """Phase-Slip sampler for any transformers decoder-only causal LM (phaselm's short path).
 
-    Args: see :class:`PhaseSlipStep`; ``heads=None`` calibrates on first use
-    (:meth:`calibrate_heads` over the last min(6, layers) layers).
+    Args: see :class:`PhaseSlipStep`; ``heads=None`` calibrates on first use, after the request's
+    arguments are checked (:func:`phaselm.sampling.calibration.automatic_heads`: :meth:`calibrate_heads`'s
+    defaults, once per model, shared with ``model.generate`` without ``heads=``).
 
     >>> model, tok = phaselm.load_causal_lm()
     >>> sampler = PhaseSlipSampler(model, tok, noise_scale=0.5)
@@ -334,8 +349,9 @@ class PhaseSlipSampler(Sampler):
     def heads(self, value):
         self.step.heads = None if value is None else self.step.check_heads(value)
 
-    def calibrate_heads(self, text: str | None = None, search_layers: int = 6, **kwargs):
-        """Score every KV head of the last ``search_layers`` layers and select heads to perturb.
+    def calibrate_heads(self, text: str | None = None, search_layers: int | None = None, **kwargs):
+        """Score every KV head of the last ``search_layers`` layers (default min(6, layers)) and select
+        heads to perturb.
 
         See :func:`phaselm.sampling.calibration.calibrate_heads` for the scores and the keyword
         arguments. Sets ``self.heads`` and returns the :class:`HeadCalibration` (its ``table()``
@@ -353,9 +369,11 @@ class PhaseSlipSampler(Sampler):
 
     @contextmanager
     def _session(self, cache, seeds, batch):
-        if self.heads is None:
-            log.info("PhaseSlipSampler: no heads given; calibrating with the defaults")
-            self.calibrate_heads(search_layers=min(6, self.num_layers))
+        if self.heads is None:  # the same automatic calibration as model.generate without heads= (cached per model)
+            from phaselm.sampling.calibration import automatic_heads
+
+            self.calibration = automatic_heads(self.model, self.tokenizer)
+            self.heads = self.calibration.selected
         with self.step.session(cache, seeds, batch):
             yield
 

@@ -6,9 +6,21 @@ the softmax (or take the argmax for greedy decoding). Removed tokens get logit `
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
 
 import torch
+
+MAX_SEED = 2**63 - 1
+
+
+def check_seed(name: str, value) -> int:
+    """``value`` as a seed: an integer in [0, 2**63 - 1] (what every torch generator accepts), else a
+    one-line ValueError (a float, a bool, a string or an out-of-range number is never truncated)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer in [0, 2**63 - 1], got {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)
@@ -28,16 +40,24 @@ class SamplingConfig:
     do_sample: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.do_sample, bool):
+            raise ValueError(f"do_sample must be True or False, got {self.do_sample!r}")
         if not self.do_sample:
             return
-        if not (isinstance(self.temperature, (int, float)) and self.temperature > 0):
-            raise ValueError(f"temperature must be > 0 when sampling, got {self.temperature}; use greedy decoding for T=0")
-        if self.top_k is not None and not (isinstance(self.top_k, int) and self.top_k >= 1):
-            raise ValueError(f"top_k must be an integer >= 1 (or None to disable), got {self.top_k}")
-        if self.top_p is not None and not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1] (or None to disable), got {self.top_p}")
-        if self.min_p is not None and not (0 <= self.min_p < 1):
-            raise ValueError(f"min_p must be in [0, 1) (or None to disable), got {self.min_p}")
+
+        def real(x):
+            return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not (real(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0 when sampling, got {self.temperature!r}; "
+                             "use do_sample=False for greedy decoding")
+        if self.top_k is not None and not (isinstance(self.top_k, numbers.Integral) and not isinstance(self.top_k, bool)
+                                           and self.top_k >= 1):
+            raise ValueError(f"top_k must be an integer >= 1 (or None to disable), got {self.top_k!r}")
+        if self.top_p is not None and not (real(self.top_p) and 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1] (or None to disable), got {self.top_p!r}")
+        if self.min_p is not None and not (real(self.min_p) and 0 <= self.min_p < 1):
+            raise ValueError(f"min_p must be in [0, 1) (or None to disable), got {self.min_p!r}")
 
 
 def process_logits(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
