@@ -39,6 +39,13 @@ def _bert(cls_name, **extra):
     return lambda: getattr(transformers, cls_name)(cfg)
 
 
+def _roformer():
+    from transformers import RoFormerConfig, RoFormerForCausalLM
+
+    return RoFormerForCausalLM(RoFormerConfig(vocab_size=64, embedding_size=32, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=2, intermediate_size=64))
+
+
 def _mamba():
     from transformers import MambaConfig, MambaForCausalLM
 
@@ -198,6 +205,7 @@ CASES = [
     ("plain sampler on an encoder without is_decoder", lambda tmp: Sampler(_bert("BertLMHeadModel")(), TOK),
      ValueError, "is_decoder"),
     ("plain sampler on an encoder-decoder", lambda tmp: Sampler(_t5(), TOK), ValueError, "encoder-decoder"),
+    ("RoFormer without is_decoder", lambda tmp: Sampler(_roformer(), TOK), ValueError, "is_decoder"),
     # head calibration: the same refusals as generating, and its own arguments
     ("calibrate GPTBigCode", calibrate(_bigcode), ValueError, "GPTBigCode"),
     ("calibrate latent attention", calibrate(_deepseek), ValueError, "latent attention"),
@@ -282,3 +290,20 @@ def test_state_space_models_decode_through_the_plain_sampler_like_a_full_forward
             for _ in range(6):
                 seq = torch.cat([seq, model(seq).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
         assert got == seq[0, -6:].tolist()
+
+
+@pytest.mark.parametrize("extra", [[], ["--input-file"]])
+def test_cli_request_beyond_the_context_is_refused_before_calibrating(tiny_folder, tmp_path, capsys, monkeypatch, extra):
+    """`phaselm generate ... --max-new-tokens 100000` is refused from the arguments and the model's context,
+    before the heads are calibrated (it took 22 s of calibration before)."""
+    from phaselm_cli import main
+
+    monkeypatch.setattr(PhaseSlipSampler, "calibrate_heads", lambda *a, **k: pytest.fail("calibrated first"))
+    prompt = ["the king"]
+    if extra:
+        (tmp_path / "prompts.txt").write_text("the king\na dark sea\n")
+        prompt = ["--input-file", str(tmp_path / "prompts.txt")]
+    code = main(["generate", *prompt, "--model", str(tiny_folder), "--sampler", "phase-slip",
+                 "--max-new-tokens", "100000"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "max_new_tokens <= " in err and len(err.splitlines()) == 1, err

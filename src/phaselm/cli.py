@@ -38,7 +38,9 @@ def _load(args):
     return load_causal_lm(args.model, device=args.device)
 
 
-def _phase_slip(model, tok, args, noise_scale=None, progress=True, text=None):
+def _phase_slip(model, tok, args, prompts, noise_scale=None, progress=True, text=None):
+    """A Phase-Slip sampler with calibrated heads; ``prompts`` and ``--max-new-tokens`` are checked against
+    the model's context first, so a request that cannot run is refused before calibrating."""
     from phaselm.sampling import PhaseSlipSampler
 
     sampler = PhaseSlipSampler(
@@ -48,14 +50,10 @@ def _phase_slip(model, tok, args, noise_scale=None, progress=True, text=None):
         perturbation_window=getattr(args, "window", 12),
         fusion=getattr(args, "fusion", "gate"),
     )
-    search = _search_layers(model, getattr(args, "search_layers", None))
-    sampler.calibrate_heads(text=text, search_layers=search, num_heads=getattr(args, "num_heads", None),
-                            progress=progress)
+    sampler.encode(prompts, args.max_new_tokens)
+    sampler.calibrate_heads(text=text, search_layers=getattr(args, "search_layers", None),
+                            num_heads=getattr(args, "num_heads", None), progress=progress)
     return sampler
-
-
-def _search_layers(model, requested: int | None) -> int:
-    return min(6, model.config.num_hidden_layers) if requested is None else requested
 
 
 def cmd_generate(args) -> int:
@@ -99,7 +97,7 @@ def _generate_file(args) -> int:
     rank, _ = _init_distributed()
     model, tok = _load(args)
     if args.sampler == "phase-slip":
-        sampler = _phase_slip(model, tok, args, progress=False)
+        sampler = _phase_slip(model, tok, args, prompts, progress=False)
     else:
         sampler = Sampler(model, tok)
     rows = []
@@ -145,7 +143,7 @@ def _decode_and_print(model, tok, args, calibration_text: str | None = None) -> 
     kwargs = dict(max_new_tokens=args.max_new_tokens, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
                   seed=args.seed, return_details=True, progress=True)
     if args.sampler == "phase-slip":
-        sampler = _phase_slip(model, tok, args, text=calibration_text)
+        sampler = _phase_slip(model, tok, args, [args.prompt], text=calibration_text)
         out = sampler.generate(args.prompt, temperature=args.temperature, **kwargs)
     else:
         out = Sampler(model, tok).generate(args.prompt, temperature=args.temperature,
@@ -172,7 +170,7 @@ def cmd_calibrate(args) -> int:
         except OSError as err:
             raise ValueError(f"--text-file: cannot read {args.text_file}: {err.strerror}") from None
     model, tok = _load(args)
-    cal = PhaseSlipSampler(model, tok).calibrate_heads(text=text, search_layers=_search_layers(model, args.search_layers),
+    cal = PhaseSlipSampler(model, tok).calibrate_heads(text=text, search_layers=args.search_layers,
                                                        num_heads=args.num_heads, seed=args.seed, progress=True)
     print(cal.table())
     print(f"\nselected (layer, kv_head): {cal.selected}")
@@ -188,7 +186,7 @@ def cmd_demo(args) -> int:
     print(f"prompt: {args.prompt!r}   seed={args.seed}   max_new_tokens={args.max_new_tokens}\n")
     from phaselm.sampling import PhaseSlipSampler
 
-    phase = _phase_slip(model, tok, args)
+    phase = _phase_slip(model, tok, args, [args.prompt])
     strong = PhaseSlipSampler(model, tok, noise_scale=1.0, heads=phase.heads)
     plain = Sampler(model, tok)
     common = dict(max_new_tokens=args.max_new_tokens, seed=args.seed, return_details=True)

@@ -146,7 +146,7 @@ def unsupported_model_reason(model, name: str | None = None) -> str | None:
                 "model?); load it with AutoModelForCausalLM / load_causal_lm")
     text = config.get_text_config(decoder=True)
     if hasattr(text, "is_decoder") and not text.is_decoder and type(model).__name__.startswith(
-            ("Bert", "Roberta", "Electra", "Ernie", "XLMRoberta", "Camembert", "Data2Vec", "RoCBert", "Roformer",
+            ("Bert", "Roberta", "Electra", "Ernie", "XLMRoberta", "Camembert", "Data2Vec", "RoCBert", "RoFormer",
              "BigBird", "RemBert", "MegatronBert", "Xmod", "BertGeneration")):
         return f"{label} is an encoder used as a causal LM without config.is_decoder=True; set is_decoder=True or use a decoder-only LM"
     return None
