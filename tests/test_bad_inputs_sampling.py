@@ -307,3 +307,12 @@ def test_cli_request_beyond_the_context_is_refused_before_calibrating(tiny_folde
                  "--max-new-tokens", "100000"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "max_new_tokens <= " in err and len(err.splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("seed", ["-1", str(2**64)])
+def test_cli_seed_out_of_range_is_refused_before_loading(capsys, seed):
+    from phaselm_cli import main
+
+    assert main(["generate", "the king", "--model", "/no/such/folder", "--seed", seed]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--seed must be an integer in [0, 2**63 - 1]" in err and len(err.splitlines()) == 1, err

@@ -122,9 +122,11 @@ def _generate_file(args) -> int:
 
 def _check_decoding(args) -> None:
     from phaselm.sampling import SamplingConfig
+    from phaselm.sampling.processors import check_seed
 
     if not args.prompt.strip():
         raise ValueError("prompt is empty; pass non-empty text")
+    check_seed("--seed", args.seed)
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature is not None and not 0 < args.temperature < float("inf"):
