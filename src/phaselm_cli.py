@@ -2,7 +2,7 @@
 importing torch; each command's work is in :mod:`phaselm.cli` (imported once a command runs).
 
 Commands: ``generate``, ``calibrate``, ``demo`` (Phase-Slip on any causal LM), ``train``, ``eval``,
-``sample``, ``interpret`` (the phaselm models), ``bench sampling | loops`` and ``report run | grid | criteria |
+``sample``, ``interpret`` (the phaselm models), ``bench sampling | loops | tasks`` and ``report run | grid | criteria |
 interventions | sampling``. Bad input (a ``ValueError``, a model or checkpoint that cannot be loaded,
 a mistyped flag) prints one line and exits with status 2. Flags are never prefix-matched:
 ``--resum`` is an error, not ``--resume``.
@@ -152,6 +152,28 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--human-passages", type=int, default=10, help="human-reference passages per source (0: none)")
     bl.add_argument("--resume", action="store_true", help="keep the methods already written under OUT/methods")
     bl.add_argument("--analyse-only", action="store_true", help="only rebuild results.json/report.md/loops.png")
+    bt = bench.add_parser("tasks", help="synthetic tasks (MQAR, selective copying, fuzzy/noisy recall): where could phase help?",
+                          description="Trains every model of the suite (learning-rate sweep, then seeds) and writes "
+                                      "OUT/runs/*.json, report.md, summary.json, accuracy_vs_difficulty.png and "
+                                      "accuracy_vs_width.png (docs/tasks.md).")
+    bt.add_argument("--task", required=True, choices=["mqar", "selective_copy", "fuzzy_recall", "noisy_recall"])
+    bt.add_argument("--models", default=None, help="comma-separated subset (default: all; see docs/tasks.md)")
+    bt.add_argument("--widths", default="32,64,128", help="model widths, comma-separated")
+    bt.add_argument("--seeds", type=int, default=3)
+    bt.add_argument("--difficulties", default=None, help="comma-separated labels, e.g. L64-kv4,L256-kv16 (default: all)")
+    bt.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning rates of the sweep, comma-separated")
+    bt.add_argument("--sweep-width", type=int, default=64)
+    bt.add_argument("--sweep-difficulty", default=None, help="default: the middle difficulty")
+    bt.add_argument("--steps", type=int, default=2000, help="optimiser steps per run")
+    bt.add_argument("--batch-size", type=int, default=64)
+    bt.add_argument("--num-train", type=int, default=12800, help="training examples per difficulty")
+    bt.add_argument("--num-test", type=int, default=2000, help="held-out examples (val and test, each)")
+    bt.add_argument("--eval-interval", type=int, default=500)
+    bt.add_argument("--vocab-size", type=int, default=None, help="the task's vocabulary (default: the task's own)")
+    bt.add_argument("--out", default=None, help="default: results/tasks/TASK")
+    bt.add_argument("--work", default=None, help="run folders (checkpoints), default: runs/tasks/TASK")
+    bt.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
+    bt.add_argument("--shard", default=None, help="I/N: run the I-th of N slices (default: the torchrun rank)")
     rep = sub.add_parser("report", help="rebuild tables, plots and summaries from runs and results").add_subparsers(
         dest="report", required=True)
     rr = rep.add_parser("run", help="summarise one training run: summary.json (final/best val, test, curves)")
@@ -172,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     ri.add_argument("--out", default="results/pma")
     ri.add_argument("--prompts", type=int, default=16, help="prompts per kind")
     ri.add_argument("--device", default="cpu")
+    rt = rep.add_parser("tasks", help="re-render report.md, summary.json and the plots of a phaselm bench tasks folder")
+    rt.add_argument("folder", help="the --out folder of phaselm bench tasks")
     rs = rep.add_parser("sampling", help="re-render report.md, frontier.png and comparisons.png from a sampling benchmark's results.json")
     rs.add_argument("folder", nargs="?", default="results/sampling")
     return parser

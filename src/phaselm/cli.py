@@ -1,6 +1,6 @@
 """What each ``phaselm`` command does (the arguments are parsed by :mod:`phaselm_cli`, which imports
 this module only once a command runs): ``generate``, ``calibrate``, ``demo``, ``train``, ``eval``,
-``sample``, ``interpret``, ``bench sampling | loops`` and ``report ...``.
+``sample``, ``interpret``, ``bench sampling | loops | tasks`` and ``report ...``.
 
 :func:`run` turns bad input (a ``ValueError``, a model or checkpoint that cannot be loaded) into one
 line on stderr and exit status 2.
@@ -228,6 +228,10 @@ def cmd_eval(args) -> int:
     from phaselm.training.trainer import evaluate_split
 
     res = evaluate_split(args.checkpoint, args.split, str(torch_device(args.device)))
+    if "accuracy" in res:
+        print(f"checkpoint step {res['step']}: {args.split} accuracy {res['accuracy']:.4f} over {res['answers']} "
+              f"answer tokens (exact-match examples {res['exact']:.4f}), loss {res['loss']:.4f} nats/answer")
+        return 0
     print(f"checkpoint step {res['step']}: {args.split} loss {res['loss']:.4f} nats/token, perplexity "
           f"{res['ppl']:.3f} over {res['tokens']} tokens")
     return 0
@@ -338,9 +342,50 @@ def cmd_bench_loops(args) -> int:
     return 0
 
 
+def cmd_bench_tasks(args) -> int:
+    import shlex
+
+    from phaselm.evaluation.tasks_bench import MODELS, TasksBench, TasksConfig, parse_shard
+    from phaselm.evaluation.tasks_report import render
+
+    cfg = TasksConfig(task=args.task, models=_names(args.models, "--models") if args.models else list(MODELS),
+                      widths=_ints(args.widths, "--widths"), seeds=args.seeds, lrs=_floats(args.lrs, "--lrs"),
+                      difficulties=_names(args.difficulties, "--difficulties") if args.difficulties else None,
+                      sweep_width=args.sweep_width, sweep_difficulty=args.sweep_difficulty, steps=args.steps,
+                      batch_size=args.batch_size, num_train=args.num_train, num_test=args.num_test,
+                      eval_interval=args.eval_interval, vocab_size=args.vocab_size)
+    shard = parse_shard(args.shard)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # under torchrun each process trains its own runs alone
+        os.environ.pop(key, None)
+    out = args.out or f"results/tasks/{args.task}"
+    launch = f"torchrun --nproc_per_node {shard[1]} -m phaselm " if args.shard is None and shard[1] > 1 else "phaselm "
+    bench = TasksBench(cfg, out, args.work or f"runs/tasks/{args.task}", launch + shlex.join(args.argv),
+                       shard=shard, resume=args.resume)
+    bench.run()
+    for path in render(out):  # every shard renders what exists; the last one to finish renders all of it
+        print(f"wrote {path}")
+    return 0
+
+
+def _names(text: str, flag: str) -> list[str]:
+    names = [v.strip() for v in text.split(",") if v.strip()]
+    if not names:
+        raise ValueError(f"{flag} is empty; give comma-separated names")
+    return names
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        return [int(v) for v in _names(text, flag)]
+    except ValueError:
+        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+
 def cmd_bench(args) -> int:
     if args.bench == "loops":
         return cmd_bench_loops(args)
+    if args.bench == "tasks":
+        return cmd_bench_tasks(args)
     import shlex
 
     from phaselm.evaluation.sampling_bench import (
@@ -434,6 +479,10 @@ def cmd_report(args) -> int:
 
         result = run_interventions(args.runs, args.out, args.prompts, str(torch_device(args.device)), command)
         print(json.dumps(result["summary"], indent=1))
+    elif args.report == "tasks":
+        from phaselm.evaluation.tasks_report import render
+
+        print("re-rendered " + ", ".join(str(p) for p in render(args.folder)))
     else:  # sampling
         from phaselm.evaluation.sampling_report import rerender
 

@@ -102,6 +102,18 @@ def char_tokenizer(chars) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=core, clean_up_tokenization_spaces=False)
 
 
+def token_id_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A transformers tokenizer for synthetic token-id data (:mod:`phaselm.data.tasks`): token i is
+    the word ``str(i)``, so ``"3 17 5"`` encodes to ``[3, 17, 5]`` and decodes back (spaces between
+    ids); it saves into a checkpoint like any tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.WordLevel({str(i): i for i in range(vocab_size)}, unk_token=None))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, clean_up_tokenization_spaces=False)
+
+
 class TextTokenizer:
     """A transformers tokenizer (``.tok``) with what the trainer needs: ``encode`` (no special
     tokens; an unknown character is a one-line error for a char tokenizer), ``decode``,

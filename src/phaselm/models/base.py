@@ -178,9 +178,13 @@ class PhaseLMForCausalLM(PreTrainedModel, GenerationMixin):
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 past_key_values=None, use_cache: bool | None = None, labels: torch.Tensor | None = None,
-                logits_to_keep: int = 0, return_dict: bool | None = None, **kwargs) -> CausalLMOutputWithPast:
+                logits_to_keep: int = 0, return_dict: bool | None = None, head_at_targets: bool = False,
+                **kwargs) -> CausalLMOutputWithPast:
         """Logits (and the loss when ``targets`` or ``labels`` are given); see the module docstring.
-        ``use_cache=True`` (what ``generate`` passes) creates a cache when none is given."""
+        ``use_cache=True`` (what ``generate`` passes) creates a cache when none is given.
+        ``head_at_targets=True`` (with ``targets``): the LM head runs only where ``targets >= 0``
+        and ``logits`` holds those rows, ``[n_targets, V]`` in row-major order (synthetic tasks
+        label a few positions per sequence; the loss is the same)."""
         if input_ids is None:
             raise ValueError(f"{type(self).__name__} needs input_ids (inputs_embeds are not supported)")
         b, t = input_ids.shape
@@ -191,6 +195,13 @@ class PhaseLMForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(f"sequence length {inputs.past + t} exceeds block_size {self.config.block_size}; "
                              f"shorten the input or max_new_tokens")
         x = self.hidden_states(input_ids, inputs)
+        if head_at_targets:
+            if targets is None:
+                raise ValueError("head_at_targets=True needs targets (the positions to compute logits at)")
+            keep = targets >= 0
+            logits = self.lm_head(x[keep])  # [n_targets, V]
+            loss = F.cross_entropy(logits.float(), targets[keep])
+            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         logits = self.lm_head(x)

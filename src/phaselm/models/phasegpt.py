@@ -23,7 +23,7 @@ from phaselm.models.gpt import GPTConfig, GPTForCausalLM
 @strict
 class PhaseGPTConfig(GPTConfig, KuramotoSettings, CoherenceRegulariser):
     """GPT fields, plus: ``phase_layers`` (0-based, at least one), ``n_osc`` oscillators per head,
-    ``coherence_init`` β₀ of the coherence bias, the Kuramoto settings (K₀ = ``coupling_init``,
+    ``coherence_init`` β₀ of the coherence bias (learned unless ``coherence_trainable`` is False), the Kuramoto settings (K₀ = ``coupling_init``,
     ``kuramoto_steps`` of ``kuramoto_dt`` with ``integrator``, ``phase_noise``, ``freq_jitter``)
     and the coherence regulariser."""
 
@@ -32,6 +32,7 @@ class PhaseGPTConfig(GPTConfig, KuramotoSettings, CoherenceRegulariser):
     phase_layers: list[int] | None = None
     n_osc: int = 32
     coherence_init: float | int = 0.5
+    coherence_trainable: bool = True  # False: β stays at coherence_init (0 removes the coherence bias)
 
     def validate_phase_layers(self):
         if not self.phase_layers:
@@ -62,4 +63,5 @@ class PhaseGPTForCausalLM(GPTForCausalLM):
         return PhaseCoupledAttention(
             c.n_embd, c.n_head, c.dropout, c.bias, layer_idx, n_osc=c.n_osc, coupling_init=c.coupling_init,
             kuramoto_steps=c.kuramoto_steps, kuramoto_dt=c.kuramoto_dt, integrator=c.integrator, coherence_init=c.coherence_init,
+            coherence_trainable=c.coherence_trainable,
             phase_noise=c.phase_noise, freq_jitter=c.freq_jitter)

@@ -6,7 +6,8 @@ and bias the attention logits by the phase coherence of query and key tokens:
 
     s_ij = q_i·k_j / √d + β_h · c_ij,      c_ij = (1/N) Σ_n cos(θ_i,n − θ_j,n) ∈ [−1, 1]
 
-(causal mask after the bias; β_h learnable, initialised to ``coherence_init``). The choice is an
+(causal mask after the bias; β_h learnable, initialised to ``coherence_init``, or fixed there with
+``coherence_trainable=False``: β = 0 fixed is the "no coherence bias" control). The choice is an
 *additive* bias, so that the whole thing is exactly one ``scaled_dot_product_attention`` call with
 2N extra query/key features: since cos(a − b) = cos a cos b + sin a sin b,
 
@@ -36,7 +37,7 @@ class PhaseCoupledAttention(CausalSelfAttention):
     def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = False, layer_idx: int = 0,
                  n_osc: int = 32, coupling_init: float = 1.0, kuramoto_steps: int = 2,
                  kuramoto_dt: float = 0.1, integrator: str = "euler", coherence_init: float = 0.5, phase_noise: float = 0.0,
-                 freq_jitter: float = 0.0):
+                 freq_jitter: float = 0.0, coherence_trainable: bool = True):
         super().__init__(n_embd, n_head, dropout, bias, layer_idx)
         if n_osc < 1 or kuramoto_steps < 0 or kuramoto_dt <= 0:
             raise ValueError(f"n_osc must be >= 1, kuramoto_steps >= 0 and kuramoto_dt > 0 (got {n_osc}, {kuramoto_steps}, "
@@ -47,7 +48,7 @@ class PhaseCoupledAttention(CausalSelfAttention):
         self.omega = nn.Parameter(0.1 * torch.randn(n_head, n_osc))
         self.omega._no_weight_decay = True
         self.coupling = nn.Parameter(torch.full((n_head,), float(coupling_init)))
-        self.coherence = nn.Parameter(torch.full((n_head,), float(coherence_init)))
+        self.coherence = nn.Parameter(torch.full((n_head,), float(coherence_init)), requires_grad=coherence_trainable)
         self.last_r: torch.Tensor | None = None  # [H], with gradients
 
     def phases(self, x: torch.Tensor, inputs: LayerInputs = PLAIN) -> torch.Tensor:

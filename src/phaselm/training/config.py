@@ -42,9 +42,40 @@ def _yaml(text: str):
 
 @dataclass
 class DataConfig:
-    name: str = "tiny-shakespeare"  # shakespeare | tiny-shakespeare | text | a hub dataset name
+    name: str = "tiny-shakespeare"  # shakespeare | tiny-shakespeare | text | a hub dataset | a synthetic task
     path: str | None = None  # for name: text
-    tokenizer: str = "char"  # char | bpe | a tokenizer name or folder
+    tokenizer: str = "char"  # char | bpe | a tokenizer name or folder (text data only)
+    # synthetic tasks (name: mqar | selective_copy | noisy_recall | fuzzy_recall; phaselm.data.tasks):
+    # the task's settings (None: the task's default; a setting the task lacks is an error) ...
+    seq_len: int | None = None
+    vocab_size: int | None = None
+    num_kv_pairs: int | None = None  # mqar
+    power_a: float | None = None  # mqar
+    random_fill: bool | None = None  # mqar
+    num_tokens: int | None = None  # selective_copy
+    noise_vocab_size: int | None = None  # noisy_recall
+    frac_noise: float | None = None  # noisy_recall
+    k_motif: int | None = None  # fuzzy_recall
+    v_motif: int | None = None  # fuzzy_recall
+    # ... and the example sets: training examples, held-out (val and test) examples, their seed
+    num_train: int = 12_800
+    num_test: int = 2_000
+    data_seed: int = 0
+
+    TASK_FIELDS = ("seq_len", "vocab_size", "num_kv_pairs", "power_a", "random_fill", "num_tokens", "noise_vocab_size",
+                   "frac_noise", "k_motif", "v_motif")
+
+    @property
+    def is_task(self) -> bool:
+        from phaselm.data.tasks import TASKS
+
+        return self.name in TASKS
+
+    def task(self):
+        """The synthetic task of this section (:func:`phaselm.data.tasks.make_task`)."""
+        from phaselm.data.tasks import make_task
+
+        return make_task(self.name, **{k: getattr(self, k) for k in self.TASK_FIELDS})
 
 
 @dataclass
@@ -106,6 +137,20 @@ class RunConfig:
         for key, ok in checks:
             if not ok:
                 raise ConfigError(f"config: invalid value for {key}: {_get(self, key)!r}")
+        d = self.data
+        if d.is_task:
+            try:
+                d.task()
+            except ValueError as err:
+                raise ConfigError(f"config: {err}") from None
+            if d.num_train < 1 or d.num_test < 1 or d.data_seed < 0:
+                raise ConfigError("config: data.num_train and data.num_test must be >= 1 and data.data_seed >= 0")
+            if self.model.block_size < d.task().seq_len:
+                raise ConfigError(f"config: model.block_size ({self.model.block_size}) is shorter than the task's "
+                                  f"seq_len ({d.task().seq_len}); raise model.block_size")
+        elif (used := [k for k in d.TASK_FIELDS if getattr(d, k) is not None]):
+            raise ConfigError(f"config: data.{used[0]} is a synthetic-task setting, but data.name {d.name!r} is "
+                              "not a task (mqar, selective_copy, noisy_recall, fuzzy_recall)")
         if self.data.name == "text" and not self.data.path:
             raise ConfigError("config: data.path is required when data.name is 'text'")
         if self.data.path and not Path(self.data.path).expanduser().exists():

@@ -39,7 +39,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from phaselm.data.datasets import TextTokenizer, char_tokenizer, get_tokenizer, load_splits, tokenized
+from phaselm.data.datasets import (
+    TextTokenizer, char_tokenizer, get_tokenizer, load_splits, token_id_tokenizer, tokenized,
+)
+from phaselm.data.tasks import TaskData
 from phaselm.models import MODELS, config_from_dict, config_to_dict
 from phaselm.training import checkpoint as ckpt
 from phaselm.training.config import RunConfig, from_dict
@@ -244,6 +247,85 @@ def evaluate(model, tokens: np.ndarray, block_size: int, device, max_tokens: int
     return {"loss": loss, "ppl": _perplexity(loss), "tokens": count}
 
 
+@torch.no_grad()
+def evaluate_answers(model, inputs: np.ndarray, targets: np.ndarray, device, batch_size: int = 100,
+                     autocast=nullcontext) -> dict:
+    """Synthetic-task metrics over the answer positions (``targets >= 0``) of ``inputs``/``targets``
+    ``[n, L]``: mean NLL (``loss``), ``accuracy`` = fraction of answer tokens whose argmax prediction
+    is right, ``answers`` (their number), ``correct``, and ``exact`` = fraction of examples with
+    every answer right. The LM head runs at the answer positions only."""
+    was_training = model.training
+    model.eval()
+    total, correct, answers, exact = 0.0, 0, 0, 0
+    for i in range(0, len(inputs), batch_size):
+        x = torch.from_numpy(np.asarray(inputs[i: i + batch_size])).to(device)
+        y = torch.from_numpy(np.asarray(targets[i: i + batch_size])).to(device)
+        with autocast():
+            logits = model(x, y, head_at_targets=True).logits  # [answers in the batch, V]
+        keep = y >= 0
+        total += float(torch.nn.functional.cross_entropy(logits.float(), y[keep], reduction="sum"))
+        hit = torch.zeros_like(y, dtype=torch.bool)
+        hit[keep] = logits.argmax(-1) == y[keep]
+        correct += int(hit.sum())
+        answers += int(keep.sum())
+        exact += int((hit | ~keep).all(dim=1).sum())
+    model.train(was_training)
+    loss = total / max(answers, 1)
+    return {"loss": loss, "ppl": _perplexity(loss), "accuracy": correct / max(answers, 1), "answers": answers,
+            "correct": correct, "exact": exact / max(len(inputs), 1)}
+
+
+class TextData:
+    """A text dataset as training data: random windows of ``block_size + 1`` tokens of the train
+    split; evaluation = loss over the val split (:func:`evaluate`)."""
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.splits = load_splits(cfg.data.name, cfg.data.path)
+        self.tokenizer = get_tokenizer(cfg.data.tokenizer, "".join(self.splits.values()))  # char: all splits
+        self.train_tokens = tokenized(self.splits["train"], self.tokenizer)
+        self.val_tokens = tokenized(self.splits["val"], self.tokenizer)
+        if len(self.train_tokens) <= cfg.model.block_size + 1:
+            raise TrainingError(f"the train split has {len(self.train_tokens)} tokens, too few for model.block_size "
+                                f"{cfg.model.block_size}; use a larger dataset or a smaller block")
+        self.tokens_per_example = cfg.model.block_size
+
+    def rows(self, generator: torch.Generator, global_b: int) -> list[np.ndarray]:
+        """``global_b`` windows (token ids, ``[block + 1]``), drawn from ``generator``."""
+        block = self.cfg.model.block_size
+        starts = torch.randint(len(self.train_tokens) - block - 1, (global_b,), generator=generator)
+        return [np.asarray(self.train_tokens[s: s + block + 1], dtype=np.int64) for s in starts.tolist()]
+
+    def xy(self, rows: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        xy = torch.from_numpy(np.stack(rows))
+        return xy[:, :-1], xy[:, 1:]
+
+    def evaluate(self, model, device, autocast, max_tokens) -> dict:
+        return evaluate(model, self.val_tokens, self.cfg.model.block_size, device, max_tokens, autocast=autocast)
+
+
+class TaskExamples:
+    """A synthetic task (:mod:`phaselm.data.tasks`) as training data: examples drawn with
+    replacement from the training set; evaluation = :func:`evaluate_answers` on the val set. The
+    LM head runs at the answer positions only (``head_at_targets``)."""
+
+    def __init__(self, cfg: RunConfig):
+        d = cfg.data
+        self.data = TaskData.build(d.task(), d.num_train, d.num_test, d.data_seed, cache=True)
+        self.tokenizer = TextTokenizer(token_id_tokenizer(self.data.vocab_size), f"task:{d.name}")
+        self.tokens_per_example = self.data.task.seq_len
+
+    def rows(self, generator: torch.Generator, global_b: int) -> list[int]:
+        return torch.randint(len(self.data.train[0]), (global_b,), generator=generator).tolist()
+
+    def xy(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.data.train
+        return torch.from_numpy(x[rows]), torch.from_numpy(y[rows])
+
+    def evaluate(self, model, device, autocast, max_tokens=None, split: str = "val") -> dict:
+        return evaluate_answers(model, *getattr(self.data, split), device, autocast=autocast)
+
+
 class Trainer:
     """Trains ``cfg`` (a validated :class:`RunConfig`); ``resume=True`` continues from the newest
     intact checkpoint, ``overwrite=True`` replaces a run already in ``train.out_dir``."""
@@ -281,14 +363,13 @@ class Trainer:
             return nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
-    def _batch(self, tokens: np.ndarray, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        block, global_b = self.cfg.model.block_size, self.cfg.train.batch_size
-        starts = torch.randint(len(tokens) - block - 1, (global_b,), generator=generator)
+    def _batch(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the global batch (drawn identically on every rank)."""
+        global_b = self.cfg.train.batch_size
+        rows = self.data.rows(generator, global_b)
         local = global_b // self.world
-        mine = starts[self.rank * local: (self.rank + 1) * local].tolist()
-        rows = np.stack([np.asarray(tokens[s: s + block + 1], dtype=np.int64) for s in mine])
-        xy = torch.from_numpy(rows)
-        return xy[:, :-1].to(self.device), xy[:, 1:].to(self.device)
+        x, y = self.data.xy(rows[self.rank * local: (self.rank + 1) * local])
+        return x.to(self.device), y.to(self.device)
 
     def _log(self, row: dict) -> None:
         if self.rank == 0:
@@ -311,12 +392,8 @@ class Trainer:
     def train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
-        splits = load_splits(cfg.data.name, cfg.data.path)
-        self.tokenizer = get_tokenizer(cfg.data.tokenizer, "".join(splits.values()))  # char: all splits
-        train_tokens, val_tokens = tokenized(splits["train"], self.tokenizer), tokenized(splits["val"], self.tokenizer)
-        if len(train_tokens) <= cfg.model.block_size + 1:
-            raise TrainingError(f"the train split has {len(train_tokens)} tokens, too few for model.block_size "
-                                f"{cfg.model.block_size}; use a larger dataset or a smaller block")
+        self.data = TaskExamples(cfg) if cfg.data.is_task else TextData(cfg)
+        self.tokenizer = self.data.tokenizer
         if cfg.model.vocab_size is not None and cfg.model.vocab_size < self.tokenizer.vocab_size:
             raise TrainingError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the data's vocabulary "
                                 f"({self.tokenizer.vocab_size} tokens); remove model.vocab_size or set it to at least "
@@ -331,7 +408,7 @@ class Trainer:
             self.run_folder.prepare()
             self.run_folder.acquire()
         try:
-            return self._train(splits, train_tokens, val_tokens)
+            return self._train()
         finally:
             self.run_folder.release()
 
@@ -364,7 +441,8 @@ class Trainer:
             print(f"phaselm: {'; '.join(problems)}; resuming from the newest intact checkpoint, {folder.name}",
                   file=sys.stderr)
         state, rng = ckpt.load_training_state(folder, self.optimizer)
-        if state["config"]["model"] != cfg.to_dict()["model"] or state["config"]["data"] != cfg.to_dict()["data"]:
+        saved = from_dict(state["config"]).to_dict()  # a checkpoint from before a field existed has its default
+        if saved["model"] != cfg.to_dict()["model"] or saved["data"] != cfg.to_dict()["data"]:
             raise TrainingError(f"--resume: the model/data config differs from the checkpoint in {folder}")
         ckpt.load_weights(folder, self.raw_model)
         torch.set_rng_state(rng["torch"])
@@ -372,7 +450,7 @@ class Trainer:
         self.initial_val_loss = state["metrics"].get("initial_val_loss")
         return state["step"], state["metrics"].get("best_val_loss", best)
 
-    def _train(self, splits, train_tokens, val_tokens) -> dict:
+    def _train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         batch_gen = torch.Generator().manual_seed(t.seed)
         start_iter, best = self._start(batch_gen)
@@ -392,7 +470,7 @@ class Trainer:
             model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         scaler = torch.amp.GradScaler(enabled=self.autocast_dtype == torch.float16)
-        tokens_per_iter = t.batch_size * t.grad_accum * cfg.model.block_size
+        tokens_per_iter = t.batch_size * t.grad_accum * self.data.tokens_per_example
         # MFU on a known GPU: model FLOP/s of the global batch / (ranks · peak)
         flops_per_iter = flops_per_token(self.raw_model, cfg.model.block_size) * tokens_per_iter
         peak = peak_flops(self.device)
@@ -408,13 +486,13 @@ class Trainer:
                 rng = {"torch": torch.get_rng_state(), "batch": batch_gen.get_state()}
                 at_eval = it % t.eval_interval == 0 or it == t.max_iters
                 if at_eval and not (self.resume and it == start_iter):
-                    last_val = evaluate(self.raw_model, val_tokens, cfg.model.block_size, self.device,
-                                        t.eval_max_tokens, autocast=self.autocast)
+                    last_val = self.data.evaluate(self.raw_model, self.device, self.autocast, t.eval_max_tokens)
                     best = min(best, last_val["loss"])
                     if self.initial_val_loss is None:
                         self.initial_val_loss = last_val["loss"]
                     self._log({"iter": it, "split": "val", **last_val, "best_loss": best})
-                    bar.set_postfix_str(f"val {last_val['loss']:.3f} ppl {last_val['ppl']:.2f}")
+                    acc = f" acc {last_val['accuracy']:.3f}" if "accuracy" in last_val else ""
+                    bar.set_postfix_str(f"val {last_val['loss']:.3f} ppl {last_val['ppl']:.2f}{acc}")
                 ckpt_due = t.checkpoint_interval is None and at_eval or (
                     t.checkpoint_interval is not None and it % t.checkpoint_interval == 0) or it == t.max_iters
                 if ckpt_due and it > start_iter:
@@ -427,10 +505,10 @@ class Trainer:
                     group["lr"] = lr
                 loss_sum, reg_sum = 0.0, 0.0
                 for micro in range(t.grad_accum):
-                    x, y = self._batch(train_tokens, batch_gen)
+                    x, y = self._batch(batch_gen)
                     sync = self.ddp and micro < t.grad_accum - 1
                     with (model.no_sync() if sync else nullcontext()), self.autocast():
-                        loss = model(x, y).loss
+                        loss = model(x, y, head_at_targets=cfg.data.is_task).loss
                         reg = self.raw_model.coherence_loss()
                     total = loss if reg is None else loss + reg
                     scaler.scale(total / t.grad_accum).backward()
@@ -517,10 +595,13 @@ def _json_row(line: str) -> dict | None:
 
 def evaluate_split(path: str | Path, split: str = "test", device: str = "cpu", max_tokens: int | None = None) -> dict:
     """Loss (nats/token), perplexity and token count of a trained run's latest checkpoint on a
-    split of its own dataset (the whole split by default), plus the checkpoint ``step``."""
-    from phaselm.data.datasets import load_splits
-
+    split of its own dataset (the whole split by default), plus the checkpoint ``step``; for a
+    synthetic task, :func:`evaluate_answers` on its ``train``/``val``/``test`` examples."""
     model, tok, cfg, state = load_for_inference(path, device)
+    if cfg.data.is_task:
+        data = TaskExamples(cfg).data
+        return {**evaluate_answers(model, *getattr(data, split), torch.device(device)), "step": state["step"],
+                "tokens": None}
     tokens = tokenized(load_splits(cfg.data.name, cfg.data.path)[split], tok)
     return {**evaluate(model, tokens, cfg.model.block_size, torch.device(device), max_tokens), "step": state["step"]}
 

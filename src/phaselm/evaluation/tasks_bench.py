@@ -1,0 +1,360 @@
+"""``phaselm bench tasks``: where could phase help? Every model of the suite on a synthetic task
+(:mod:`phaselm.data.tasks`), across difficulties, widths and seeds, with a learning-rate sweep first.
+
+Protocol (docs/tasks.md), fixed before the runs:
+
+1. **Sweep.** Each model at the sweep width and the sweep difficulty (defaults: width 64, the
+   middle difficulty), seed 1, at every learning rate of ``--lrs``. The rule: the learning rate
+   with the highest *val* accuracy (answer tokens; the val set is held out, and is not the test
+   set); ties go to the lower val loss, then to the smaller learning rate.
+2. **Main runs.** Every (difficulty, model, width) cell at that model's chosen learning rate,
+   seeds 1..``--seeds``. A sweep run is reused as the seed-1 run of its cell.
+3. Each run reports its accuracy on the fixed *test* set (>= 2,000 held-out examples, none in the
+   training set) with a Wilson interval; :mod:`phaselm.evaluation.tasks_report` pairs runs by seed
+   against each model's baseline.
+
+Each run is one ``phaselm train`` run (:class:`phaselm.training.trainer.Trainer`) in its own folder
+under ``--work``; its result is ``OUT/runs/<run id>.json`` (with the command, commit, machine and
+seed). ``--resume`` skips runs whose JSON exists and continues an interrupted run from its
+checkpoint. ``--shard I/N`` runs the I-th of N slices of each phase (one process of a torchrun
+launch or of a Slurm job array each); before the main runs a shard waits until every sweep run it
+depends on has its JSON (written by whichever shard ran it). The union of the shards' run files is
+the unsharded run's, and ``report.md`` and the plots are re-rendered from the run files.
+
+Models (``MODELS``): ``gpt``; ``phasegpt_all`` (phase coupling in every attention layer) and
+``phasegpt_single`` (the published placement: one phase layer, here the last); ``pma`` (Mamba blocks,
+then one PMA block); ``pma_lam0`` (λ = 0: the phase modulation off); ``mamba`` (Mamba blocks only);
+the oscillator controls ``phasegpt_frozen`` / ``pma_frozen`` (no Kuramoto steps: phases stay at
+their initial values θ⁰ = π·tanh(Wx)) and ``phasegpt_nobias`` (coherence bias β fixed at 0). Mamba
+stacks get the number of Mamba blocks whose parameter count is closest to the GPT's at that width
+(:func:`model_section`), so counts match within 10% (tested).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from phaselm.utils import atomic_write, provenance
+
+# task -> its difficulties: (label, data settings); the default run uses all of them
+DIFFICULTIES = {
+    "mqar": [("L64-kv4", {"seq_len": 64, "num_kv_pairs": 4}), ("L128-kv8", {"seq_len": 128, "num_kv_pairs": 8}),
+             ("L256-kv16", {"seq_len": 256, "num_kv_pairs": 16}), ("L256-kv64", {"seq_len": 256, "num_kv_pairs": 64})],
+    "selective_copy": [("L256", {"seq_len": 256}), ("L512", {"seq_len": 512})],
+    "fuzzy_recall": [("L128", {"seq_len": 128}), ("L256", {"seq_len": 256})],
+    "noisy_recall": [("L128", {"seq_len": 128}), ("L256", {"seq_len": 256})],
+}
+MODELS = ("gpt", "phasegpt_all", "phasegpt_single", "phasegpt_frozen", "phasegpt_nobias", "pma", "pma_lam0",
+          "pma_frozen", "mamba")
+BASELINE = {"phasegpt_all": "gpt", "phasegpt_single": "gpt", "phasegpt_frozen": "phasegpt_all",
+            "phasegpt_nobias": "phasegpt_all", "pma": "pma_lam0", "pma_frozen": "pma", "mamba": "gpt",
+            "pma_lam0": "mamba"}
+"""What each model is compared with, paired by seed (phase on vs off within a family; controls vs the
+model they control)."""
+N_LAYER, N_HEAD, N_OSC = 2, 2, 16
+
+
+@dataclass
+class TasksConfig:
+    task: str = "mqar"
+    models: list[str] = field(default_factory=lambda: list(MODELS))
+    widths: list[int] = field(default_factory=lambda: [32, 64, 128])
+    seeds: int = 3
+    difficulties: list[str] | None = None  # labels of DIFFICULTIES[task]; None: all
+    lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
+    sweep_width: int = 64
+    sweep_difficulty: str | None = None  # None: the middle one of the selected difficulties
+    steps: int = 2000
+    batch_size: int = 64
+    num_train: int = 12_800
+    num_test: int = 2_000
+    eval_interval: int = 500
+    vocab_size: int | None = None  # None: the task's default (MQAR 8192)
+
+    def validate(self) -> "TasksConfig":
+        if self.task not in DIFFICULTIES:
+            raise ValueError(f"--task must be one of {', '.join(DIFFICULTIES)}, got {self.task!r}")
+        if bad := [m for m in self.models if m not in MODELS]:
+            raise ValueError(f"--models: unknown model {bad[0]!r} (known: {', '.join(MODELS)})")
+        if not self.models:
+            raise ValueError("--models is empty; name at least one model")
+        known = [label for label, _ in DIFFICULTIES[self.task]]
+        if self.difficulties is not None and (bad := [d for d in self.difficulties if d not in known]):
+            raise ValueError(f"--difficulties: {bad[0]!r} is not a difficulty of {self.task} (known: {', '.join(known)})")
+        if self.sweep_difficulty is not None and self.sweep_difficulty not in self.difficulty_labels():
+            raise ValueError(f"--sweep-difficulty {self.sweep_difficulty!r} is not among the difficulties run "
+                             f"({', '.join(self.difficulty_labels())})")
+        if not self.widths or min(self.widths) < N_HEAD * 4 or any(w % N_HEAD for w in self.widths):
+            raise ValueError(f"--widths must be multiples of {N_HEAD} and >= {N_HEAD * 4}, got {self.widths}")
+        if not self.lrs or min(self.lrs) <= 0:
+            raise ValueError(f"--lrs must be positive learning rates, got {self.lrs}")
+        for key in ("seeds", "steps", "batch_size", "num_train", "num_test", "eval_interval", "sweep_width"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
+        for label in self.difficulty_labels():  # every task setting is valid before anything runs
+            self.data_section(label)
+        return self
+
+    def difficulty_labels(self) -> list[str]:
+        known = [label for label, _ in DIFFICULTIES[self.task]]
+        return known if self.difficulties is None else [d for d in known if d in self.difficulties]
+
+    def sweep_label(self) -> str:
+        labels = self.difficulty_labels()
+        return self.sweep_difficulty or labels[(len(labels) - 1) // 2]
+
+    def data_section(self, label: str) -> dict:
+        """The ``data:`` section of a run at difficulty ``label`` (checked)."""
+        from phaselm.data.tasks import make_task
+
+        settings = dict(DIFFICULTIES[self.task])[label]
+        if self.vocab_size is not None:
+            settings = {**settings, "vocab_size": self.vocab_size}
+        make_task(self.task, **settings)  # raises a one-line ValueError for impossible settings
+        return {"name": self.task, **settings, "num_train": self.num_train, "num_test": self.num_test, "data_seed": 0}
+
+
+def _gpt_section(model: str, width: int, block: int) -> dict:
+    base = {"block_size": block, "n_layer": N_LAYER, "n_head": N_HEAD, "n_embd": width}
+    if model == "gpt":
+        return {"type": "gpt", **base}
+    phase = {"type": "phasegpt", **base, "n_osc": N_OSC,
+             "phase_layers": [N_LAYER - 1] if model == "phasegpt_single" else list(range(N_LAYER))}
+    if model == "phasegpt_frozen":
+        phase["kuramoto_steps"] = 0
+    if model == "phasegpt_nobias":
+        phase.update(coherence_init=0.0, coherence_trainable=False)
+    return phase
+
+
+def _pma_section(model: str, width: int, block: int, n_ssm: int, expand: int = 2) -> dict:
+    attn = 0 if model == "mamba" else 1
+    section = {"type": "pma", "block_size": block, "n_embd": width, "n_head": N_HEAD, "n_layer": n_ssm + attn,
+               "n_ssm": n_ssm, "d_state": 16, "expand": expand, "scan": "parallel"}
+    if model == "pma_lam0":
+        section.update(lam_init=0.0, lam_trainable=False)
+    if model == "pma_frozen":
+        section["kuramoto_steps"] = 0
+    return section
+
+
+def count_params(section: dict, vocab_size: int) -> int:
+    """Parameters of the model of ``section``, position tables left out (:func:`matched_params`)."""
+    from phaselm.models import MODELS as ARCH, config_from_dict
+
+    return matched_params(ARCH[section["type"]][1](config_from_dict(section, vocab_size)))
+
+
+def matched_params(model) -> int:
+    """The count the suite matches across models: every parameter (tied embeddings once) but the
+    GPT family's learned position table, a lookup that Mamba stacks have no counterpart of (the
+    nanoGPT convention)."""
+    wpe = getattr(model, "wpe", None)
+    return sum(p.numel() for p in model.parameters()) - (wpe.weight.numel() if wpe is not None else 0)
+
+
+def model_section(model: str, width: int, block: int, vocab_size: int) -> dict:
+    """The ``model:`` section of ``model`` at ``width`` (``block`` = the task's length). GPT-family
+    models have N_LAYER blocks of N_HEAD heads. Mamba stacks (``pma*``, ``mamba``; d_state 16) take
+    the number of Mamba blocks (1..8) whose parameter count (:func:`matched_params`) is closest to the GPT's with
+    Mamba's usual expansion 2; only where no depth comes within 10% another expansion (1..4) is
+    allowed, the closest count winning."""
+    if not model.startswith(("pma", "mamba")):
+        return _gpt_section(model, width, block)
+    target = count_params(_gpt_section("gpt", width, block), vocab_size)
+
+    def rank(option):
+        off = abs(count_params(option, vocab_size) / target - 1)
+        return off > 0.10, option["expand"] != 2, off
+
+    options = [_pma_section(model, width, block, n, e) for e in (2, 1, 3, 4) for n in range(1, 9)]
+    return min(options, key=rank)
+
+
+@dataclass(frozen=True)
+class Run:
+    difficulty: str
+    model: str
+    width: int
+    seed: int
+    lr: float | None  # None: the model's swept learning rate (known after the sweep)
+    sweep: bool = False
+
+    @property
+    def run_id(self) -> str:
+        lr = "" if self.lr is None else f"_lr{self.lr:g}"
+        return f"{self.difficulty}/{self.model}/w{self.width}/seed{self.seed}{lr if self.sweep else ''}"
+
+    def file_name(self) -> str:
+        return self.run_id.replace("/", "__") + ".json"
+
+
+def sweep_runs(cfg: TasksConfig) -> list[Run]:
+    return [Run(cfg.sweep_label(), m, cfg.sweep_width, 1, lr, sweep=True) for m in cfg.models for lr in cfg.lrs]
+
+
+def main_runs(cfg: TasksConfig) -> list[Run]:
+    return [Run(d, m, w, s, None) for d in cfg.difficulty_labels() for m in cfg.models for w in cfg.widths
+            for s in range(1, cfg.seeds + 1)]
+
+
+def choose_lr(results: list[dict]) -> float:
+    """The sweep rule: highest val accuracy, then lower val loss, then smaller learning rate."""
+    best = min(results, key=lambda r: (-r["val"]["accuracy"], r["val"]["loss"], r["lr"]))
+    return best["lr"]
+
+
+def parse_shard(text: str | None) -> tuple[int, int]:
+    """``"I/N"`` → ``(I, N)``; None: this process's torchrun rank and world size, else ``(0, 1)``."""
+    if text is None:
+        return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise ValueError(f"--shard must look like I/N (e.g. 0/4), got {text!r}") from None
+    if not 0 <= i < n:
+        raise ValueError(f"--shard I/N needs 0 <= I < N, got {text!r}")
+    return i, n
+
+
+class TasksBench:
+    """Runs the grid of :class:`TasksConfig` into ``out`` (see the module docstring)."""
+
+    def __init__(self, cfg: TasksConfig, out: str | Path, work: str | Path, command: str,
+                 shard: tuple[int, int] = (0, 1), resume: bool = False, progress: bool = True,
+                 poll_seconds: float = 2.0):
+        self.cfg, self.out, self.work, self.command = cfg.validate(), Path(out), Path(work), command
+        self.shard, self.resume, self.progress, self.poll = shard, resume, progress, poll_seconds
+        self.runs_dir = self.out / "runs"
+
+    def result_path(self, run: Run) -> Path:
+        return self.runs_dir / run.file_name()
+
+    def check_start(self) -> None:
+        """Refuse to mix with an earlier run's files unless ``--resume``; refuse a changed protocol."""
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        existing = sorted(self.runs_dir.glob("*.json"))
+        if existing and not self.resume:
+            raise ValueError(f"{self.runs_dir} holds {len(existing)} run results of an earlier run; pass --resume to "
+                             "continue it, or choose another --out")
+        for path in existing:
+            saved = json.loads(path.read_text())["protocol"]
+            mine = self.protocol()
+            if saved != mine:
+                key = next(k for k in mine if saved.get(k) != mine[k])
+                raise ValueError(f"--resume: {path.name} was made with {key}={saved.get(key)!r}, this run has "
+                                 f"{mine[key]!r}; use the same settings or another --out")
+
+    def protocol(self) -> dict:
+        """What every run of this grid shares (a resumed run must match it)."""
+        c = self.cfg
+        return {"task": c.task, "steps": c.steps, "batch_size": c.batch_size, "num_train": c.num_train,
+                "num_test": c.num_test, "lrs": list(c.lrs), "sweep_width": c.sweep_width,
+                "sweep_difficulty": c.sweep_label(), "eval_interval": c.eval_interval, "vocab_size": c.vocab_size}
+
+    def mine(self, runs: list[Run]) -> list[Run]:
+        i, n = self.shard
+        return runs[i::n]
+
+    def run(self) -> list[Path]:
+        self.check_start()
+        for run in self.mine(sweep_runs(self.cfg)):
+            self.train(run)
+        chosen = self.chosen_lrs(wait=True)
+        done = []
+        for run in self.mine(main_runs(self.cfg)):
+            done.append(self.train(run, chosen[run.model]))
+        return done
+
+    def chosen_lrs(self, wait: bool = False) -> dict[str, float]:
+        """Each model's swept learning rate (waiting for other shards' sweep runs when ``wait``)."""
+        runs = sweep_runs(self.cfg)
+        while True:
+            missing = [r for r in runs if not self.result_path(r).exists()]
+            if not missing:
+                break
+            if not wait:
+                raise ValueError(f"the sweep is incomplete ({len(missing)} runs missing, e.g. {missing[0].run_id})")
+            print(f"phaselm bench tasks: waiting for {len(missing)} sweep runs of other shards "
+                  f"(e.g. {missing[0].run_id})", file=sys.stderr)
+            time.sleep(self.poll)
+        by_model: dict[str, list[dict]] = {}
+        for r in runs:
+            by_model.setdefault(r.model, []).append(json.loads(self.result_path(r).read_text()))
+        return {m: choose_lr(rs) for m, rs in by_model.items()}
+
+    def run_config(self, run: Run, lr: float):
+        from phaselm.training.config import from_dict
+
+        c = self.cfg
+        data = c.data_section(run.difficulty)
+        vocab = data.get("vocab_size") or self._task(run.difficulty).vocab_size
+        block = data["seq_len"]
+        return from_dict({
+            "data": data,
+            "model": {**model_section(run.model, run.width, block, vocab), "vocab_size": vocab},
+            "train": {"out_dir": str(self.work / run.run_id.replace("/", "__")), "max_iters": c.steps,
+                      "batch_size": c.batch_size, "lr": lr, "min_lr": lr / 10, "warmup_iters": min(100, c.steps // 10),
+                      "weight_decay": 0.1, "beta2": 0.99, "eval_interval": c.eval_interval,
+                      "log_interval": max(1, c.eval_interval // 5), "seed": run.seed, "device": "cpu",
+                      "keep_checkpoints": 1},
+        }).validate()
+
+    def _task(self, label: str):
+        from phaselm.data.tasks import make_task
+
+        data = self.cfg.data_section(label)
+        return make_task(self.cfg.task, **{k: v for k, v in data.items() if k not in ("name", "num_train", "num_test", "data_seed")})
+
+    def train(self, run: Run, lr: float | None = None) -> Path:
+        """Train ``run`` (or, in the main phase, reuse the identical sweep run) and write its JSON."""
+        from phaselm.training.trainer import TaskExamples, Trainer, TrainingError, evaluate_answers
+        from phaselm.evaluation.loops import wilson
+
+        path = self.result_path(run)
+        if path.exists():
+            return path
+        lr = run.lr if lr is None else lr
+        same = Run(run.difficulty, run.model, run.width, run.seed, lr, sweep=True)
+        if not run.sweep and self.result_path(same).exists() and same in sweep_runs(self.cfg):
+            record = json.loads(self.result_path(same).read_text())
+            atomic_write(path, json.dumps({**record, "run": run.run_id, "sweep": False, "reused": same.run_id}, indent=1) + "\n")
+            return path
+        cfg = self.run_config(run, lr)
+        folder = Path(cfg.train.out_dir)
+        from phaselm.training import checkpoint as ckpt
+
+        resume = folder.exists() and bool(ckpt.step_folders(folder))
+        t0 = time.perf_counter()
+        trainer = Trainer(cfg, resume=resume, progress=self.progress, overwrite=not resume)
+        try:
+            summary = trainer.train()
+        except TrainingError as err:
+            if "exploding gradient" not in str(err) and "non-finite" not in str(err):
+                raise
+            summary = {"diverged": str(err)}
+        seconds = time.perf_counter() - t0
+        model = trainer.raw_model
+        data: TaskExamples = trainer.data
+        val = summary.get("final_val") or evaluate_answers(model, *data.data.val, trainer.device)
+        test = evaluate_answers(model, *data.data.test, trainer.device)
+        lo, hi = wilson(test["correct"], test["answers"])
+        record = {
+            "run": run.run_id, "task": self.cfg.task, "difficulty": run.difficulty, "model": run.model,
+            "width": run.width, "seed": run.seed, "lr": lr, "sweep": run.sweep,
+            "data": cfg.to_dict()["data"], "model_config": cfg.to_dict()["model"],
+            "params": matched_params(model), "params_total": sum(p.numel() for p in model.parameters()),
+            "steps": self.cfg.steps, "train_seconds": round(seconds, 1), "resumed": resume,
+            "diverged": summary.get("diverged"), "val": val, "test": {**test, "wilson95": [lo, hi]},
+            "protocol": self.protocol(), "command": self.command, **provenance(),
+        }
+        atomic_write(path, json.dumps(record, indent=1) + "\n")
+        if self.progress:
+            print(f"{run.run_id} lr {lr:g}: test accuracy {test['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
+                  f"({seconds:.0f} s)", file=sys.stderr)
+        return path

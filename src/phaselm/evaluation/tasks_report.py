@@ -1,0 +1,191 @@
+"""Report of a ``phaselm bench tasks`` run: ``report.md``, ``accuracy_vs_difficulty.png`` and
+``accuracy_vs_width.png``, rendered from ``OUT/runs/*.json`` only (``phaselm report tasks OUT``
+re-renders them byte for byte).
+
+Statistics. Accuracy is the fraction of the test set's answer tokens predicted right (argmax); each
+run carries its Wilson 95% interval (answer tokens of one example are not independent, so it is a
+lower bound on that run's test-set uncertainty). Across seeds a cell shows the mean and the 95%
+t-interval. A model is compared with its baseline (``BASELINE``) *paired by seed* in every cell it
+shares with it (same difficulty, width and seed, so the same data order): the mean paired
+difference, a percentile bootstrap 95% CI over the pairs (seeded, so re-rendering is identical) and
+the minimum detectable effect at 80% power and α = 0.05, (t₀.₉₇₅ + t₀.₈₀)·sd/√n of the differences.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from phaselm.evaluation.grid_report import _T95, mean_ci
+from phaselm.evaluation.tasks_bench import BASELINE, DIFFICULTIES, MODELS, choose_lr
+from phaselm.evaluation.text_metrics import bootstrap_ci
+from phaselm.utils import atomic_write, pyplot, save_figure
+
+_T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883, 10: 0.879}
+"""One-sided 80% Student t quantiles by degrees of freedom (beyond 10: the normal 0.842)."""
+
+
+def load(out: str | Path) -> tuple[list[dict], list[dict]]:
+    """``(main runs, sweep runs)`` of a bench folder, in a fixed order."""
+    runs = [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("*.json"))]
+    if not runs:
+        raise ValueError(f"{out}/runs holds no run results; pass the --out folder of phaselm bench tasks")
+    key = lambda r: (r["difficulty"], r["model"], r["width"], r["seed"], r["lr"])  # noqa: E731
+    main = sorted((r for r in runs if not r["sweep"]), key=key)
+    sweep = sorted((r for r in runs if r["sweep"]), key=key)
+    return main, sweep
+
+
+def mde(diffs: list[float]) -> float | None:
+    """Minimum detectable mean difference (80% power, two-sided α = 0.05) for paired ``diffs``."""
+    n = len(diffs)
+    if n < 2:
+        return None
+    sd = float(np.std(diffs, ddof=1))
+    return (_T95.get(n - 1, 1.96) + _T80.get(n - 1, 0.842)) * sd / math.sqrt(n)
+
+
+def paired(main: list[dict], model: str, base: str, where=lambda r: True) -> list[float]:
+    """Test-accuracy differences ``model − base`` of the runs sharing (difficulty, width, seed)."""
+    ref = {(r["difficulty"], r["width"], r["seed"]): r["test"]["accuracy"] for r in main if r["model"] == base}
+    return [r["test"]["accuracy"] - ref[k] for r in main if r["model"] == model and where(r)
+            and (k := (r["difficulty"], r["width"], r["seed"])) in ref]
+
+
+def comparison(diffs: list[float]) -> dict:
+    if not diffs:
+        return {"n": 0}
+    lo, hi = bootstrap_ci(diffs, seed=0)
+    return {"n": len(diffs), "mean": float(np.mean(diffs)), "ci95": [lo, hi], "mde": mde(diffs)}
+
+
+def _pct(x: float | None, sign: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x * 100:+.1f}" if sign else f"{x * 100:.1f}"
+
+
+def _cell(runs: list[dict]) -> str:
+    accs = [r["test"]["accuracy"] for r in runs]
+    mean, half = mean_ci(accs)
+    text = _pct(mean) + ("" if half is None else f" ± {half * 100:.1f}")
+    return text + (" ⚠" if any(r.get("diverged") for r in runs) else "")
+
+
+def _verdict(c: dict) -> str:
+    if c["n"] < 2:
+        return "too few pairs"
+    lo, hi = c["ci95"]
+    if lo > 0:
+        return "helps"
+    if hi < 0:
+        return "hurts"
+    return f"no difference detected (could detect ≥ {_pct(c['mde'])} pts)" if c["mde"] is not None else "too few pairs"
+
+
+def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
+    """The report's text and the paired comparisons by model."""
+    first = (main or sweep)[0]
+    task, proto = first["task"], first["protocol"]
+    models = sorted({r["model"] for r in main}, key=MODELS.index)
+    widths = sorted({r["width"] for r in main})
+    order = [d for d, _ in DIFFICULTIES[task]]
+    difficulties = sorted({r["difficulty"] for r in main}, key=order.index)
+    lines = [f"# Synthetic task: {task}", "",
+             f"Test accuracy (% of answer tokens, argmax) on {proto['num_test']} held-out examples per difficulty; "
+             f"{proto['steps']} steps of batch {proto['batch_size']} from {proto['num_train']} training examples. "
+             "Cells: mean ± 95% t-interval over seeds (⚠: a seed diverged).", ""]
+    for d in difficulties:
+        lines += [f"## {d}", "", "| model | " + " | ".join(f"width {w}" for w in widths) + " | params (widest) |",
+                  "|---|" + "---|" * (len(widths) + 1)]
+        for m in models:
+            cells = [[r for r in main if r["difficulty"] == d and r["model"] == m and r["width"] == w] for w in widths]
+            if not any(cells):
+                continue
+            widest = next((c[0]["params"] for c in reversed(cells) if c), None)
+            lines.append(f"| {m} | " + " | ".join(_cell(c) if c else "–" for c in cells) + f" | {widest:,} |")
+        lines.append("")
+    lines += ["## Paired differences (test accuracy, percentage points)", "",
+              "Each model against its baseline, paired by (difficulty, width, seed); bootstrap 95% CI over the pairs; "
+              "MDE: the smallest mean difference these pairs detect with 80% power.", "",
+              "| model | baseline | pairs | mean Δ | 95% CI | MDE | verdict |", "|---|---|---|---|---|---|---|"]
+    summary = {}
+    for m in models:
+        base = BASELINE.get(m)
+        if base is None or base not in models:
+            continue
+        c = comparison(paired(main, m, base))
+        summary[m] = {"baseline": base, **c}
+        if c["n"]:
+            lines.append(f"| {m} | {base} | {c['n']} | {_pct(c['mean'], True)} | [{_pct(c['ci95'][0], True)}, "
+                         f"{_pct(c['ci95'][1], True)}] | {_pct(c['mde'])} | {_verdict(c)} |")
+    if sweep:
+        lrs = sorted({r["lr"] for r in sweep})
+        lines += ["", f"## Learning-rate sweep ({sweep[0]['difficulty']}, width {sweep[0]['width']}, seed 1; val accuracy %)",
+                  "", "The rule, fixed in advance: the highest val accuracy, then the lower val loss, then the smaller "
+                  "learning rate.", "", "| model | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
+                  "|---|" + "---|" * (len(lrs) + 1)]
+        for m in sorted({r["model"] for r in sweep}, key=MODELS.index):
+            rs = [r for r in sweep if r["model"] == m]
+            by_lr = {r["lr"]: r for r in rs}
+            lines.append(f"| {m} | " + " | ".join(_pct(by_lr[lr]["val"]["accuracy"]) if lr in by_lr else "–"
+                                                for lr in lrs) + f" | {choose_lr(rs):g} |")
+    runs = main or sweep
+    commits = sorted({r["commit"] or "?" for r in runs})
+    lines += ["", "## Provenance", "", f"- command: `{runs[0]['command']}`", f"- commits: {', '.join(commits)}",
+              f"- machine: {runs[0]['machine']} ({runs[0]['cpu']}), torch {runs[0]['torch']}",
+              f"- training time: {sum(r['train_seconds'] for r in main + sweep if not r.get('reused')) / 3600:.2f} h "
+              f"over {sum(1 for r in main + sweep if not r.get('reused'))} trained runs ({len(sweep)} in the sweep, "
+              f"{sum(1 for r in main if r.get('reused'))} of them reused as seed-1 runs)", ""]
+    return "\n".join(lines), summary
+
+
+def _plot(main: list[dict], across: str, panels: str, path: Path) -> None:
+    plt = pyplot()
+    task = main[0]["task"]
+    order = [d for d, _ in DIFFICULTIES[task]]
+    panel_values = sorted({r[panels] for r in main}, key=order.index if panels == "difficulty" else None)
+    xs = sorted({r[across] for r in main}, key=order.index if across == "difficulty" else None)
+    models = sorted({r["model"] for r in main}, key=MODELS.index)
+    fig, axes = plt.subplots(1, len(panel_values), figsize=(4.2 * len(panel_values), 3.6), squeeze=False, sharey=True)
+    for ax, pv in zip(axes[0], panel_values):
+        for m in models:
+            pts = []
+            for i, x in enumerate(xs):
+                accs = [r["test"]["accuracy"] for r in main if r["model"] == m and r[across] == x and r[panels] == pv]
+                if accs:
+                    mean, half = mean_ci(accs)
+                    pts.append((i, mean, half or 0.0))
+            if pts:
+                i, mean, half = zip(*pts)
+                style = "--" if m in ("gpt", "mamba") else "-"
+                ax.errorbar(i, mean, yerr=half, label=m, marker="o", ms=3, capsize=2, linestyle=style)
+        ax.set_xticks(range(len(xs)), [str(x) for x in xs])
+        ax.set_title(f"{panels} {pv}")
+        ax.set_xlabel(across)
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (mean ± 95% CI over seeds)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{task}: accuracy against {across}")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def render(out: str | Path) -> list[Path]:
+    """Write ``report.md``, ``summary.json`` and the two plots of the bench folder ``out``."""
+    out = Path(out)
+    main, sweep = load(out)
+    text, summary = markdown(main, sweep)
+    paths = [out / "report.md", out / "summary.json"]
+    atomic_write(paths[0], text)
+    atomic_write(paths[1], json.dumps({"task": (main or sweep)[0]["task"], "comparisons": summary}, indent=1) + "\n")
+    if main:
+        for across, panels, name in (("difficulty", "width", "accuracy_vs_difficulty.png"),
+                                     ("width", "difficulty", "accuracy_vs_width.png")):
+            _plot(main, across, panels, out / name)
+            paths.append(out / name)
+    return paths

@@ -1,0 +1,260 @@
+"""Synthetic tasks: each generator against its definition, held-out sets, training on answers only,
+and the ``bench tasks`` runner (end to end, resume, shards)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from phaselm.data.tasks import IGNORE, TASKS, TaskData, make_task
+
+
+def gen(name, n=200, seed=0, **kw):
+    task = make_task(name, **kw)
+    return task, task.generate(n, np.random.default_rng(seed))
+
+
+def test_mqar_matches_its_definition():
+    task, (x, y) = gen("mqar", seq_len=64, num_kv_pairs=4, vocab_size=512)
+    kv, half = 4, 256
+    assert x.shape == y.shape == (200, 64) and x.min() >= 0 and x.max() < 512
+    keys, values = x[:, 0:2 * kv:2], x[:, 1:2 * kv:2]
+    assert ((keys >= 1) & (keys < half)).all() and ((values >= half) & (values < 512)).all()
+    assert all(len(set(k)) == kv and len(set(v)) == kv for k, v in zip(keys, values))  # distinct per sequence
+    for row in range(200):
+        answers = np.flatnonzero(y[row] != IGNORE)
+        assert len(answers) == kv  # each key queried once, and only answers carry a target
+        assert ((answers >= 2 * kv) & ((answers - 2 * kv) % 2 == 0)).all()  # queries at 2kv + 2·gap
+        mapping = dict(zip(keys[row], values[row]))
+        assert sorted(x[row, answers]) == sorted(keys[row])
+        assert all(y[row, t] == mapping[x[row, t]] for t in answers)
+        filler = np.setdiff1d(np.arange(2 * kv, 64), answers)
+        assert (x[row, filler] == 0).all()  # Zoology's Figure 2 setting: no random fill
+    _, (xr, yr) = gen("mqar", seq_len=64, num_kv_pairs=4, vocab_size=512, random_fill=True)
+    assert (yr >= 0).sum() == 800 and (xr[:, 8:] > 0).mean() > 0.9  # random_fill: random tokens around the queries
+
+
+def test_mqar_gaps_follow_the_power_law():
+    _, (x, y) = gen("mqar", n=2000, seq_len=256, num_kv_pairs=16, vocab_size=1024)
+    gaps = (np.flatnonzero(y.reshape(-1) != IGNORE) % 256 - 32) // 2
+    counts = np.bincount(gaps, minlength=112)
+    assert counts[:10].sum() > counts[-10:].sum()  # short gaps are likelier
+    assert gaps.min() >= 0 and gaps.max() < 112
+
+
+def test_selective_copy_matches_its_definition():
+    task, (x, y) = gen("selective_copy", seq_len=64, num_tokens=8, vocab_size=16)
+    blank, marker = 14, 15
+    assert (x[:, 64 - 8 - 1] == marker).all() and (x[:, 64 - 8:] == blank).all()
+    assert (y[:, : 64 - 8] == IGNORE).all()
+    for row in range(200):
+        content = x[row, : 64 - 8 - 1][x[row, : 64 - 8 - 1] != blank]
+        assert len(content) == 8 and (content < 14).all()
+        assert (y[row, 64 - 8:] == content).all()  # reproduced in order after the marker
+
+
+@pytest.mark.parametrize("name,kw", [("noisy_recall", {}), ("noisy_recall", {"frac_noise": 0.0}),
+                                     ("fuzzy_recall", {}), ("fuzzy_recall", {"seq_len": 64})])
+def test_recall_targets_are_the_values_of_keys_shown_before(name, kw):
+    task, (x, y) = gen(name, **kw)
+    L = task.seq_len
+    assert x.shape == y.shape == (200, L)
+    k = task.vocab_size - getattr(task, "noise_vocab_size", 1)
+    values = set(range(k // 2, k))
+    for row in range(200):
+        answers = np.flatnonzero(y[row] != IGNORE)
+        assert len(answers) >= 1 and answers[-1] == L - 1  # every sequence ends with a probe
+        assert set(y[row, answers]) <= values
+        inner = answers[answers < L - 1]
+        assert (x[row, inner + 1] == y[row, inner]).all()  # the target is the next token of the sequence
+        if name == "noisy_recall":
+            text = x[row].tolist() + [int(y[row, -1])]
+            pairs = [(text[i], text[i + 1]) for i in range(1, L + 1, 2)]  # after the leading random token
+            real = [(a, b) for a, b in pairs if a < k // 2]
+            assert len({a for a, _ in real}) == len(set(real))  # a key keeps its value within a sequence
+            assert all(a >= k for a, b in pairs if a >= k // 2)  # anything else is noise
+            shown = [a for a, _ in real[:-1]]
+            assert real[-1][0] in shown  # the probe key was shown before
+
+
+def test_fuzzy_recall_held_out_keys_have_the_largest_size():
+    task = make_task("fuzzy_recall", seq_len=128)
+    x, y = task.generate(100, np.random.default_rng(0), held_out=True)
+    pad = task.vocab_size - 1
+    for row in range(100):
+        seq = x[row][x[row] != pad].tolist()
+        first_value = next(i for i, t in enumerate(seq) if t >= (pad // 2))
+        assert first_value == task.k_motif  # the first key is k_motif tokens long
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_generators_are_deterministic_and_held_out_sets_never_overlap_training(name):
+    task = make_task(name, **({"seq_len": 64, "num_kv_pairs": 4, "vocab_size": 128} if name == "mqar" else
+                              {"seq_len": 64, "num_tokens": 8} if name == "selective_copy" else {"seq_len": 64}))
+    a, b = TaskData.build(task, 300, 100, seed=3), TaskData.build(task, 300, 100, seed=3)
+    for split in ("train", "val", "test"):
+        for u, v in zip(getattr(a, split), getattr(b, split)):
+            assert np.array_equal(u, v)
+    assert not np.array_equal(a.train[0][:100], TaskData.build(task, 300, 100, seed=4).train[0][:100])
+    for cached in (TaskData.build(task, 300, 100, seed=3, cache=True), TaskData.build(task, 300, 100, seed=3, cache=True)):
+        for split in ("train", "val", "test"):  # stored by the first build, read back by the second
+            assert all(np.array_equal(u, v) for u, v in zip(getattr(a, split), getattr(cached, split)))
+    train = {r.tobytes() for r in a.train[0]}
+    assert len(a.test[0]) == len(a.val[0]) == 100
+    assert not any(r.tobytes() in train for r in np.concatenate([a.val[0], a.test[0]]))
+
+
+def test_held_out_examples_seen_in_training_are_replaced():
+    task = make_task("selective_copy", seq_len=12, num_tokens=2, vocab_size=4)  # only 36 · 2² distinct sequences
+    data = TaskData.build(task, 100, 20, seed=0)
+    train = {r.tobytes() for r in data.train[0]}
+    assert not any(r.tobytes() in train for r in data.test[0])
+
+
+@pytest.mark.parametrize("name,kw,message", [
+    ("mqar", {"seq_len": 64, "num_kv_pairs": 32}, "4 \\* num_kv_pairs"),
+    ("mqar", {"seq_len": 64, "vocab_size": 32}, "vocab_size > seq_len"),
+    ("selective_copy", {"seq_len": 16, "num_tokens": 8}, "2 \\* num_tokens"),
+    ("noisy_recall", {"frac_noise": 1.0}, "frac_noise"),
+    ("fuzzy_recall", {"k_motif": 9}, "k_motif"),
+    ("mqar", {"num_tokens": 3}, "does not apply to task mqar"),
+    ("copying", {}, "unknown task"),
+])
+def test_impossible_task_settings_are_one_line_errors(name, kw, message):
+    with pytest.raises(ValueError, match=message):
+        make_task(name, **kw)
+
+
+def test_config_errors_name_the_key():
+    from phaselm.training.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.num_kv_pairs is a synthetic-task setting"):
+        load_config(None, ["data.num_kv_pairs=4"])
+    with pytest.raises(ConfigError, match="model.block_size \\(64\\) is shorter than the task's seq_len \\(256\\)"):
+        load_config(None, ["data.name=selective_copy", "model.block_size=64"])
+
+
+# ---------------------------------------------------------------- training on answers
+@pytest.mark.parametrize("kind", ["gpt", "pma"])
+def test_the_head_at_answer_positions_gives_the_full_loss(kind):
+    from phaselm.models import config_from_dict, MODELS
+
+    section = {"type": kind, "vocab_size": 50, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 16}
+    if kind == "pma":
+        section["n_ssm"] = 1
+    torch.manual_seed(0)
+    model = MODELS[kind][1](config_from_dict(section))
+    x = torch.randint(0, 50, (3, 32))
+    y = torch.full((3, 32), -1)
+    y[:, [5, 17, 31]] = torch.randint(0, 50, (3, 3))
+    full, sparse = model(x, y), model(x, y, head_at_targets=True)
+    assert sparse.logits.shape == (9, 50)
+    assert torch.allclose(full.loss, sparse.loss, atol=1e-6)
+    assert torch.allclose(full.logits[y >= 0], sparse.logits, atol=1e-6)
+
+
+def test_training_on_a_task_learns_and_reports_accuracy(tmp_path):
+    from phaselm.training.config import load_config
+    from phaselm.training.trainer import Trainer, evaluate_split
+
+    cfg = load_config(None, ["data.name=selective_copy", "data.seq_len=24", "data.num_tokens=2", "data.vocab_size=6",
+                             "data.num_train=2000", "data.num_test=200", "model.block_size=24", "model.n_layer=2",
+                             "model.n_head=2", "model.n_embd=32", "train.max_iters=150", "train.batch_size=32",
+                             "train.lr=3e-3", "train.eval_interval=150", "train.warmup_iters=10", "train.device=cpu",
+                             f"train.out_dir={tmp_path / 'run'}"])
+    summary = Trainer(cfg, progress=False).train()
+    val = summary["final_val"]
+    assert val["answers"] == 400 and 0 <= val["accuracy"] <= 1
+    assert val["accuracy"] > 0.5  # chance is 1/4
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["split"] == "val" and rows[-1]["accuracy"] == val["accuracy"]
+    test = evaluate_split(tmp_path / "run", "test")
+    assert test["answers"] == 400 and test["step"] == 150
+
+
+# ---------------------------------------------------------------- the bench
+TINY = ["--task", "selective_copy", "--models", "gpt,mamba", "--widths", "16", "--seeds", "2", "--difficulties",
+        "L256", "--lrs", "3e-3,1e-2", "--sweep-width", "16", "--steps", "6", "--batch-size", "8", "--num-train", "64",
+        "--num-test", "32", "--eval-interval", "3"]
+VOLATILE = {"train_seconds", "command", "commit", "dirty", "machine", "cpu", "cores", "resumed"}
+
+
+def bench(tmp_path, name, *extra):
+    return [sys.executable, "-m", "phaselm", "bench", "tasks", *TINY, "--out", str(tmp_path / name / "out"),
+            "--work", str(tmp_path / name / "work"), *extra]
+
+
+def records(folder):
+    return {p.name: {k: v for k, v in json.loads(p.read_text()).items() if k not in VOLATILE}
+            for p in sorted((folder / "out" / "runs").glob("*.json"))}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    subprocess.run(bench(tmp, "a"), check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    return tmp / "a"
+
+
+def test_bench_tasks_end_to_end_and_report_rerenders_identically(uninterrupted):
+    from phaselm.evaluation.tasks_bench import choose_lr
+
+    runs = records(uninterrupted)
+    assert len(runs) == 2 * 2 + 2 * 2  # sweep: 2 models x 2 lrs; main: 2 models x 1 width x 2 seeds
+    main = [r for r in runs.values() if not r["sweep"]]
+    for m in ("gpt", "mamba"):
+        sweep = [r for r in runs.values() if r["sweep"] and r["model"] == m]
+        assert {r["lr"] for r in main if r["model"] == m} == {choose_lr(sweep)}
+    for r in main:
+        lo, hi = r["test"]["wilson95"]
+        assert lo <= r["test"]["accuracy"] <= hi and r["test"]["answers"] == 32 * 16
+    out = uninterrupted / "out"
+    names = ["report.md", "summary.json", "accuracy_vs_difficulty.png", "accuracy_vs_width.png"]
+    before = {n: (out / n).read_bytes() for n in names}
+    assert "## Paired differences" in before["report.md"].decode() and "| mamba | gpt | 2 |" in before["report.md"].decode()
+    subprocess.run([sys.executable, "-m", "phaselm", "report", "tasks", str(out)], check=True, capture_output=True)
+    assert {n: (out / n).read_bytes() for n in names} == before
+
+
+def test_bench_tasks_refuses_an_earlier_run_without_resume(uninterrupted, tmp_path):
+    out = subprocess.run(bench(uninterrupted.parent, "a"), capture_output=True, text=True)
+    assert out.returncode == 2 and "pass --resume" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_resumed_bench_equals_uninterrupted(uninterrupted, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(bench(tmp_path, "b"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    runs = tmp_path / "b" / "out" / "runs"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(runs.glob("*.json"))) < 3:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # mid-run: the trainer saves a checkpoint, the bench stops
+    proc.wait()
+    assert len(list(runs.glob("*.json"))) < 8
+    subprocess.run(bench(tmp_path, "b", "--resume"), check=True, capture_output=True, env=env)
+    assert records(tmp_path / "b") == records(uninterrupted)
+
+
+def test_union_of_shards_equals_the_unsharded_run(uninterrupted, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(bench(tmp_path, "c", "--shard", f"{i}/2"), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, env=env) for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=300) == 0, p.stderr.read().decode()
+    assert records(tmp_path / "c") == records(uninterrupted)
+
+
+def test_suite_models_match_parameter_counts_within_10_percent():
+    from phaselm.evaluation.tasks_bench import MODELS, count_params, model_section
+
+    for width in (32, 64, 128):
+        for vocab in (16, 8192):
+            gpt = count_params(model_section("gpt", width, 256, vocab), vocab)
+            for m in MODELS:
+                n = count_params(model_section(m, width, 256, vocab), vocab)
+                assert abs(n / gpt - 1) <= 0.10, (m, width, vocab, n, gpt)
