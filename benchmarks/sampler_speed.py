@@ -1,6 +1,6 @@
 """Decode speed of Phase-Slip vs plain sampling vs ``model.generate(do_sample=True)``, one run.
 
-    python benchmarks/sampler_speed.py [--model NAME] [--device cpu|cuda] [--tokens 128] [--repeats 3]
+    python benchmarks/sampler_speed.py [--model NAME] [--device cpu|cuda] [--tokens 128] [--repeats 3] [--compile]
 
 All methods use T=0.65, top-k 40 and generate exactly ``--tokens`` new tokens (EOS ignored):
 
@@ -10,6 +10,11 @@ All methods use T=0.65, top-k 40 and generate exactly ``--tokens`` new tokens (E
 * ``phase_slip_plausible``: the short path with ``plausible_only=True`` (perturbed logits over the
   clean top-k set only);
 * ``ours_standard``: :class:`phaselm.Sampler`; ``hf_generate``: ``model.generate(do_sample=True)``.
+* with ``--compile``: ``hf_generate_static_compiled`` and ``phase_slip_generate_static_compiled``, the two
+  ``generate`` loops with ``cache_implementation="static"`` and a compiled decoding step (transformers'
+  ``get_compiled_call``, forced on the CPU by ``CompileConfig._compile_all_devices``); the first call of
+  each, per batch size, is the compile, reported as ``compile_s``. Their ratio and the compiled Phase-Slip
+  against eager Phase-Slip (``phase_slip_generate``) are printed per batch.
 
 At batch 1 and then ``--batch``; the methods are interleaved and each is timed ``--repeats`` times
 (median), so machine noise hits them alike. It also measures how often the plausible-set option
@@ -29,6 +34,7 @@ import statistics
 import subprocess
 
 import torch
+from transformers import CompileConfig
 
 from common import seconds
 from phaselm import PhaseSlipSampler, Sampler, load_causal_lm
@@ -36,15 +42,19 @@ from phaselm.sampling import PhaseSlipStep, phase_slip_generate
 from phaselm.sampling.processors import SamplingConfig, process_logits
 
 PROMPT = "The ancient door creaked open"
+COMPILE = CompileConfig()
+COMPILE._compile_all_devices = True  # generate compiles on accelerators only unless told
 PROMPTS = ["The ancient door creaked open", "Once upon a time in a small village", "The scientist looked at the data and",
            "In the beginning of the war, the king"]
 
 
-def hf_generate(model, tok, prompts, n, **phase):
+def hf_generate(model, tok, prompts, n, compiled=False, **phase):
     enc = tok(prompts, return_tensors="pt", padding=True, padding_side="left").to(model.device)
     torch.manual_seed(0)
     kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=0.65, top_k=40, top_p=1.0,
               pad_token_id=tok.pad_token_id)
+    if compiled:
+        kw.update(cache_implementation="static", compile_config=COMPILE)
     run = (lambda: phase_slip_generate(model, **enc, **kw, **phase)) if phase else (lambda: model.generate(**enc, **kw))
     return len(prompts) * n / seconds(run, model.device)
 
@@ -102,6 +112,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    parser.add_argument("--compile", action="store_true", help="also time the static-cache compiled generate loops")
     args = parser.parse_args()
 
     model, tok = load_causal_lm(args.model, device=args.device)
@@ -119,11 +130,17 @@ def main():
         "ours_standard": lambda p: ours(plain, p, args.tokens, temperature=0.65),
         "hf_generate": lambda p: hf_generate(model, tok, p, args.tokens),
     }
-    results = {}
+    if args.compile:
+        methods["hf_generate_static_compiled"] = lambda p: hf_generate(model, tok, p, args.tokens, compiled=True)
+        methods["phase_slip_generate_static_compiled"] = lambda p: hf_generate(
+            model, tok, p, args.tokens, compiled=True, noise_scale=0.03, heads=phase.heads)
+    results, compile_s = {}, {}
     for batch in (1, args.batch):
         prompts = [PROMPT] * batch
-        for fn in methods.values():  # warm-up (and the one-time kernel measurement)
-            fn(prompts)
+        for name, fn in methods.items():  # warm-up (the one-time kernel measurement, the compile)
+            first = seconds(lambda: fn(prompts), args.device)
+            if name.endswith("compiled"):
+                compile_s[f"{name} batch {batch}"] = first - batch * args.tokens / fn(prompts)
         samples = {name: [] for name in methods}
         for _ in range(args.repeats):
             for name, fn in methods.items():
@@ -141,6 +158,12 @@ def main():
         print(f"batch {batch}: " + "  ".join(f"{k} {v:.1f} tok/s" for k, v in r.items()))
         print(f"batch {batch} ratios vs hf_generate: " + "  ".join(
             f"{k} {v / r['hf_generate']:.2f}" for k, v in r.items() if k != "hf_generate"))
+        if args.compile:
+            print(f"batch {batch} compiled static: phase_slip / hf_generate "
+                  f"{r['phase_slip_generate_static_compiled'] / r['hf_generate_static_compiled']:.2f}  "
+                  f"phase_slip compiled / eager {r['phase_slip_generate_static_compiled'] / r['phase_slip_generate']:.2f}")
+    for name, s in compile_s.items():
+        print(f"compile_s {name}: {s:.1f}")
     for noise, c in changes.items():
         print(f"plausible-set option at noise {noise}: changed {c['changed']} of {c['draws']} draws "
               f"({100 * c['share']:.1f}%), mean total variation {c['mean_tv']:.2e}")
@@ -148,7 +171,7 @@ def main():
         with open(args.json, "w") as f:
             json.dump({"results": results, "heads": cal.selected, "device": device, "commit": commit,
                        "tokens": args.tokens, "repeats": args.repeats, "plausible_draw_changes": changes,
-                       "load_avg": load}, f, indent=2)
+                       "load_avg": load, "compile_s": compile_s}, f, indent=2)
     print(f"ratio: {results[1]['phase_slip'] / results[1]['hf_generate']:.2f}")
 
 

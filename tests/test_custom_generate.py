@@ -170,7 +170,7 @@ def test_plausible_only_keeps_noise_zero_exact_and_restricts_draws(llama, tokeni
     (dict(heads=None), "needs heads"),  # no heads, and no tokenizer to calibrate them with
     (dict(heads=HEADS, noise_scale=4.0), "noise_scale"),
     (dict(heads=HEADS, use_cache=False), "cache"),
-    (dict(heads=HEADS, cache_implementation="static"), "dynamic cache"),
+    (dict(heads=HEADS, cache_implementation="offloaded"), "offloaded cache"),
     (dict(heads=HEADS, rotation_seed="x"), "rotation_seed"),
 ])
 def test_bad_generate_settings_are_one_line_errors(llama, tokenizer, kwargs, words):

@@ -54,6 +54,9 @@ class Sampler:
 
     >>> sampler = Sampler(model, tokenizer)
     >>> sampler.generate("Once upon a time", max_new_tokens=20, temperature=0.8, top_k=40, seed=0)
+
+    ``cache_implementation="static"`` decodes with a transformers ``StaticCache`` (prompt + new tokens long);
+    its one-token steps are then compiled where ``model.generate`` would compile them.
     """
 
     default_temperature = 1.0
@@ -66,7 +69,10 @@ class Sampler:
     """When True, ``diagnostics["sampling_entropy"]`` gets, per step, the entropy in nats of the
     distribution each token is drawn from (after the processors and the sampling knobs)."""
 
-    def __init__(self, model, tokenizer, logits_processor=None):
+    def __init__(self, model, tokenizer, logits_processor=None, cache_implementation: str | None = None):
+        if cache_implementation not in (None, "dynamic", "static"):
+            raise ValueError(f"cache_implementation must be None / 'dynamic' or 'static', got {cache_implementation!r}")
+        self.cache_implementation = cache_implementation
         if logits_processor is not None:
             self.logits_processor = list(logits_processor)
         reason = unsupported_model_reason(model)
@@ -89,6 +95,9 @@ class Sampler:
         # state-space models (Mamba, Mamba-2, FalconMamba) take their cache as cache_params
         self._cache_keyword = "past_key_values" if "past_key_values" in params or "cache_params" not in params \
             else "cache_params"
+        if cache_implementation == "static" and self._cache_keyword != "past_key_values":
+            raise ValueError(f"{type(model).__name__} keeps its own state cache (cache_params); it has no static cache")
+        self._step_call = model
 
     @property
     def device(self) -> torch.device:
@@ -148,9 +157,13 @@ class Sampler:
         return out.texts[0] if single else out.texts
 
     # ------------------------------------------------------------------ hooks for subclasses
-    def _make_cache(self):
-        from transformers import DynamicCache
+    def _make_cache(self, max_len: int):
+        """The decode's cache: a ``DynamicCache``, or a ``StaticCache`` of ``max_len`` slots with
+        ``cache_implementation="static"``."""
+        from transformers import DynamicCache, StaticCache
 
+        if self.cache_implementation == "static":
+            return StaticCache(config=self.model.config, max_cache_len=max_len)
         return DynamicCache(config=self.model.config)
 
     def _session(self, cache, seeds: list[int], batch: int):
@@ -165,7 +178,8 @@ class Sampler:
 
     # ------------------------------------------------------------------ internals
     def _forward(self, cache, input_ids, attention_mask, position_ids, **extra):
-        return self.model(
+        call = self._step_call if input_ids.shape[1] == 1 else self.model  # the prefill is never compiled
+        return call(
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -213,7 +227,13 @@ class Sampler:
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds] if cfg.do_sample else None
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         padded = not bool(mask.all())  # without padding no mask is passed (as generate does): faster attention
-        cache = self._make_cache()
+        cache = self._make_cache(prompt_len + max_new_tokens)
+        # compiled one-token steps where transformers' generate would compile them (a static cache on an accelerator,
+        # or model.generation_config.compile_config with _compile_all_devices)
+        gen_cfg = self.model.generation_config
+        self._step_call = self.model.get_compiled_call(gen_cfg.compile_config) \
+            if self._cache_keyword == "past_key_values" and \
+            self.model._valid_auto_compile_criteria({"past_key_values": cache}, gen_cfg) else self.model
         diagnostics: dict = {}
         generated = torch.full((batch, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)

@@ -39,6 +39,7 @@ from transformers import GenerationConfig
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from phaselm.sampling.calibration import automatic_heads
+from phaselm.sampling.kv import check_cache
 from phaselm.sampling.phase_slip import PhaseSlipStep
 from phaselm.sampling.processors import check_seed
 
@@ -100,6 +101,8 @@ def phase_slip_decode(
         raise ValueError("Phase-Slip needs the model's cache; do not pass use_cache=False")
     batch, prompt_len = input_ids.shape
     seeds = _rotation_seeds(seed, batch)
+    if model_kwargs.get("past_key_values") is not None:
+        check_cache(model_kwargs["past_key_values"])  # a quantised / offloaded cache: refused before any pass
     if step.heads is None:
         step.heads = step.check_heads(automatic_heads(model, tokenizer).selected)
 
@@ -120,6 +123,10 @@ def phase_slip_decode(
         from transformers import DynamicCache
 
         model_kwargs["past_key_values"] = DynamicCache(config=model.config)
+    # compiled decoding steps exactly where transformers' own loop compiles them (a static cache on an accelerator,
+    # or generation_config.compile_config with _compile_all_devices); the prefill stays eager, as in _sample
+    forward = model.get_compiled_call(cfg.compile_config) if model._valid_auto_compile_criteria(model_kwargs, cfg) \
+        else model.__call__
     with step.session(model_kwargs["past_key_values"], seeds, batch):
         first = True
         while True:
@@ -128,7 +135,7 @@ def phase_slip_decode(
             outputs = {}
 
             def run():
-                outputs["out"] = model(**inputs, return_dict=True)
+                outputs["out"] = forward(**inputs, return_dict=True)
                 return outputs["out"]
 
             logits = step(run, batch, plausible=lambda z: torch.isfinite(logits_processor(input_ids, z.clone())))

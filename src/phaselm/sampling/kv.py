@@ -14,7 +14,8 @@ builds, or :class:`RowGroupCache`):
   ``[H, 1, T]`` looks like Bloom's at batch 1 but is shared by all rows.
 * Key/value layers (``cache.update(k, v, layer_idx)``, patched on the cache instance): group
   ``g`` attends to the *clean* past keys/values plus its own new entries; its value vectors at the
-  last ``window`` positions are multiplied by ``rotations[layer][g-1, b, kv_head]`` (``v ← R v``).
+  ``window`` positions ending at the newest entry are multiplied by
+  ``rotations[layer][g-1, b, kv_head]`` (``v ← R v``).
   Only group 0's new entries are stored.
 * Recurrent / convolutional layer states (transformers ``LinearAttentionLayer`` and the hybrid
   layers, read with ``get_conv_state`` / ``get_recurrent_state`` and written with
@@ -25,7 +26,10 @@ builds, or :class:`RowGroupCache`):
 
 So the cache stays exactly the clean cache: the perturbed state is discarded after every pass.
 Heads are key/value heads (GQA aware): a rotation of KV head h reaches every query head that reads
-it. Static, quantised and offloaded caches are refused (:func:`check_cache`).
+it. Static caches (``cache_implementation="static"``) write in place: the clean rows' update writes the
+clean slots as usual and each group gets a copy of the layer's keys/values with its own new entries in
+those slots (:func:`write_slots`), so the static addresses (and a compiled step) stay valid. Quantised
+and offloaded caches are refused (:func:`check_cache`).
 """
 
 from __future__ import annotations
@@ -75,24 +79,36 @@ def attention_layers(model: nn.Module) -> list[int]:
     return [i for i, t in enumerate(types) if t not in NON_ATTENTION_LAYER_TYPES]
 
 
+def is_static(cache) -> bool:
+    """Whether ``cache`` (a transformers ``Cache``) has static key/value layers (``StaticCache``)."""
+    from transformers.cache_utils import StaticLayer
+
+    return any(isinstance(layer, StaticLayer) for layer in getattr(cache, "layers", ()))
+
+
 def _is_state_layer(layer) -> bool:
     return hasattr(layer, "conv_states") and hasattr(layer, "recurrent_states")
 
 
 def check_cache(cache) -> None:
-    """Raise ``ValueError`` unless every layer of ``cache`` is a dynamic key/value layer, a recurrent /
-    convolutional state layer, both, or a placeholder (the kinds :class:`RowGroups` handles)."""
-    from transformers.cache_utils import DummyLayer, DynamicLayer
+    """Raise a one-line ``ValueError`` unless every layer of ``cache`` is a kind :class:`RowGroups` handles:
+    a dynamic or static key/value layer (sliding or not; the perturbed rows get copies of its entries,
+    :func:`write_slots`), a recurrent / convolutional state layer, a hybrid of both, or a placeholder.
+    Quantised, offloaded and indexed (sparse-attention) layers are refused."""
+    from transformers.cache_utils import (
+        BaseQuantizedLayer, DummyLayer, DynamicIndexedLayer, DynamicLayer, StaticIndexedLayer, StaticLayer,
+    )
 
     if getattr(cache, "offloading", False):
-        raise ValueError("Phase-Slip cannot use an offloaded cache; pass a plain DynamicCache (the default)")
+        raise ValueError("Phase-Slip cannot use an offloaded cache; use the default dynamic cache or "
+                         "cache_implementation='static'")
     for i, layer in enumerate(getattr(cache, "layers", ())):
-        if isinstance(layer, (DynamicLayer, DummyLayer)) or (_is_state_layer(layer) and not hasattr(layer, "max_cache_len")):
-            continue
-        raise ValueError(
-            f"Phase-Slip needs a dynamic cache, but layer {i} is a {type(layer).__name__}; "
-            "use the default cache (no cache_implementation='static' / quantised cache)"
-        )
+        if isinstance(layer, (BaseQuantizedLayer, DynamicIndexedLayer, StaticIndexedLayer)) or not (
+                isinstance(layer, (DynamicLayer, StaticLayer, DummyLayer)) or _is_state_layer(layer)):
+            raise ValueError(
+                f"Phase-Slip cannot copy layer {i} of this cache (a {type(layer).__name__}) for its perturbed rows; "
+                "use the default dynamic cache or cache_implementation='static' (no quantised cache)"
+            )
 
 
 class RowGroups:
@@ -197,23 +213,52 @@ class RowGroups:
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         """``cache.update`` during decoding: clean rows are stored as usual; every group gets the clean
-        past plus its own new entries, perturbed values rotated over the window (module doc)."""
+        keys/values with its own new entries in the slots the clean ones went to, perturbed values rotated
+        over the ``window`` positions ending at the newest entry (module doc). Shapes: ``key_states``
+        ``[n·B, H, q, d]`` in, ``[n·B, H, T, d]`` out (``T``: what the layer returns, e.g. ``max_cache_len``
+        for a static layer)."""
         n = self.n_groups
         if n == 1 or layer_idx < self.first_layer:
             return self._clean_update(key_states, value_states, layer_idx, *args, **kwargs)
         new_k = key_states.unflatten(0, (n, -1))  # [n, B, H, q, d]
         new_v = value_states.unflatten(0, (n, -1))
-        keys, values = self._clean_update(new_k[0], new_v[0], layer_idx, *args, **kwargs)  # clean: [B, H, T, d]
         q = key_states.shape[-2]
-        past_k, past_v = keys[..., : keys.shape[-2] - q, :], values[..., : values.shape[-2] - q, :]
-        all_k = torch.cat([past_k.unsqueeze(0).expand(n, *past_k.shape), new_k], dim=-2)
-        all_v = torch.cat([past_v.unsqueeze(0).expand(n, *past_v.shape), new_v], dim=-2)
+        slots = write_slots(self.cache.layers[layer_idx], q, key_states.device)  # before the update moves it
+        keys, values = self._clean_update(new_k[0], new_v[0], layer_idx, *args, **kwargs)  # clean: [B, H, T, d]
+        if slots is None:  # appended: the last q of what the layer returns
+            slots = torch.arange(keys.shape[-2] - q, keys.shape[-2], device=keys.device)
+        all_k = keys.unsqueeze(0).repeat(n, 1, 1, 1, 1)  # [n, B, H, T, d]: copies, the cache is not touched
+        all_v = values.unsqueeze(0).repeat(n, 1, 1, 1, 1)
+        all_k[1:].index_copy_(-2, slots, new_k[1:])
+        all_v[1:].index_copy_(-2, slots, new_v[1:])
         rot = self.rotations.get(layer_idx)
         if rot is not None:
-            width = all_v.shape[-2] if self.window is None else min(self.window, all_v.shape[-2])
-            window = all_v[1:, ..., -width:, :]  # [n-1, B, H, W, d]
-            all_v[1:, ..., -width:, :] = torch.einsum("gbhwd,gbhed->gbhwe", window, rot.to(window.dtype))
+            # the window: positions end-W .. end-1 (end = newest slot + 1); those below 0 clamp to slot 0, which is
+            # then in the window anyway, so the duplicates write the same R·v_0
+            width = all_v.shape[-2] if self.window is None else self.window
+            window = (slots[-1] + 1 - width + torch.arange(width, device=slots.device)).clamp(min=0)
+            picked = all_v[1:].index_select(-2, window)  # [n-1, B, H, W, d]
+            all_v[1:].index_copy_(-2, window, torch.einsum("gbhwd,gbhed->gbhwe", picked, rot.to(picked.dtype)))
         return all_k.flatten(0, 1), all_v.flatten(0, 1)
+
+
+def write_slots(layer, q: int, device) -> torch.Tensor | None:
+    """Where ``layer.update`` will put ``q`` new entries in the tensor it returns, read *before* the update:
+    a ``[q]`` index tensor for static layers, which write in place (``StaticLayer``: after the
+    ``cumulative_length`` filled slots; ``StaticSlidingWindowLayer`` once full: the last slot after its roll),
+    ``None`` where the new entries come last (dynamic layers, and a sliding static layer becoming full,
+    which returns past + new)."""
+    from transformers.cache_utils import StaticLayer, StaticSlidingWindowLayer
+
+    if isinstance(layer, StaticSlidingWindowLayer):
+        done, size = layer.cumulative_length_int, layer.max_cache_len
+        if done >= size and q == 1:
+            return torch.tensor([size - 1], device=device)
+        if done + q > size:
+            return None
+    if isinstance(layer, StaticLayer):
+        return torch.arange(q, device=device) + layer.cumulative_length.to(device)
+    return None
 
 
 _PROBES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -288,10 +333,11 @@ def batch_plan(model: nn.Module, first_layer: int) -> list:
 
 
 @torch.no_grad()
-def probe_row_groups(model: nn.Module, first_layer: int) -> dict[int, tuple[int, int]]:
-    """Check, once per model and first layer, that perturbed row groups run on ``model`` and leave
-    its cache clean; return each attention layer's value geometry ``{layer: (kv_heads, head_dim)}``
-    as the cache really stores it.
+def probe_row_groups(model: nn.Module, first_layer: int, static: bool = False) -> dict[int, tuple[int, int]]:
+    """Check, once per model, first layer and cache kind (``static``: a transformers ``StaticCache``, else
+    the model's default dynamic cache), that perturbed row groups run on ``model`` and leave its cache
+    clean; return each attention layer's value geometry ``{layer: (kv_heads, head_dim)}`` as the cache
+    really stores it.
 
     Probe (5 tokens, 2 rows, one left-padded): two caches get the same 3-token prefill; the fourth token runs plainly
     on one and with a perturbed row group (every value rotated by 90°) on the other; then a fifth
@@ -299,11 +345,17 @@ def probe_row_groups(model: nn.Module, first_layer: int) -> dict[int, tuple[int,
     with the plain run. A model that fails (an exception, or state that leaks between rows) gets a
     one-line ``ValueError``: it is refused before anything is generated.
     """
-    key = (first_layer, torch.get_default_dtype())
+    key = (first_layer, torch.get_default_dtype(), static)
     done = _PROBES.setdefault(model, {})
     if key in done:
         return done[key]
     name = type(model).__name__
+
+    def fresh():
+        from transformers import StaticCache
+
+        return StaticCache(config=model.config, max_cache_len=5) if static else None
+
     device = next(model.parameters()).device
     vocab = model.config.get_text_config(decoder=True).vocab_size
     ids = (torch.arange(5, device=device) * 7 + 3) % vocab
@@ -317,7 +369,7 @@ def probe_row_groups(model: nn.Module, first_layer: int) -> dict[int, tuple[int,
                      position_ids=positions[:, start:stop], past_key_values=cache, use_cache=True)
 
     try:
-        plain, grouped = run(None, 0, 3).past_key_values, run(None, 0, 3).past_key_values
+        plain, grouped = run(fresh(), 0, 3).past_key_values, run(fresh(), 0, 3).past_key_values
         if plain is None or not hasattr(plain, "layers"):
             raise ValueError(f"{name} returns no transformers Cache; Phase-Slip needs one")
         check_cache(grouped)

@@ -50,7 +50,7 @@ from phaselm.pretrained import unsupported_model_reason
 from phaselm.sampling.decoding import Sampler
 from phaselm.sampling.kernels import fast_linears
 from phaselm.sampling.kv import (
-    RowGroupCache, RowGroups, attention_layers, decoder_layers, kv_geometry, probe_row_groups,
+    RowGroupCache, RowGroups, attention_layers, check_cache, decoder_layers, is_static, kv_geometry, probe_row_groups,
 )
 from phaselm.sampling.rotation import rotations_from_gaussian
 
@@ -131,15 +131,15 @@ def unsupported_reason(model, name: str | None = None) -> str | None:
     return None
 
 
-def check_model(model, first_layer: int | None = None) -> dict[int, tuple[int, int]] | None:
+def check_model(model, first_layer: int | None = None, static: bool = False) -> dict[int, tuple[int, int]] | None:
     """Raise ``ValueError`` (one line) unless Phase-Slip can drive ``model``: :func:`unsupported_reason`,
-    then, given the lowest perturbed layer, the one-time probe (:func:`~phaselm.sampling.kv.probe_row_groups`),
-    whose value geometry ``{layer: (kv_heads, head_dim)}`` is returned. The one rule for generating
+    then, given the lowest perturbed layer, the one-time probe (:func:`~phaselm.sampling.kv.probe_row_groups`,
+    on a static cache where ``static``), whose value geometry ``{layer: (kv_heads, head_dim)}`` is returned. The one rule for generating
     and calibrating, checked before either runs."""
     reason = unsupported_reason(model)
     if reason:
         raise ValueError(reason)
-    return None if first_layer is None else probe_row_groups(model, first_layer)
+    return None if first_layer is None else probe_row_groups(model, first_layer, static)
 
 
 class PhaseSlipStep:
@@ -206,7 +206,8 @@ class PhaseSlipStep:
         if self.heads is None:
             raise ValueError("no heads to perturb; pass heads=[(layer, kv_head), ...] or calibrate first")
         first = min(layer for layer, _ in self.heads)
-        self._geometry = check_model(self.model, first)  # refuses a model that cannot carry the rows
+        check_cache(cache)
+        self._geometry = check_model(self.model, first, is_static(cache))  # refuses a model that cannot carry the rows
         for layer, head in self.heads:
             if layer not in self._geometry or head >= self._geometry[layer][0]:
                 raise ValueError(f"head ({layer}, {head}) does not exist in the cache: it stores "
@@ -308,7 +309,8 @@ class PhaseSlipStep:
 class PhaseSlipSampler(Sampler):
     """Phase-Slip sampler for any transformers decoder-only causal LM (phaselm's short path).
 
-    Args: see :class:`PhaseSlipStep`; ``heads=None`` calibrates on first use, after the request's
+    Args: see :class:`PhaseSlipStep` (``cache_implementation``: :class:`~phaselm.sampling.Sampler`'s);
+    ``heads=None`` calibrates on first use, after the request's
     arguments are checked (:func:`phaselm.sampling.calibration.automatic_heads`: :meth:`calibrate_heads`'s
     defaults, once per model, shared with ``model.generate`` without ``heads=``).
 
@@ -325,10 +327,11 @@ class PhaseSlipSampler(Sampler):
 
     def __init__(self, model, tokenizer, noise_scale: float = 0.03, logit_fusion_alpha: float = 0.45,
                  perturbation_window: int = 12, entropy_center: float = 2.5,
-                 heads: list[tuple[int, int]] | None = None, fusion: str = "gate", plausible_only: bool = False):
+                 heads: list[tuple[int, int]] | None = None, fusion: str = "gate", plausible_only: bool = False,
+                 cache_implementation: str | None = None):
         self.step = PhaseSlipStep(model, noise_scale, logit_fusion_alpha, perturbation_window, entropy_center,
                                   heads, fusion, plausible_only)
-        super().__init__(model, tokenizer)
+        super().__init__(model, tokenizer, cache_implementation=cache_implementation)
         self.calibration = None
 
     # settings live on the step (one copy); these read them
@@ -364,8 +367,9 @@ class PhaseSlipSampler(Sampler):
         return self.calibration
 
     # ------------------------------------------------------------------ decoding hooks
-    def _make_cache(self):
-        return RowGroupCache(config=self.model.config)
+    def _make_cache(self, max_len: int):
+        static = self.cache_implementation == "static"
+        return super()._make_cache(max_len) if static else RowGroupCache(config=self.model.config)
 
     @contextmanager
     def _session(self, cache, seeds, batch):
