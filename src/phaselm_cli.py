@@ -166,7 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--sweep-difficulty", default=None, help="default: the middle difficulty")
     bt.add_argument("--steps", type=int, default=2000, help="optimiser steps per run")
     bt.add_argument("--batch-size", type=int, default=64)
-    bt.add_argument("--num-train", type=int, default=12800, help="training examples per difficulty")
+    bt.add_argument("--num-train", type=int, default=None,
+                    help="training examples per difficulty (default: 100000 for mqar, as Zoology; 12800 for the MAD tasks)")
     bt.add_argument("--num-test", type=int, default=2000, help="held-out examples (val and test, each)")
     bt.add_argument("--eval-interval", type=int, default=500)
     bt.add_argument("--vocab-size", type=int, default=None, help="the task's vocabulary (default: the task's own)")

@@ -170,7 +170,7 @@ CASES = [
     ("generate on GPTBigCode", _generate(_bigcode, heads=[(1, 0)]), ValueError, "GPTBigCode"),
     ("generate noise above pi", _generate(heads=[(2, 0)], noise_scale=3.5), ValueError, "noise_scale"),
     ("generate without cache", _generate(heads=[(2, 0)], use_cache=False), ValueError, "cache"),
-    ("generate static cache", _generate(heads=[(2, 0)], cache_implementation="static"), ValueError, "dynamic cache"),
+    ("generate offloaded cache", _generate(heads=[(2, 0)], cache_implementation="offloaded"), ValueError, "offloaded cache"),
     ("generate rotation_seed list", _generate(heads=[(2, 0)], rotation_seed=[1, 2, 3]), ValueError, "rotation_seed"),
     ("generate kv head out of range", _generate(heads=[(2, 7)]), ValueError, "out of range"),
     # generate's request: checked before calibrating or generating

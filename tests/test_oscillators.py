@@ -112,3 +112,10 @@ def test_noise_and_jitter_act_and_are_seeded():
     assert osc.jitter_frequencies(omega, 0.02, torch.Generator().manual_seed(0)).std() > 0.01
     with pytest.raises(ValueError, match="integrator"):
         osc.integrate(theta, 0.0, 1.0, integrator="heun")
+
+
+def test_coherence_penalty_refuses_phases_passed_as_order_parameters():
+    theta = torch.tensor([[0.3, 2.5, -2.0]])  # phases in radians, as the PhaseGPT seed passed them
+    with pytest.raises(ValueError, match="order parameters R in \\[0, 1\\].*order_parameter"):
+        osc.coherence_penalty(theta)
+    assert float(osc.coherence_penalty(osc.order_parameter(theta, dim=-1))) >= 0

@@ -180,7 +180,14 @@ def coherence_penalty(r: torch.Tensor, mode: str = "ceiling", target: float = 0.
     """Coherence regulariser on R (mean over its elements), to be added to the loss with a weight λ.
 
     ``ceiling``: relu(R − R*)²; ``center``: (R − R*)²; ``band``: relu(|R − R*| − width)².
+    ``r`` must be order parameters in [0, 1] (:func:`order_parameter`), not phases: a value outside
+    is a ``ValueError`` naming the fix (the PhaseGPT seed passed phases here).
     """
+    with torch.no_grad():
+        low, high = float(r.min()), float(r.max())
+    if low < -1e-6 or high > 1 + 1e-6:
+        raise ValueError(f"coherence_penalty takes order parameters R in [0, 1], got values in [{low:.3g}, {high:.3g}] "
+                         "(phases?); pass order_parameter(phases) instead")
     if mode == "ceiling":
         pen = torch.relu(r - target) ** 2
     elif mode == "center":
