@@ -244,3 +244,14 @@ def test_intervention_report_on_a_trained_run(tmp_path):
         assert [r["K"] for r in rows] == pma_report.K_GRID
         assert all(0 <= r["R_measured"] <= 1 and r["fisher_trace"] >= 0 and r["entropy"] > 0 for r in rows)
     assert (tmp_path / "rep" / "intervention.png").stat().st_size > 1000
+
+
+def test_interpret_refuses_a_pma_model_in_one_line(tmp_path):
+    from phaselm.evaluation.interpret import interpret
+    from phaselm.models import PMAForCausalLM, create_tiny_config
+    from phaselm.data.datasets import TextTokenizer
+
+    model = PMAForCausalLM(create_tiny_config(n_layer=2, n_ssm=1, n_embd=16, n_head=2))
+    with pytest.raises(ValueError, match="PhaseGPT phase layers.*PMAForCausalLM.*phaselm report interventions"):
+        interpret(model, TextTokenizer.from_text("abc"), "abcabc", tmp_path / "i")
+    assert not (tmp_path / "i").exists()

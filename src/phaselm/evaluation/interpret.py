@@ -28,9 +28,12 @@ from phaselm.utils import pyplot, save_figure
 @torch.no_grad()
 def interpret(model, tokenizer, text: str, out_dir: str | Path, max_windows: int = 8, head: int = 0) -> dict:
     out_dir = Path(out_dir)
-    layers = {i: b.attn for i, b in enumerate(model.blocks) if isinstance(b.attn, PhaseCoupledAttention)}
+    layers = {i: b.attn for i, b in enumerate(model.blocks) if isinstance(getattr(b, "attn", None), PhaseCoupledAttention)}
     if not layers:
-        raise ValueError("the checkpoint has no phase layers (model.type gpt); interpret needs a PhaseGPT checkpoint")
+        kind = type(model).__name__
+        hint = " (for a PMA run: phaselm report interventions RUN)" if kind.startswith("PMA") else ""
+        raise ValueError(f"interpret reads PhaseGPT phase layers, and this checkpoint ({kind}) has none; pass a PhaseGPT "
+                         f"run{hint}")
     ids = tokenizer.encode(text)
     block = model.config.block_size
     if len(ids) < 2:
