@@ -18,11 +18,18 @@ sequence gives. Padding tokens (``valid`` = 0) are zeroed before the conv and af
 leave h unchanged: a left-padded row computes what the row without padding computes.
 
 The recurrence h_t = a_t h_{t−1} + b_t is a first-order linear scan. :func:`selective_scan` runs it
-either as a work-efficient parallel (Blelloch up-/down-sweep, log₂L steps on whole tensors) scan
-with an analytic backward pass (the adjoint g_t = ∂ℓ/∂h_t + a_{t+1} g_{t+1} is the same scan run
-backwards; ∂ℓ/∂b_t = g_t, ∂ℓ/∂a_t = g_t h_{t−1}), or as the sequential loop (the test oracle).
-With ``mamba_ssm`` installed and the tensors on a GPU, ``scan="auto"`` uses its CUDA kernel. The
-scan always runs in float32 (A_log, D and Δ stay fp32 under autocast).
+either with an analytic backward pass (:class:`_SelectiveScan`; the adjoint g_t = ∂ℓ/∂h_t +
+a_{t+1} g_{t+1} is the same scan run backwards; ∂ℓ/∂b_t = g_t, ∂ℓ/∂a_t = g_t h_{t−1}), or as the
+sequential loop through autograd (the test oracle). The fast path is parallel across the batch,
+channel and state axes and sequential in time: time is the outermost axis, so each step is one
+multiply-add on a contiguous ``[Bt, N, E]`` slab, which reads each tensor once, for any length. It
+goes through the sequence in blocks of T steps (on the CPU T·Bt·N·E ≈ ``_BLOCK_ELEMS``: buffers that
+stay in cache, and few enough blocks that per-call overheads stay small), computing a = exp(ΔA),
+b = Δu ⊗ B, the scan and y = Σ_n C h per block in reused buffers; no tensor of the full
+``[L, Bt, N, E]`` size is made. The forward keeps only the state before each block; the backward
+recomputes each block from it and computes all gradients there. With ``mamba_ssm`` installed and
+the tensors on a GPU, ``scan="auto"`` uses its CUDA kernel. The scan always runs in float32 (A_log,
+D and Δ stay fp32 under autocast).
 """
 
 from __future__ import annotations
@@ -69,103 +76,150 @@ class MambaConfig:
 
 
 # ---------------------------------------------------------------------------------------------- scans
-def _blelloch_(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> None:
-    """In place: b ← inclusive scan of h_t = a_t h_{t−1} + b_t along the first axis, whose length
-    is a power of two (``reverse``: h_t = a_t h_{t+1} + b_t, from the end); ``a`` is overwritten
-    with partial products. Time is the outermost axis, so every operation acts on whole contiguous
-    slabs of the other axes. Up-sweep, then down-sweep: 2·log₂L steps, O(L) work."""
-    length = b.shape[0]
-    levels = length.bit_length() - 1
-    for d in range(levels):  # up-sweep: in each block of s, the last node absorbs the middle one
-        s = 2 ** (d + 1)
-        dst, src = (0, s // 2) if reverse else (s - 1, s // 2 - 1)
-        av, bv = a.unflatten(0, (length // s, s)), b.unflatten(0, (length // s, s))
-        bv[:, dst].addcmul_(av[:, dst], bv[:, src])
-        av[:, dst].mul_(av[:, src])
-    for d in range(levels - 2, -1, -1):  # down-sweep: the middle of each block takes the prefix before it
-        s = 2 ** (d + 1)
-        n = length // s - 1
-        if n == 0:
-            continue
-        start, dst, src = (1, s // 2 - 1, s - 1) if reverse else (s - 1, s // 2, 0)
-        av = a.narrow(0, start, n * s).unflatten(0, (n, s))
-        bv = b.narrow(0, start, n * s).unflatten(0, (n, s))
-        bv[:, dst].addcmul_(av[:, dst], bv[:, src])
+_BLOCK_ELEMS = 1 << 21  # state elements per time block on the CPU (8 MiB buffers in float32)
+_STEP_ELEMS = 1 << 15  # on the CPU, a step of the scan acts on pieces of at most this many elements
 
 
-def _scan_(a: torch.Tensor, b: torch.Tensor, reverse: bool = False) -> torch.Tensor:
-    """Inclusive linear scan along the first axis (any length), overwriting ``a`` and ``b`` (padded
-    copies when the length is not a power of two); returns the states."""
-    length = b.shape[0]
-    size = 1 << max(0, (length - 1).bit_length())
-    if size != length:
-        pad = size - length
-        a = torch.cat([a, a.new_ones(pad, *a.shape[1:])] if not reverse else [a.new_ones(pad, *a.shape[1:]), a])
-        b = torch.cat([b, b.new_zeros(pad, *b.shape[1:])] if not reverse else [b.new_zeros(pad, *b.shape[1:]), b])
-        _blelloch_(a, b, reverse)
-        return b[:length] if not reverse else b[pad:]
-    _blelloch_(a, b, reverse)
+def _scan_(a: torch.Tensor, b: torch.Tensor, reverse: bool = False, h0: torch.Tensor | None = None) -> torch.Tensor:
+    """In place: b ← h with h_t = a_t ⊙ h_{t−1} + b_t along the first axis, h_{−1} = ``h0`` (None:
+    0); ``reverse``: h_t = a_t ⊙ h_{t+1} + b_t from the end, h_L = ``h0``. Returns ``b`` (which
+    must be contiguous after the first axis); ``a`` is not changed.
+
+    A loop over time of whole-slab multiply-adds (time is the outermost axis, so each step acts on
+    one contiguous slab): one pass over each tensor, any length, no padding. On the CPU the slab is
+    cut into pieces of at most ``_STEP_ELEMS`` (ATen's grain size), which run on the calling
+    thread: a larger step would be shared out to the thread pool, a synchronisation per step that
+    costs more than the step itself and, on a busy machine, waits for the scheduler."""
+    length, width = b.shape[0], math.prod(b.shape[1:])
+    a, b_flat = a.reshape(length, width), b.view(length, width)
+    h0 = None if h0 is None else h0.reshape(width)
+    piece = _STEP_ELEMS if b.device.type == "cpu" else width
+    for lo in range(0, width, piece):
+        cols = slice(lo, lo + piece)
+        prev = None if h0 is None else h0[cols]
+        steps = zip(a[:, cols].unbind(0), b_flat[:, cols].unbind(0))
+        for at, bt in (reversed(list(steps)) if reverse else steps):
+            if prev is not None:
+                bt.addcmul_(at, prev)
+            prev = bt
     return b
 
 
 def linear_scan(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """h_t = a_t ⊙ h_{t−1} + b_t along the first axis (h_{−1} = 0), ``[L, ...]``: the parallel scan
-    on copies of the inputs (no autograd)."""
-    return _scan_(a.clone(), b.clone())
+    """h_t = a_t ⊙ h_{t−1} + b_t along the first axis (h_{−1} = 0), ``[L, ...]``, on a copy of ``b``
+    (no autograd)."""
+    return _scan_(a, b.clone())
+
+
+def _block_length(dt: torch.Tensor, n: int) -> int:
+    """Time steps per block: on the CPU as many as fit ``_BLOCK_ELEMS`` state elements, elsewhere
+    the whole sequence."""
+    length, slab = dt.shape[0], dt.shape[1] * dt.shape[2] * n
+    return max(1, min(length, _BLOCK_ELEMS // slab)) if dt.device.type == "cpu" else length
 
 
 class _SelectiveScan(torch.autograd.Function):
-    """y_t = C_t·h_t with h_t = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t u_t) B_tᵀ, time-first tensors.
+    """y_t = Σ_n C_t h_t with h_t = exp(Δ_t A) ⊙ h_{t−1} + (Δ_t u_t) B_t, time-first tensors, in
+    blocks of T time steps whose buffers are reused (no tensor of the full ``[L, Bt, N, E]`` size
+    is made); ``h0`` given: h_{−1} = h0 and the last state is returned too.
 
-    Backward by hand (so only h is kept): with g the adjoint (g_t = C_t dy_t + a_{t+1} g_{t+1}, the
-    same scan run from the end) and a_t h_{t−1} = h_t − b_t,
-    ∂Δ = Σ_n g (h − b) A + (g·B) u,  ∂A = Σ_{t,b} g (h − b) Δ,  ∂u = (g·B) Δ,
-    ∂B = Σ_e g Δu,  ∂C = Σ_e dy h.
+    Forward keeps only the state before each block (checkpoints, ``[L/T + 1, Bt, N, E]``); the
+    backward runs the blocks from the end, recomputes a, b and h of each from its checkpoint, and
+    runs the adjoint g_t = C_t dy_t + a_{t+1} g_{t+1} (g_{L−1} gets ∂ℓ/∂h_L) through the block; the
+    carry a_T g_T passes to the block before, and from the first block it is ∂ℓ/∂h0. With
+    w = a_t h_{t−1} g_t (= ∂ℓ/∂ log a_t):
+    ∂Δ = Σ_n w A,  ∂A = Σ_{t,b} w Δ,  ∂(Δu) = Σ_n g B,  ∂B = Σ_e g Δu,  ∂C = Σ_e dy h.
     """
 
     @staticmethod
-    def forward(ctx, dt, dtu, A, B, C):
-        # dt, dtu [L, Bt, E]; A [E, N]; B, C [L, Bt, N]
-        a = (dt[..., None] * A).exp_()
-        b = dtu[..., None] * B[:, :, None, :]  # Δu ⊗ B
-        h = _scan_(a, b)  # [L, Bt, E, N]
-        ctx.save_for_backward(dt, dtu, A, B, C, h)
-        return (h @ C[..., None])[..., 0]
+    def forward(ctx, dt, dtu, A, B, C, h0=None):
+        # dt, dtu [L, Bt, E]; A [E, N]; B, C [L, Bt, N]; h0 [Bt, E, N]; the state is kept as [Bt, N, E]
+        length, bt, e = dt.shape
+        n, At = A.shape[-1], A.t().contiguous()
+        T = _block_length(dt, n)
+        starts = range(0, length, T)
+        ckpt = dt.new_empty(len(starts) + 1, bt, n, e)  # ckpt[k]: the state before block k
+        ckpt[0] = 0 if h0 is None else h0.transpose(-1, -2)
+        a_buf, h_buf = dt.new_empty(2, T, bt, n, e)
+        y = dt.new_empty(length, bt, 1, e)
+        for k, s in enumerate(starts):
+            blk = slice(s, s + T)
+            m = len(range(length)[blk])
+            a = torch.mul(dt[blk, :, None, :], At, out=a_buf[:m]).exp_()
+            h = torch.mul(dtu[blk, :, None, :], B[blk, :, :, None], out=h_buf[:m])  # b = Δu ⊗ B
+            _scan_(a, h, h0=ckpt[k])
+            torch.matmul(C[blk, :, None, :], h, out=y[blk])  # Σ_n C h
+            ckpt[k + 1] = h[-1]
+        ctx.block = T
+        ctx.with_h0 = h0 is not None
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(dt, dtu, A, B, C, ckpt)
+        y = y[:, :, 0]
+        return y if h0 is None else (y, ckpt[-1].transpose(-1, -2).clone())
 
     @staticmethod
-    def backward(ctx, dy):
-        dt, dtu, A, B, C, h = ctx.saved_tensors
-        m = torch.empty_like(h)
-        torch.exp(dt[1:, ..., None] * A, out=m[:-1])  # a_{t+1}, 0 after the end
-        m[-1] = 0
-        g = _scan_(m, dy[..., None] * C[:, :, None, :], reverse=True)
-        del m
-        w = torch.addcmul(h, dtu[..., None], B[:, :, None, :], value=-1).mul_(g)  # (h_t − b_t) g_t = a_t h_{t−1} g_t
-        d_A = (w * dt[..., None]).sum((0, 1))
-        d_dt = w.mul_(A).sum(-1)
-        del w
-        d_dtu = (g @ B[..., None])[..., 0]  # Σ_n g B
-        d_B = (dtu[:, :, None, :] @ g)[:, :, 0, :]  # Σ_e Δu g
-        d_C = (dy[:, :, None, :] @ h)[:, :, 0, :]  # Σ_e dy h
-        return d_dt, d_dtu, d_A, d_B, d_C
+    def backward(ctx, dy, d_last=None):
+        dt, dtu, A, B, C, ckpt = ctx.saved_tensors
+        length, bt, e = dt.shape
+        n, At, T = A.shape[-1], A.t().contiguous(), ctx.block
+        if dy is None:
+            dy = dt.new_zeros(length, bt, e)
+        a_buf, g_buf, acc = dt.new_empty(3, T, bt, n, e)
+        h_buf = dt.new_empty(T + 1, bt, n, e)  # row 0: the state before the block, then h
+        acc.zero_()  # Σ over blocks of w Δ
+        d_dt, d_dtu = dt.new_empty(2, length, bt, 1, e)
+        d_B, d_C = dt.new_empty(2, length, bt, 1, n)
+        carry = None if d_last is None else d_last.transpose(-1, -2)  # a_{t+1} g_{t+1} after the block
+        for k in range(len(ckpt) - 2, -1, -1):
+            blk = slice(k * T, (k + 1) * T)
+            m = len(range(length)[blk])
+            a = torch.mul(dt[blk, :, None, :], At, out=a_buf[:m]).exp_()
+            h = torch.mul(dtu[blk, :, None, :], B[blk, :, :, None], out=h_buf[1:m + 1])
+            h_buf[0] = ckpt[k]
+            _scan_(a, h, h0=h_buf[0])
+            g = torch.mul(dy[blk, :, None, :], C[blk, :, :, None], out=g_buf[:m])  # C dy
+            if carry is not None:
+                g[-1] += carry
+            _scan_(a[1:], g[:-1], reverse=True, h0=g[-1])
+            carry = a[0] * g[0]
+            torch.matmul(dy[blk, :, None, :], h.transpose(-1, -2), out=d_C[blk])  # Σ_e dy h
+            torch.matmul(dtu[blk, :, None, :], g.transpose(-1, -2), out=d_B[blk])  # Σ_e Δu g
+            torch.matmul(B[blk, :, None, :], g, out=d_dtu[blk])  # Σ_n g B
+            w = a.mul_(g).mul_(h_buf[:m])  # a_t h_{t−1} g_t
+            acc[:m].addcmul_(w, dt[blk, :, None, :])
+            torch.sum(w.mul_(At), 2, keepdim=True, out=d_dt[blk])  # Σ_n w A
+        d_A = acc.sum((0, 1)).t()
+        grads = (d_dt[:, :, 0], d_dtu[:, :, 0], d_A, d_B[:, :, 0], d_C[:, :, 0])
+        if ctx.with_h0:
+            grads += (None if carry is None else carry.transpose(-1, -2),)
+        return grads
 
 
-def _sequential_scan(dt, dtu, A, B, C):
+def _sequential_scan(dt, dtu, A, B, C, h0=None):
     """The same as :class:`_SelectiveScan`, as a plain loop through autograd: the test oracle."""
-    h = torch.zeros(dt.shape[1:] + A.shape[-1:], dtype=dt.dtype, device=dt.device)
+    h = torch.zeros(dt.shape[1:] + A.shape[-1:], dtype=dt.dtype, device=dt.device) if h0 is None else h0
     ys = []
     for t in range(dt.shape[0]):
         h = torch.exp(dt[t, ..., None] * A) * h + dtu[t, ..., None] * B[t, :, None, :]
         ys.append((h @ C[t, :, :, None])[..., 0])
-    return torch.stack(ys)
+    return torch.stack(ys) if h0 is None else (torch.stack(ys), h)
+
+
+def _time_first(u, delta, A, B, C, D):
+    """float32 copies; Δ, Δu, B, C time first and contiguous (``[L, Bt, ·]``)."""
+    u, delta, A, B, C, D = (t.float() for t in (u, delta, A, B, C, D))
+    dt = delta.transpose(0, 1).contiguous()
+    dtu = (dt * u.transpose(0, 1)).contiguous()
+    return u, dt, dtu, A, B.transpose(0, 1).contiguous(), C.transpose(0, 1).contiguous(), D
 
 
 def selective_scan(u, delta, A, B, C, D, scan: str = "parallel") -> torch.Tensor:
     """The selective scan y = SSM(A, B, C, D)(u) with step sizes Δ, in float32.
 
     ``u``, ``delta`` ``[Bt, L, E]``; ``A`` ``[E, N]``; ``B``, ``C`` ``[Bt, L, N]``; ``D`` ``[E]``
-    → ``y [Bt, L, E]``. ``scan``: ``parallel`` (default), ``sequential`` (oracle), ``cuda``
-    (mamba_ssm kernels) or ``auto`` (cuda when available for these tensors, else parallel).
+    → ``y [Bt, L, E]``. ``scan``: ``parallel`` (default: :class:`_SelectiveScan`), ``sequential``
+    (oracle), ``cuda`` (mamba_ssm kernels) or ``auto`` (cuda when available for these tensors, else
+    parallel).
     """
     if scan == "auto":
         scan = "cuda" if (_mamba_cuda_scan is not None and u.is_cuda) else "parallel"
@@ -177,40 +231,22 @@ def selective_scan(u, delta, A, B, C, D, scan: str = "parallel") -> torch.Tensor
                              D.float())
         return y.transpose(1, 2)
     with torch.autocast(u.device.type, enabled=False):
-        u, delta, A, B, C, D = (t.float() for t in (u, delta, A, B, C, D))
-        dt, bt, ct = delta.transpose(0, 1), B.transpose(0, 1), C.transpose(0, 1)  # time first
-        dtu = dt * u.transpose(0, 1)
-        if scan == "parallel":
-            y = _SelectiveScan.apply(dt.contiguous(), dtu.contiguous(), A, bt.contiguous(), ct.contiguous())
-        else:
-            y = _sequential_scan(dt, dtu, A, bt, ct)
+        u, dt, dtu, A, bt, ct, D = _time_first(u, delta, A, B, C, D)
+        y = (_SelectiveScan.apply if scan == "parallel" else _sequential_scan)(dt, dtu, A, bt, ct)
         return y.transpose(0, 1) + u * D
 
 
 def selective_scan_from(u, delta, A, B, C, D, h0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The selective scan continued from state ``h0 [Bt, E, N]`` (None: zeros), in float32, for
-    decoding: ``(y [Bt, L, E], h_L [Bt, E, N])``. h_t = a_t h_{t−1} + b_t with h_{−1} = h0 is the
-    zero-start scan with b_0 + a_0 h0 in place of b_0; one token is one step of the recurrence.
-    Differentiable through the sequential loop when gradients are on, else the parallel scan."""
+    decoding: ``(y [Bt, L, E], h_L [Bt, E, N])``, with h_{−1} = h0. Differentiable, h0 included
+    (:class:`_SelectiveScan`; one token is one step of the recurrence, :func:`_sequential_scan`)."""
     with torch.autocast(u.device.type, enabled=False):
-        u, delta, A, B, C, D = (t.float() for t in (u, delta, A, B, C, D))
-        dt, bt, ct = delta.transpose(0, 1), B.transpose(0, 1), C.transpose(0, 1)  # time first
-        a = torch.exp(dt[..., None] * A)  # [L, Bt, E, N]
-        b = (dt * u.transpose(0, 1))[..., None] * bt[:, :, None, :]
-        if h0 is not None:
-            b = torch.cat([b[:1] + a[:1] * h0.float(), b[1:]])
-        if a.shape[0] == 1:
-            h = b
-        elif torch.is_grad_enabled():
-            h, prev = [], torch.zeros_like(b[0])
-            for t in range(a.shape[0]):
-                prev = a[t] * prev + b[t]
-                h.append(prev)
-            h = torch.stack(h)
-        else:
-            h = _scan_(a, b)
-        y = (h @ ct[..., None])[..., 0].transpose(0, 1) + u * D
-        return y, h[-1]
+        u, dt, dtu, A, bt, ct, D = _time_first(u, delta, A, B, C, D)
+        if h0 is None:
+            h0 = dt.new_zeros(dt.shape[1:] + A.shape[-1:])
+        scan = _sequential_scan if dt.shape[0] == 1 else _SelectiveScan.apply
+        y, h = scan(dt, dtu, A, bt, ct, h0.float())
+        return y.transpose(0, 1) + u * D, h
 
 
 # ---------------------------------------------------------------------------------------------- block
