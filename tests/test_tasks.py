@@ -179,7 +179,7 @@ def test_training_on_a_task_learns_and_reports_accuracy(tmp_path):
 
 # ---------------------------------------------------------------- the bench
 TINY = ["--task", "selective_copy", "--models", "gpt,mamba", "--widths", "16", "--seeds", "2", "--difficulties",
-        "L256", "--lrs", "3e-3,1e-2", "--sweep-width", "16", "--steps", "6", "--batch-size", "8", "--num-train", "64",
+        "L256", "--lrs", "3e-3,1e-2", "--steps", "6", "--batch-size", "8", "--num-train", "64",
         "--num-test", "32", "--eval-interval", "3"]
 VOLATILE = {"train_seconds", "command", "commit", "dirty", "machine", "cpu", "cores", "resumed"}
 
@@ -205,11 +205,12 @@ def test_bench_tasks_end_to_end_and_report_rerenders_identically(uninterrupted):
     from phaselm.evaluation.tasks_bench import choose_lr
 
     runs = records(uninterrupted)
-    assert len(runs) == 2 * 2 + 2 * 2  # sweep: 2 models x 2 lrs; main: 2 models x 1 width x 2 seeds
+    assert len(runs) == 2 * 2 + 2 * 2  # sweep: 2 models x 1 width x 2 lrs; main: 2 models x 1 width x 2 seeds
     main = [r for r in runs.values() if not r["sweep"]]
     for m in ("gpt", "mamba"):
-        sweep = [r for r in runs.values() if r["sweep"] and r["model"] == m]
+        sweep = [r for r in runs.values() if r["sweep"] and r["model"] == m and r["width"] == 16]
         assert {r["lr"] for r in main if r["model"] == m} == {choose_lr(sweep)}
+        assert [r for r in main if r["model"] == m and r["seed"] == 1][0]["reused"]  # the sweep run at that rate
     for r in main:
         lo, hi = r["test"]["wilson95"]
         assert lo <= r["test"]["accuracy"] <= hi and r["test"]["answers"] == 32 * 16
@@ -258,3 +259,14 @@ def test_suite_models_match_parameter_counts_within_10_percent():
             for m in MODELS:
                 n = count_params(model_section(m, width, 256, vocab), vocab)
                 assert abs(n / gpt - 1) <= 0.10, (m, width, vocab, n, gpt)
+
+
+def test_resume_refuses_a_run_trained_at_another_rate_than_the_sweep_chooses(uninterrupted, tmp_path):
+    import shutil
+
+    shutil.copytree(uninterrupted, tmp_path / "d")
+    path = next(p for p in (tmp_path / "d" / "out" / "runs").glob("*seed2.json"))
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "lr": 0.5}))
+    out = subprocess.run(bench(tmp_path, "d", "--resume"), capture_output=True, text=True)
+    assert out.returncode == 2 and "another learning rate" in out.stderr and len(out.stderr.strip().splitlines()) == 1

@@ -351,7 +351,7 @@ def cmd_bench_tasks(args) -> int:
     cfg = TasksConfig(task=args.task, models=_names(args.models, "--models") if args.models else list(MODELS),
                       widths=_ints(args.widths, "--widths"), seeds=args.seeds, lrs=_floats(args.lrs, "--lrs"),
                       difficulties=_names(args.difficulties, "--difficulties") if args.difficulties else None,
-                      sweep_width=args.sweep_width, sweep_difficulty=args.sweep_difficulty, steps=args.steps,
+                      sweep_difficulty=args.sweep_difficulty, steps=args.steps,
                       batch_size=args.batch_size, num_train=args.num_train, num_test=args.num_test,
                       eval_interval=args.eval_interval, vocab_size=args.vocab_size)
     shard = parse_shard(args.shard)

@@ -3,12 +3,13 @@
 
 Protocol (docs/tasks.md), fixed before the runs:
 
-1. **Sweep.** Each model at the sweep width and the sweep difficulty (defaults: width 64, the
-   middle difficulty), seed 1, at every learning rate of ``--lrs``. The rule: the learning rate
-   with the highest *val* accuracy (answer tokens; the val set is held out, and is not the test
-   set); ties go to the lower val loss, then to the smaller learning rate.
-2. **Main runs.** Every (difficulty, model, width) cell at that model's chosen learning rate,
-   seeds 1..``--seeds``. A sweep run is reused as the seed-1 run of its cell.
+1. **Sweep.** Each model at every width, at the sweep difficulty (default: the middle one), seed
+   1, at every learning rate of ``--lrs``. The rule: the learning rate with the highest *val*
+   accuracy (answer tokens; the val set is held out, and is not the test set); ties go to the
+   lower val loss, then to the smaller learning rate. (A sweep at one width is not enough: the
+   GPT's best rate at width 64, 1e-2, left width 128 on the MQAR plateau at 18%.)
+2. **Main runs.** Every (difficulty, model, width) cell at the rate chosen for that model and
+   width, seeds 1..``--seeds``. A sweep run is reused as the seed-1 run of its cell.
 3. Each run reports its accuracy on the fixed *test* set (>= 2,000 held-out examples, none in the
    training set) with a Wilson interval; :mod:`phaselm.evaluation.tasks_report` pairs runs by seed
    against each model's baseline.
@@ -70,7 +71,6 @@ class TasksConfig:
     seeds: int = 3
     difficulties: list[str] | None = None  # labels of DIFFICULTIES[task]; None: all
     lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
-    sweep_width: int = 64
     sweep_difficulty: str | None = None  # None: the middle one of the selected difficulties
     steps: int = 2000
     batch_size: int = 64
@@ -98,7 +98,7 @@ class TasksConfig:
             raise ValueError(f"--lrs must be positive learning rates, got {self.lrs}")
         if self.num_train is None:
             self.num_train = NUM_TRAIN[self.task]
-        for key in ("seeds", "steps", "batch_size", "num_train", "num_test", "eval_interval", "sweep_width"):
+        for key in ("seeds", "steps", "batch_size", "num_train", "num_test", "eval_interval"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         for label in self.difficulty_labels():  # every task setting is valid before anything runs
@@ -200,7 +200,7 @@ class Run:
 
 
 def sweep_runs(cfg: TasksConfig) -> list[Run]:
-    return [Run(cfg.sweep_label(), m, cfg.sweep_width, 1, lr, sweep=True) for m in cfg.models for lr in cfg.lrs]
+    return [Run(cfg.sweep_label(), m, w, 1, lr, sweep=True) for m in cfg.models for w in cfg.widths for lr in cfg.lrs]
 
 
 def main_runs(cfg: TasksConfig) -> list[Run]:
@@ -259,7 +259,7 @@ class TasksBench:
         """What every run of this grid shares (a resumed run must match it)."""
         c = self.cfg
         return {"task": c.task, "steps": c.steps, "batch_size": c.batch_size, "num_train": c.num_train,
-                "num_test": c.num_test, "lrs": list(c.lrs), "sweep_width": c.sweep_width,
+                "num_test": c.num_test, "lrs": list(c.lrs), "sweep": "per model and width",
                 "sweep_difficulty": c.sweep_label(), "eval_interval": c.eval_interval, "vocab_size": c.vocab_size}
 
     def mine(self, runs: list[Run]) -> list[Run]:
@@ -273,11 +273,11 @@ class TasksBench:
         chosen = self.chosen_lrs(wait=True)
         done = []
         for run in self.mine(main_runs(self.cfg)):
-            done.append(self.train(run, chosen[run.model]))
+            done.append(self.train(run, chosen[run.model, run.width]))
         return done
 
-    def chosen_lrs(self, wait: bool = False) -> dict[str, float]:
-        """Each model's swept learning rate (waiting for other shards' sweep runs when ``wait``)."""
+    def chosen_lrs(self, wait: bool = False) -> dict[tuple[str, int], float]:
+        """The swept learning rate of each (model, width) (waiting for other shards' sweep runs when ``wait``)."""
         runs = sweep_runs(self.cfg)
         while True:
             missing = [r for r in runs if not self.result_path(r).exists()]
@@ -288,10 +288,10 @@ class TasksBench:
             print(f"phaselm bench tasks: waiting for {len(missing)} sweep runs of other shards "
                   f"(e.g. {missing[0].run_id})", file=sys.stderr)
             time.sleep(self.poll)
-        by_model: dict[str, list[dict]] = {}
+        cells: dict[tuple[str, int], list[dict]] = {}
         for r in runs:
-            by_model.setdefault(r.model, []).append(json.loads(self.result_path(r).read_text()))
-        return {m: choose_lr(rs) for m, rs in by_model.items()}
+            cells.setdefault((r.model, r.width), []).append(json.loads(self.result_path(r).read_text()))
+        return {cell: choose_lr(rs) for cell, rs in cells.items()}
 
     def run_config(self, run: Run, lr: float):
         from phaselm.training.config import from_dict
@@ -322,9 +322,12 @@ class TasksBench:
         from phaselm.evaluation.loops import wilson
 
         path = self.result_path(run)
-        if path.exists():
-            return path
         lr = run.lr if lr is None else lr
+        if path.exists():
+            if json.loads(path.read_text())["lr"] != lr:
+                raise ValueError(f"{path} was trained at another learning rate than the sweep chooses ({lr:g}); "
+                                 "delete it to retrain it at the chosen rate")
+            return path
         same = Run(run.difficulty, run.model, run.width, run.seed, lr, sweep=True)
         if not run.sweep and self.result_path(same).exists() and same in sweep_runs(self.cfg):
             record = json.loads(self.result_path(same).read_text())

@@ -124,15 +124,16 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
                          f"{_pct(c['ci95'][1], True)}] | {_pct(c['mde'])} | {_verdict(c)} |")
     if sweep:
         lrs = sorted({r["lr"] for r in sweep})
-        lines += ["", f"## Learning-rate sweep ({sweep[0]['difficulty']}, width {sweep[0]['width']}, seed 1; val accuracy %)",
-                  "", "The rule, fixed in advance: the highest val accuracy, then the lower val loss, then the smaller "
-                  "learning rate.", "", "| model | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
-                  "|---|" + "---|" * (len(lrs) + 1)]
-        for m in sorted({r["model"] for r in sweep}, key=MODELS.index):
-            rs = [r for r in sweep if r["model"] == m]
+        lines += ["", f"## Learning-rate sweep ({sweep[0]['difficulty']}, seed 1; val accuracy %)",
+                  "", "Per model and width. The rule, fixed in advance: the highest val accuracy, then the lower val "
+                  "loss, then the smaller learning rate.", "",
+                  "| model | width | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
+                  "|---|---|" + "---|" * (len(lrs) + 1)]
+        for m, w in sorted({(r["model"], r["width"]) for r in sweep}, key=lambda c: (MODELS.index(c[0]), c[1])):
+            rs = [r for r in sweep if r["model"] == m and r["width"] == w]
             by_lr = {r["lr"]: r for r in rs}
-            lines.append(f"| {m} | " + " | ".join(_pct(by_lr[lr]["val"]["accuracy"]) if lr in by_lr else "–"
-                                                for lr in lrs) + f" | {choose_lr(rs):g} |")
+            lines.append(f"| {m} | {w} | " + " | ".join(_pct(by_lr[lr]["val"]["accuracy"]) if lr in by_lr else "–"
+                                                      for lr in lrs) + f" | {choose_lr(rs):g} |")
     runs = main or sweep
     commits = sorted({r["commit"] or "?" for r in runs})
     lines += ["", "## Provenance", "", f"- command: `{runs[0]['command']}`", f"- commits: {', '.join(commits)}",
