@@ -252,6 +252,6 @@ def test_interpret_refuses_a_pma_model_in_one_line(tmp_path):
     from phaselm.data.datasets import TextTokenizer
 
     model = PMAForCausalLM(create_tiny_config(n_layer=2, n_ssm=1, n_embd=16, n_head=2))
-    with pytest.raises(ValueError, match="PhaseGPT phase layers.*PMAForCausalLM.*phaselm report interventions"):
+    with pytest.raises(ValueError, match="PMAForCausalLM.*no phase layers.*PhaseGPT.*phaselm report interventions"):
         interpret(model, TextTokenizer.from_text("abc"), "abcabc", tmp_path / "i")
     assert not (tmp_path / "i").exists()

@@ -32,8 +32,8 @@ def interpret(model, tokenizer, text: str, out_dir: str | Path, max_windows: int
     if not layers:
         kind = type(model).__name__
         hint = " (for a PMA run: phaselm report interventions RUN)" if kind.startswith("PMA") else ""
-        raise ValueError(f"interpret reads PhaseGPT phase layers, and this checkpoint ({kind}) has none; pass a PhaseGPT "
-                         f"run{hint}")
+        raise ValueError(f"this checkpoint ({kind}) has no phase layers, and interpret reads PhaseGPT phase layers; pass "
+                         f"a PhaseGPT run{hint}")
     ids = tokenizer.encode(text)
     block = model.config.block_size
     if len(ids) < 2:
