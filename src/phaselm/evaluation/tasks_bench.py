@@ -214,6 +214,18 @@ def choose_lr(results: list[dict]) -> float:
     return best["lr"]
 
 
+def _same_training(folder: Path, cfg) -> bool:
+    """Whether the newest checkpoint in ``folder`` was trained with ``cfg``'s training settings (a
+    checkpoint of another learning rate, say, is started again, not continued). A damaged
+    checkpoint counts as the same: the trainer's ``--resume`` falls back past it."""
+    from phaselm.training import checkpoint as ckpt
+
+    try:
+        return ckpt.read_state(ckpt.step_folders(folder)[0])["config"]["train"] == cfg.to_dict()["train"]
+    except (ckpt.CheckpointError, OSError, KeyError, ValueError):
+        return True
+
+
 def parse_shard(text: str | None) -> tuple[int, int]:
     """``"I/N"`` → ``(I, N)``; None: this process's torchrun rank and world size, else ``(0, 1)``."""
     if text is None:
@@ -241,10 +253,12 @@ class TasksBench:
         return self.runs_dir / run.file_name()
 
     def check_start(self) -> None:
-        """Refuse to mix with an earlier run's files unless ``--resume``; refuse a changed protocol."""
+        """Refuse to mix with an earlier run's files unless ``--resume``; refuse a changed protocol. A
+        shard of a sharded launch cannot tell its sibling shards' fresh results from an earlier run's,
+        so it always continues what is there (the protocol must still match)."""
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         existing = sorted(self.runs_dir.glob("*.json"))
-        if existing and not self.resume:
+        if existing and not self.resume and self.shard[1] == 1:
             raise ValueError(f"{self.runs_dir} holds {len(existing)} run results of an earlier run; pass --resume to "
                              "continue it, or choose another --out")
         for path in existing:
@@ -337,7 +351,7 @@ class TasksBench:
         folder = Path(cfg.train.out_dir)
         from phaselm.training import checkpoint as ckpt
 
-        resume = folder.exists() and bool(ckpt.step_folders(folder))
+        resume = folder.exists() and bool(ckpt.step_folders(folder)) and _same_training(folder, cfg)
         t0 = time.perf_counter()
         trainer = Trainer(cfg, resume=resume, progress=self.progress, overwrite=not resume)
         try:
