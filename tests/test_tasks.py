@@ -270,3 +270,17 @@ def test_resume_refuses_a_run_trained_at_another_rate_than_the_sweep_chooses(uni
     path.write_text(json.dumps({**record, "lr": 0.5}))
     out = subprocess.run(bench(tmp_path, "d", "--resume"), capture_output=True, text=True)
     assert out.returncode == 2 and "another learning rate" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_a_checkpoint_of_other_training_settings_is_started_again_not_continued(tmp_path):
+    from phaselm.evaluation.tasks_bench import _same_training
+    from phaselm.training.config import load_config
+    from phaselm.training.trainer import Trainer
+
+    base = ["data.name=selective_copy", "data.seq_len=24", "data.num_tokens=2", "data.vocab_size=6",
+            "data.num_train=64", "data.num_test=16", "model.block_size=24", "model.n_layer=1", "model.n_head=2",
+            "model.n_embd=16", "train.max_iters=2", "train.batch_size=4", "train.eval_interval=2",
+            "train.device=cpu", f"train.out_dir={tmp_path / 'run'}"]
+    Trainer(load_config(None, base + ["train.lr=1e-3"]), progress=False).train()
+    assert _same_training(tmp_path / "run", load_config(None, base + ["train.lr=1e-3"]))
+    assert not _same_training(tmp_path / "run", load_config(None, base + ["train.lr=1e-2"]))
