@@ -300,11 +300,13 @@ def torch_device(name: str):
     return device
 
 
-def _floats(text: str, name: str) -> list[float]:
+def _floats(text: str, name: str, cast=float) -> list[float]:
+    """Comma-separated numbers (``cast``: ``int`` for integers)."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        return [cast(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise ValueError(f"{name}: expected comma-separated numbers, got {text!r}") from None
+        kind = "integers" if cast is int else "numbers"
+        raise ValueError(f"{name}: expected comma-separated {kind}, got {text!r}") from None
 
 
 def _init_distributed() -> tuple[int, int]:
@@ -349,7 +351,7 @@ def cmd_bench_tasks(args) -> int:
     from phaselm.evaluation.tasks_report import render
 
     cfg = TasksConfig(task=args.task, models=_names(args.models, "--models") if args.models else list(MODELS),
-                      widths=_ints(args.widths, "--widths"), seeds=args.seeds, lrs=_floats(args.lrs, "--lrs"),
+                      widths=_floats(args.widths, "--widths", int), seeds=args.seeds, lrs=_floats(args.lrs, "--lrs"),
                       difficulties=_names(args.difficulties, "--difficulties") if args.difficulties else None,
                       sweep_difficulty=args.sweep_difficulty, steps=args.steps,
                       batch_size=args.batch_size, num_train=args.num_train, num_test=args.num_test,
@@ -373,12 +375,6 @@ def _names(text: str, flag: str) -> list[str]:
         raise ValueError(f"{flag} is empty; give comma-separated names")
     return names
 
-
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(v) for v in _names(text, flag)]
-    except ValueError:
-        raise ValueError(f"{flag} must be comma-separated integers, got {text!r}") from None
 
 
 def cmd_bench(args) -> int:

@@ -113,15 +113,22 @@ class TasksConfig:
         labels = self.difficulty_labels()
         return self.sweep_difficulty or labels[(len(labels) - 1) // 2]
 
-    def data_section(self, label: str) -> dict:
-        """The ``data:`` section of a run at difficulty ``label`` (checked)."""
+    def settings(self, label: str) -> dict:
+        """The task settings of difficulty ``label`` (with ``vocab_size`` when given)."""
+        settings = dict(DIFFICULTIES[self.task])[label]
+        return settings if self.vocab_size is None else {**settings, "vocab_size": self.vocab_size}
+
+    def task_of(self, label: str):
+        """The task at difficulty ``label`` (a one-line ValueError for impossible settings)."""
         from phaselm.data.tasks import make_task
 
-        settings = dict(DIFFICULTIES[self.task])[label]
-        if self.vocab_size is not None:
-            settings = {**settings, "vocab_size": self.vocab_size}
-        make_task(self.task, **settings)  # raises a one-line ValueError for impossible settings
-        return {"name": self.task, **settings, "num_train": self.num_train, "num_test": self.num_test, "data_seed": 0}
+        return make_task(self.task, **self.settings(label))
+
+    def data_section(self, label: str) -> dict:
+        """The ``data:`` section of a run at difficulty ``label`` (checked)."""
+        self.task_of(label)
+        return {"name": self.task, **self.settings(label), "num_train": self.num_train, "num_test": self.num_test,
+                "data_seed": 0}
 
 
 def _gpt_section(model: str, width: int, block: int) -> dict:
@@ -312,7 +319,7 @@ class TasksBench:
 
         c = self.cfg
         data = c.data_section(run.difficulty)
-        vocab = data.get("vocab_size") or self._task(run.difficulty).vocab_size
+        vocab = c.task_of(run.difficulty).vocab_size
         block = data["seq_len"]
         return from_dict({
             "data": data,
@@ -323,12 +330,6 @@ class TasksBench:
                       "log_interval": max(1, c.eval_interval // 5), "seed": run.seed, "device": "cpu",
                       "keep_checkpoints": 1},
         }).validate()
-
-    def _task(self, label: str):
-        from phaselm.data.tasks import make_task
-
-        data = self.cfg.data_section(label)
-        return make_task(self.cfg.task, **{k: v for k, v in data.items() if k not in ("name", "num_train", "num_test", "data_seed")})
 
     def train(self, run: Run, lr: float | None = None) -> Path:
         """Train ``run`` (or, in the main phase, reuse the identical sweep run) and write its JSON."""

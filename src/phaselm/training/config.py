@@ -140,14 +140,14 @@ class RunConfig:
         d = self.data
         if d.is_task:
             try:
-                d.task()
+                task = d.task()
             except ValueError as err:
                 raise ConfigError(f"config: {err}") from None
             if d.num_train < 1 or d.num_test < 1 or d.data_seed < 0:
                 raise ConfigError("config: data.num_train and data.num_test must be >= 1 and data.data_seed >= 0")
-            if self.model.block_size < d.task().seq_len:
+            if self.model.block_size < task.seq_len:
                 raise ConfigError(f"config: model.block_size ({self.model.block_size}) is shorter than the task's "
-                                  f"seq_len ({d.task().seq_len}); raise model.block_size")
+                                  f"seq_len ({task.seq_len}); raise model.block_size")
         elif (used := [k for k in d.TASK_FIELDS if getattr(d, k) is not None]):
             raise ConfigError(f"config: data.{used[0]} is a synthetic-task setting, but data.name {d.name!r} is "
                               "not a task (mqar, selective_copy, noisy_recall, fuzzy_recall)")

@@ -261,9 +261,9 @@ def evaluate_answers(model, inputs: np.ndarray, targets: np.ndarray, device, bat
         x = torch.from_numpy(np.asarray(inputs[i: i + batch_size])).to(device)
         y = torch.from_numpy(np.asarray(targets[i: i + batch_size])).to(device)
         with autocast():
-            logits = model(x, y, head_at_targets=True).logits  # [answers in the batch, V]
-        keep = y >= 0
-        total += float(torch.nn.functional.cross_entropy(logits.float(), y[keep], reduction="sum"))
+            out = model(x, y, head_at_targets=True)  # logits [answers in the batch, V], loss their mean NLL
+        keep, logits = y >= 0, out.logits
+        total += float(out.loss) * int(keep.sum())
         hit = torch.zeros_like(y, dtype=torch.bool)
         hit[keep] = logits.argmax(-1) == y[keep]
         correct += int(hit.sum())
@@ -278,6 +278,8 @@ def evaluate_answers(model, inputs: np.ndarray, targets: np.ndarray, device, bat
 class TextData:
     """A text dataset as training data: random windows of ``block_size + 1`` tokens of the train
     split; evaluation = loss over the val split (:func:`evaluate`)."""
+
+    head_at_targets = False  # every position has a target
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -308,6 +310,8 @@ class TaskExamples:
     """A synthetic task (:mod:`phaselm.data.tasks`) as training data: examples drawn with
     replacement from the training set; evaluation = :func:`evaluate_answers` on the val set. The
     LM head runs at the answer positions only (``head_at_targets``)."""
+
+    head_at_targets = True
 
     def __init__(self, cfg: RunConfig):
         d = cfg.data
@@ -508,7 +512,7 @@ class Trainer:
                     x, y = self._batch(batch_gen)
                     sync = self.ddp and micro < t.grad_accum - 1
                     with (model.no_sync() if sync else nullcontext()), self.autocast():
-                        loss = model(x, y, head_at_targets=cfg.data.is_task).loss
+                        loss = model(x, y, head_at_targets=self.data.head_at_targets).loss
                         reg = self.raw_model.coherence_loss()
                     total = loss if reg is None else loss + reg
                     scaler.scale(total / t.grad_accum).backward()
