@@ -31,10 +31,8 @@ Finding checkpoints: :func:`latest_checkpoint` is the newest ``step-*`` folder t
 
 from __future__ import annotations
 
-import hashlib
-import json
+import copy
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,38 +41,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
+from phaselm.manifest import (  # noqa: F401 - re-exported: the manifest helpers live below the models
+    MANIFEST, STEP_NAME, TRAINING_ONLY, CheckpointError, sha256, step_folders, verify, verify_folder, write_manifest,
+)
 from phaselm.utils import atomic_write
-
-MANIFEST = "state.json"
-STEP_NAME = re.compile(r"^step-(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, damaged or does not match; the message names the file."""
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _canonical(state: dict) -> bytes:
-    """The manifest's content without its own digest, as hashed bytes (key order independent)."""
-    return json.dumps({k: v for k, v in state.items() if k != "state_sha256"}, sort_keys=True).encode()
-
-
-def write_manifest(folder: Path, state: dict) -> dict:
-    """Hash every file of ``folder`` (but the manifest) into ``state["files"]``, add the manifest's
-    own digest and write ``folder/state.json``; return the written state."""
-    files = {p.relative_to(folder).as_posix(): sha256(p) for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
-    state = dict(state, files=files)
-    state["state_sha256"] = hashlib.sha256(_canonical(state)).hexdigest()
-    (folder / MANIFEST).write_text(json.dumps(state, indent=1))
-    return state
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -91,15 +61,6 @@ def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
     return tensors, sd["param_groups"]
 
 
-def step_folders(out_dir: str | Path) -> list[Path]:
-    """The complete-looking ``checkpoints/step-*`` folders of a run, newest (highest step) first."""
-    root = Path(out_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_NAME.match(p.name)) and p.is_dir()]
-    return [p for _, p in sorted(found, reverse=True) if (p / MANIFEST).is_file()]
-
-
 def remove_temporaries(out_dir: str | Path) -> list[Path]:
     """Delete the temporary folders and files a killed save left in ``out_dir/checkpoints``."""
     root = Path(out_dir) / "checkpoints"
@@ -109,19 +70,46 @@ def remove_temporaries(out_dir: str | Path) -> list[Path]:
     return leftovers
 
 
+REMOTE_CODE = "modeling_phaselm.py"
+_SHIM = '''"""The trust_remote_code entry point of a phaselm model folder (written by phaselm).
+
+``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` imports this file through
+the folder's ``config.json`` ``auto_map``; it imports the model from the installed phaselm package
+(``pip install phaselm``), so the code that runs is the package's, not a copy.
+"""
+from {config_module} import {config}  # noqa: F401
+from {model_module} import {model}  # noqa: F401
+'''
+
+
 def save_pretrained(folder: Path, model: torch.nn.Module, tokenizer=None) -> None:
     """The model as a transformers folder: ``model.safetensors`` (tied tensors once),
-    ``config.json`` and the tokenizer's files (no progress bars, no pickles)."""
+    ``config.json`` and the tokenizer's files (no progress bars, no pickles).
+
+    ``config.json`` names the class (``architectures``); for a phaselm model it also carries an
+    ``auto_map`` to :data:`REMOTE_CODE`, a two-import shim, so that a process that never imported
+    phaselm loads the folder with ``AutoModelForCausalLM.from_pretrained(folder,
+    trust_remote_code=True)`` (phaselm must be installed there)."""
+    folder = Path(folder)
     save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
     if hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
-        model.config.save_pretrained(folder)
+        config = copy.deepcopy(model.config)  # the live config keeps no save-time fields
+        config.architectures = [type(model).__name__]
+        if type(model).__module__.startswith("phaselm.") and type(config).__module__.startswith("phaselm."):
+            stem = REMOTE_CODE.removesuffix(".py")
+            config.auto_map = {"AutoConfig": f"{stem}.{type(config).__name__}",
+                               "AutoModelForCausalLM": f"{stem}.{type(model).__name__}"}
+            (folder / REMOTE_CODE).write_text(_SHIM.format(
+                config_module=type(config).__module__, config=type(config).__name__,
+                model_module=type(model).__module__, model=type(model).__name__))
+        config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
 
 
 def _model_files(folder: Path) -> list[Path]:
     """The save_pretrained files of a checkpoint folder: all but the manifest and the optimiser state."""
-    return [p for p in folder.iterdir() if p.is_file() and p.name not in (MANIFEST, "optimizer.safetensors")]
+    return [p for p in folder.iterdir() if p.is_file() and p.name != MANIFEST and p.name not in TRAINING_ONLY]
 
 
 def publish(folder: Path, out_dir: Path) -> None:
@@ -180,35 +168,6 @@ def latest_checkpoint(path: str | Path) -> Path | None:
         return path
     found = step_folders(path)
     return found[0] if found else None
-
-
-def verify(folder: Path) -> dict:
-    """Check every file of checkpoint ``folder`` against its manifest; return the manifest (state.json).
-
-    Raises :class:`CheckpointError` naming the first missing or damaged file."""
-    folder = Path(folder)
-    where = f"checkpoint {folder}"
-    path = folder / MANIFEST
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{where}: {MANIFEST} is missing; the checkpoint is incomplete") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{where}: {MANIFEST} is damaged ({type(err).__name__}); use another "
-                              "checkpoint") from None
-    if not isinstance(state, dict) or not isinstance(state.get("files"), dict) or "state_sha256" not in state:
-        raise CheckpointError(f"{where}: {MANIFEST} has no file hashes (damaged, or written by an older phaselm); "
-                              "use another checkpoint")
-    if hashlib.sha256(_canonical(state)).hexdigest() != state["state_sha256"]:
-        raise CheckpointError(f"{where}: {MANIFEST} was edited or damaged (SHA-256 mismatch); use another checkpoint")
-    for rel, digest in state["files"].items():
-        file = folder / rel
-        if not file.is_file():
-            raise CheckpointError(f"{where}: {rel} is missing; use another checkpoint")
-        if sha256(file) != digest:
-            raise CheckpointError(f"{where}: {rel} is damaged or was overwritten (SHA-256 mismatch); use another "
-                                  "checkpoint")
-    return state
 
 
 def newest_intact(out_dir: str | Path) -> tuple[Path | None, list[str]]:
