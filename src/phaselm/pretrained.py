@@ -57,7 +57,9 @@ def load_causal_lm(
 
     ``name_or_path``: ``None`` for the embedded default (SmolLM2-135M-Instruct), a path to a
     ``.gguf`` file, a local model folder, or a Hugging Face Hub name. The model is returned in
-    eval mode; the tokenizer always has a pad token (the EOS token if it had none).
+    eval mode; the tokenizer always has a pad token (the EOS token if it had none) and pads on the
+    left, as batched generation with a decoder-only model needs (``tokenizer(prompts, padding=True)``
+    then feeds ``model.generate`` directly).
     With ``check=True`` a two-token probe verifies that the model returns a KV cache and is
     causal; a model that fails gets a :class:`ModelLoadError` that says why.
     """
@@ -97,6 +99,7 @@ def load_causal_lm(
         raise ModelLoadError(reason)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
     model.eval()
     if device is not None:
         model.to(device)
@@ -248,6 +251,7 @@ def _cached_gguf_folder(gguf: Path, label: str) -> str:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.hf_quantizer = None
+    tokenizer.padding_side = "left"  # saved with the folder: AutoTokenizer.from_pretrained(folder) pads left too
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
     try:

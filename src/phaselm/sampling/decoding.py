@@ -3,12 +3,20 @@
 :class:`Sampler` is plain decoding (greedy or temperature sampling with top-k / top-p / min-p);
 :class:`phaselm.PhaseSlipSampler` subclasses it and replaces only how next-token logits are made.
 A list of prompts runs as one batch (left padding, attention mask, position ids from the mask).
+
+Models with learned absolute positions (a learned table of ``max_position_embeddings`` /
+``block_size`` entries: GPT-2, phaselm's GPT, PhaseGPT and PMA) generate past their context as nanoGPT
+does: each step past it runs the model on the last ``context`` tokens only (a sliding window), recomputed
+without a cache, so those steps cost a full forward pass each. Other models (rotary, ALiBi, ...) refuse a
+request that does not fit their context.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 import numbers
+import re
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -19,6 +27,27 @@ from tqdm.auto import tqdm
 from phaselm.nn.functional import entropy
 from phaselm.pretrained import unsupported_model_reason
 from phaselm.sampling.processors import SamplingConfig, check_seed, choose_tokens, process_logits
+
+
+log = logging.getLogger("phaselm")
+
+_POSITION_TABLE = re.compile(r"(^|\.)(wpe|phi_pos|position_embeddings|embed_positions)(\.|$)")
+
+
+def sliding_window_context(model) -> int | None:
+    """The context length (``max_position_embeddings`` / ``n_positions``; ``block_size`` for phaselm's
+    models) of a model whose positions are a learned table of that many entries (a parameter named
+    ``wpe``, ``phi_pos``, ``position_embeddings`` or ``embed_positions`` with a dimension of the context
+    length, up to OPT's offset of 2): generation slides a window over its last tokens past that context.
+    ``None`` for other models (no context length, or positions that are not a learned table)."""
+    cfg = model.config
+    ctx = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    if not isinstance(ctx, int) or ctx < 1:
+        return None
+    for name, p in model.named_parameters():
+        if _POSITION_TABLE.search(name) and any(ctx <= n <= ctx + 2 for n in p.shape):
+            return ctx
+    return None
 
 
 def sampling_entropy(logits: torch.Tensor, cfg: SamplingConfig) -> torch.Tensor:
@@ -57,6 +86,10 @@ class Sampler:
 
     ``cache_implementation="static"`` decodes with a transformers ``StaticCache`` (prompt + new tokens long);
     its one-token steps are then compiled where ``model.generate`` would compile them.
+
+    Past the context of a model with learned absolute positions (:func:`sliding_window_context`), each
+    step recomputes the last ``context`` tokens without a cache (:meth:`_window_logits`; logged once per
+    sampler), as nanoGPT's ``generate`` does; other models refuse a request longer than their context.
     """
 
     default_temperature = 1.0
@@ -98,6 +131,8 @@ class Sampler:
         if cache_implementation == "static" and self._cache_keyword != "past_key_values":
             raise ValueError(f"{type(model).__name__} keeps its own state cache (cache_params); it has no static cache")
         self._step_call = model
+        self.sliding_window = sliding_window_context(model)
+        self._window_logged = False
 
     @property
     def device(self) -> torch.device:
@@ -176,6 +211,16 @@ class Sampler:
         :class:`SamplingConfig`, for samplers that need the plausible set)."""
         return self._forward(cache, input_ids, attention_mask, position_ids).logits[:, -1].float()
 
+    def _window_logits(self, input_ids, attention_mask, diagnostics, cfg=None) -> torch.Tensor:
+        """Next-token logits ``[B, V]`` past the context: one forward pass without a cache over
+        ``input_ids [B, context]``, the last ``context`` tokens (nanoGPT's crop; ``attention_mask``:
+        their mask, ``None`` without padding)."""
+        position_ids = None if attention_mask is None else (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        extra = {"logits_to_keep": 1} if self._forward_takes_logits_to_keep else {}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         use_cache=False, **extra)
+        return out.logits[:, -1].float()
+
     # ------------------------------------------------------------------ internals
     def _forward(self, cache, input_ids, attention_mask, position_ids, **extra):
         call = self._step_call if input_ids.shape[1] == 1 else self.model  # the prefill is never compiled
@@ -191,7 +236,8 @@ class Sampler:
     def encode(self, prompts: list[str], max_new_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Left-padded ``input_ids`` and ``attention_mask`` ``[B, T]`` of ``prompts``, or a one-line
         ValueError for an empty prompt or one that cannot fit ``max_new_tokens`` more tokens in the
-        model's context (cheap: call it to check a request before anything slow, e.g. calibration)."""
+        model's context (cheap: call it to check a request before anything slow, e.g. calibration).
+        A model with a sliding window (:func:`sliding_window_context`) takes any length."""
         if not prompts:
             raise ValueError("prompt_or_prompts is an empty list; pass at least one prompt")
         for i, p in enumerate(prompts):
@@ -207,7 +253,7 @@ class Sampler:
         if int(lengths.min()) == 0:
             raise ValueError(f"prompt {int(lengths.argmin())} tokenizes to zero tokens; pass non-empty text")
         ctx = self.context_length
-        if ctx is not None:
+        if ctx is not None and self.sliding_window is None:
             longest = int(lengths.max())
             if longest > ctx:
                 raise ValueError(
@@ -220,6 +266,15 @@ class Sampler:
                 )
         return ids.to(self.device), mask.to(self.device)
 
+    def _log_window(self, prompt_len: int, max_new_tokens: int) -> None:
+        """One log line per sampler, before the first decode that will run past the context."""
+        if not self._window_logged:
+            self._window_logged = True
+            log.warning("phaselm: the prompt's %d tokens + max_new_tokens %d exceed the %d-token context of %s "
+                        "(learned positions); past it, generation slides a window over the last %d tokens, "
+                        "recomputed without a cache each step (slower)", prompt_len, max_new_tokens,
+                        self.sliding_window, type(self.model).__name__, self.sliding_window)
+
     @torch.no_grad()
     def _decode(self, ids, mask, max_new_tokens, cfg, seeds, stop_at_eos, progress) -> GenerationOutput:
         batch, prompt_len = ids.shape
@@ -227,7 +282,10 @@ class Sampler:
         generators = [torch.Generator(device=device).manual_seed(s) for s in seeds] if cfg.do_sample else None
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         padded = not bool(mask.all())  # without padding no mask is passed (as generate does): faster attention
-        cache = self._make_cache(prompt_len + max_new_tokens)
+        window = self.sliding_window
+        # steps with the cache: while prompt + generated tokens fit the context; then a sliding window
+        cached_steps = max_new_tokens if window is None else max(0, min(max_new_tokens, window - prompt_len + 1))
+        cache = self._make_cache(min(prompt_len + max_new_tokens, window or prompt_len + max_new_tokens))
         # compiled one-token steps where transformers' generate would compile them (a static cache on an accelerator,
         # or model.generation_config.compile_config with _compile_all_devices)
         gen_cfg = self.model.generation_config
@@ -241,13 +299,22 @@ class Sampler:
         eos = torch.tensor(sorted(self.eos_ids), device=device) if self.eos_ids else None
         start = time.perf_counter()
         with self._session(cache, seeds, batch):
-            if prompt_len > 1:  # prefill all but the last prompt token; the loop feeds that one
+            if prompt_len > 1 and cached_steps:  # prefill all but the last prompt token; the loop feeds that one
                 extra = {"logits_to_keep": 1} if self._forward_takes_logits_to_keep else {}
                 self._forward(cache, ids[:, :-1], mask[:, :-1] if padded else None, position_ids[:, :-1], **extra)
             token, step_mask, step_pos = ids[:, -1:], mask if padded else None, position_ids[:, -1:]
+            if cached_steps < max_new_tokens:
+                self._log_window(prompt_len, max_new_tokens)
             steps = tqdm(range(max_new_tokens), desc="generating", unit="tok", disable=not progress, leave=False)
             for step in steps:
-                logits = self._next_logits(cache, token, step_mask, step_pos, diagnostics, cfg)
+                if step < cached_steps:
+                    logits = self._next_logits(cache, token, step_mask, step_pos, diagnostics, cfg)
+                else:
+                    if step == cached_steps:
+                        self._step_call = self.model  # no compiled calls without the cache
+                    seq = torch.cat([ids, generated[:, :step]], dim=-1)[:, -window:]
+                    seq_mask = torch.cat([mask, mask.new_ones(batch, step)], dim=-1)[:, -window:]
+                    logits = self._window_logits(seq, seq_mask if not bool(seq_mask.all()) else None, diagnostics, cfg)
                 if self.logits_processor:
                     seq = torch.cat([ids, generated[:, :step]], dim=-1)
                     for proc in self.logits_processor:

@@ -227,6 +227,20 @@ class PhaseSlipStep:
             finally:
                 self._groups = None
 
+    @contextmanager
+    def rebind(self, cache):
+        """Inside a :meth:`session`: route another, fresh ``cache`` through row groups for the block (a
+        window recomputed past the model's context), keeping the session's rotation streams. The
+        session's own hooks stay installed and pass through (their groups hold one row group)."""
+        groups = cache._groups if isinstance(cache, RowGroupCache) else RowGroups(cache)
+        outer = self._groups
+        with groups.attach(self.model, first_layer=min(layer for layer, _ in self.heads)):
+            self._groups = groups
+            try:
+                yield
+            finally:
+                self._groups = outer
+
     def _draw_rotations(self, rows: int) -> dict[int, torch.Tensor]:
         """Per perturbed layer, ``[1, streams, kv_heads, d, d]`` (one stream for all rows, or one per
         row): fresh rotations of the selected heads, identity elsewhere; ``kv_heads`` and ``d`` are the
@@ -380,6 +394,21 @@ class PhaseSlipSampler(Sampler):
             self.heads = self.calibration.selected
         with self.step.session(cache, seeds, batch):
             yield
+
+    def _window_logits(self, input_ids, attention_mask, diagnostics, cfg=None) -> torch.Tensor:
+        """Past the context: a fresh cache gets the window's tokens but the last, then the Phase-Slip step
+        feeds the last one (the perturbed rows need cached values to rotate)."""
+        cache = RowGroupCache(config=self.model.config)
+        position_ids = None if attention_mask is None else (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        mask = attention_mask
+        with self.step.rebind(cache):
+            if input_ids.shape[1] > 1:
+                extra = {"logits_to_keep": 1} if self._forward_takes_logits_to_keep else {}
+                self._forward(cache, input_ids[:, :-1], None if mask is None else mask[:, :-1], position_ids[:, :-1],
+                              **extra)
+            return self._next_logits(cache, input_ids[:, -1:], mask, position_ids[:, -1:], diagnostics, cfg)
 
     def _next_logits(self, cache, input_ids, attention_mask, position_ids, diagnostics, cfg=None) -> torch.Tensor:
         from phaselm.sampling.processors import process_logits
