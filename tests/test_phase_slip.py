@@ -230,3 +230,19 @@ def test_calibration_defaults_are_the_automatic_rule_on_small_models(tokenizer):
         calibrate_heads(one, tokenizer, text=text, num_heads=3)
     out = PhaseSlipSampler(one, tokenizer, noise_scale=0.5).generate("the king", max_new_tokens=2, return_details=True)
     assert out.diagnostics["heads"] == [(0, 0), (0, 1)]
+
+
+def test_a_short_calibration_text_is_scored_with_a_warning(tokenizer, caplog):
+    """A 4-token calibration text gives noisy head scores: it is scored, and one log line states the minimum
+    and the fix; the built-in text logs nothing."""
+    from phaselm.sampling.calibration import MIN_TOKENS, calibrate_heads
+    from tests.conftest import make_model
+
+    model = make_model("llama")
+    with caplog.at_level("WARNING", logger="phaselm"):
+        calibrate_heads(model, tokenizer, search_layers=1)
+        assert not caplog.records
+        assert calibrate_heads(model, tokenizer, text="the king said no", search_layers=1).selected
+    (record,) = caplog.records
+    assert f"is 4 tokens long, under the minimum of {MIN_TOKENS}" in record.getMessage()
+    assert "pass a longer text" in record.getMessage() and "\n" not in record.getMessage()

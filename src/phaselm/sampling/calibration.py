@@ -43,6 +43,9 @@ DEFAULT_CALIBRATION_TEXT = (
 )
 
 EFFICIENCY_EPS = 1e-4
+MIN_TOKENS = 32
+"""Fewer calibration tokens than this (or than the model's context, if shorter) log a warning: the scores
+average over the text's positions, and a few positions give noisy, seed-dependent head choices."""
 DEFAULT_SEARCH_LAYERS = 6
 DEFAULT_NUM_HEADS = 3
 
@@ -100,7 +103,8 @@ def calibrate_heads(
     """Score the KV heads of the last ``search_layers`` layers on ``text``; see the module doc.
 
     ``search_layers``: default min(6, layers); ``num_heads``: how many heads to select, default
-    min(3, heads searched). The model is checked first, as for generating
+    min(3, heads searched). ``text`` shorter than :data:`MIN_TOKENS` tokens (or the model's context)
+    is scored, with a warning logged: its scores are noisy. The model is checked first, as for generating
     (:func:`phaselm.sampling.phase_slip.check_model`): an architecture Phase-Slip refuses is refused here.
     """
     from phaselm.sampling.phase_slip import check_model
@@ -145,6 +149,10 @@ def calibrate_heads(
     ids = tokenizer(text, return_tensors="pt")["input_ids"][:, :min(max_tokens, context)].to(device)
     if ids.shape[1] < 2:
         raise ValueError("calibration text must be at least 2 tokens long")
+    if ids.shape[1] < min(MIN_TOKENS, context, max_tokens):
+        log.warning("phaselm: the calibration text is %d tokens long, under the minimum of %d for stable head "
+                    "scores; pass a longer text (a paragraph or more), or none for the built-in one",
+                    ids.shape[1], min(MIN_TOKENS, context, max_tokens))
     targets = ids[0, 1:]
 
     generator = torch.Generator().manual_seed(seed)
