@@ -284,3 +284,69 @@ def test_a_checkpoint_of_other_training_settings_is_started_again_not_continued(
     Trainer(load_config(None, base + ["train.lr=1e-3"]), progress=False).train()
     assert _same_training(tmp_path / "run", load_config(None, base + ["train.lr=1e-3"]))
     assert not _same_training(tmp_path / "run", load_config(None, base + ["train.lr=1e-2"]))
+
+
+# ---------------------------------------------------------------- the mixture of difficulties
+def mixture_config(tmp_path, **kw):
+    from phaselm.training.config import load_config
+
+    return load_config(None, ["data.name=mqar", "data.vocab_size=256", "data.num_train=40", "data.num_test=16",
+                              "data.mixture=[{seq_len: 32, num_kv_pairs: 2, num_train: 200}, {seq_len: 64, num_kv_pairs: 4}]",
+                              "model.block_size=64", "model.n_layer=1", "model.n_head=2", "model.n_embd=16",
+                              "train.max_iters=4", "train.batch_size=8", "train.eval_interval=4", "train.device=cpu",
+                              f"train.out_dir={tmp_path / 'run'}", *[f"{k}={v}" for k, v in kw.items()]])
+
+
+def test_mixture_batches_come_from_one_component_in_proportion_to_its_examples(tmp_path):
+    from phaselm.training.trainer import TaskExamples
+
+    data = TaskExamples(mixture_config(tmp_path))
+    assert [len(p.train[0]) for p in data.parts] == [200, 40] and [p.task.seq_len for p in data.parts] == [32, 64]
+    g = torch.Generator().manual_seed(0)
+    lengths = []
+    for _ in range(3000):
+        x, y = data.xy(data.rows(g, 8))
+        assert x.shape == y.shape and x.shape[0] == 8
+        part = data.parts[[p.task.seq_len for p in data.parts].index(x.shape[1])]
+        assert all(any((row == t).all() for t in torch.from_numpy(part.train[0])) for row in x[:2])  # its own rows
+        lengths.append(x.shape[1])
+    share = lengths.count(32) / len(lengths)
+    assert abs(share - 200 / 240) < 0.03  # p(component) = n_c / sum n
+
+
+def test_mixture_settings_errors_are_one_line(tmp_path):
+    from phaselm.training.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"data.mixture\[1\].*'depth' is neither"):
+        load_config(None, ["data.name=mqar", "data.mixture=[{seq_len: 64}, {depth: 3}]", "model.block_size=64"])
+    with pytest.raises(ConfigError, match="block_size .64. is shorter than the task's seq_len .128."):
+        load_config(None, ["data.name=mqar", "data.mixture=[{seq_len: 64}, {seq_len: 128}]", "model.block_size=64"])
+    with pytest.raises(ConfigError, match="data.mixture is for synthetic tasks"):
+        load_config(None, ["data.name=tiny-shakespeare", "data.mixture=[{seq_len: 64}]"])
+
+
+def test_bench_on_the_mixture_tests_one_model_per_seed_on_every_difficulty(tmp_path):
+    from phaselm.evaluation.tasks_bench import MIX, TasksBench, TasksConfig
+    from phaselm.evaluation.tasks_report import load, markdown
+    from phaselm.training.trainer import TaskExamples, evaluate_answers, load_for_inference
+
+    cfg = TasksConfig(task="mqar", models=["gpt"], widths=[16], seeds=2, difficulties=["L64-kv4", "L128-kv8"],
+                      lrs=[3e-3], steps=4, batch_size=8, num_train=50, num_test=16, eval_interval=4, vocab_size=256,
+                      mixture=True)
+    TasksBench(cfg, tmp_path / "out", tmp_path / "work", "test", progress=False).run()
+    runs = {p.name: json.loads(p.read_text()) for p in (tmp_path / "out" / "runs").glob("*.json")}
+    assert sorted(runs) == sorted([f"{MIX}__gpt__w16__seed1_lr0.003.json", f"{MIX}__gpt__w16__seed1.json",
+                                   f"{MIX}__gpt__w16__seed2.json"] + [f"{d}__gpt__w16__seed{s}.json" for d in
+                                                                      ("L64-kv4", "L128-kv8") for s in (1, 2)])
+    mix = runs[f"{MIX}__gpt__w16__seed2.json"]
+    assert [p["num_train"] for p in mix["data"]["mixture"]] == [50, 10] and mix["model_config"]["block_size"] == 128
+    model, *_ = load_for_inference(tmp_path / "work" / f"{MIX}__gpt__w16__seed2")
+    parts = TaskExamples(load_for_inference(tmp_path / "work" / f"{MIX}__gpt__w16__seed2")[2]).parts
+    for label, part, pairs in zip(("L64-kv4", "L128-kv8"), parts, (4, 8)):
+        r = runs[f"{label}__gpt__w16__seed2.json"]
+        assert r["trained_on"] == mix["run"] and r["difficulty"] == label and r["test"]["answers"] == 16 * pairs
+        assert r["test"] == mix["test_by_difficulty"][label]
+        assert r["test"]["accuracy"] == evaluate_answers(model, *part.test, torch.device("cpu"))["accuracy"]
+    main, sweep = load(tmp_path / "out")
+    assert {r["difficulty"] for r in main} == {"L64-kv4", "L128-kv8"} and len(sweep) == 1
+    assert "mixture of L64-kv4, L128-kv8" in markdown(main, sweep)[0]

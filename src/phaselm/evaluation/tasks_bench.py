@@ -61,6 +61,8 @@ BASELINE = {"phasegpt_all": "gpt", "phasegpt_single": "gpt", "phasegpt_frozen": 
 """What each model is compared with, paired by seed (phase on vs off within a family; controls vs the
 model they control)."""
 N_LAYER, N_HEAD, N_OSC = 2, 2, 16
+MIX = "mix"
+"""The difficulty label of a run trained on the mixture of the selected difficulties (``--mixture``)."""
 
 
 @dataclass
@@ -78,6 +80,7 @@ class TasksConfig:
     num_test: int = 2_000
     eval_interval: int = 500
     vocab_size: int | None = None  # None: the task's default (MQAR 8192)
+    mixture: bool = False  # one run per (model, width, seed) on the mixture of the difficulties, tested on each
 
     def validate(self) -> "TasksConfig":
         if self.task not in DIFFICULTIES:
@@ -89,6 +92,8 @@ class TasksConfig:
         known = [label for label, _ in DIFFICULTIES[self.task]]
         if self.difficulties is not None and (bad := [d for d in self.difficulties if d not in known]):
             raise ValueError(f"--difficulties: {bad[0]!r} is not a difficulty of {self.task} (known: {', '.join(known)})")
+        if self.mixture and self.sweep_difficulty is not None:
+            raise ValueError("--sweep-difficulty does not apply to --mixture (the sweep trains on the mixture too)")
         if self.sweep_difficulty is not None and self.sweep_difficulty not in self.difficulty_labels():
             raise ValueError(f"--sweep-difficulty {self.sweep_difficulty!r} is not among the difficulties run "
                              f"({', '.join(self.difficulty_labels())})")
@@ -110,8 +115,14 @@ class TasksConfig:
         return known if self.difficulties is None else [d for d in known if d in self.difficulties]
 
     def sweep_label(self) -> str:
+        if self.mixture:
+            return MIX
         labels = self.difficulty_labels()
         return self.sweep_difficulty or labels[(len(labels) - 1) // 2]
+
+    def train_labels(self) -> list[str]:
+        """The difficulties main runs train at (``[MIX]`` with ``--mixture``)."""
+        return [MIX] if self.mixture else self.difficulty_labels()
 
     def settings(self, label: str) -> dict:
         """The task settings of difficulty ``label`` (with ``vocab_size`` when given)."""
@@ -125,7 +136,17 @@ class TasksConfig:
         return make_task(self.task, **self.settings(label))
 
     def data_section(self, label: str) -> dict:
-        """The ``data:`` section of a run at difficulty ``label`` (checked)."""
+        """The ``data:`` section of a run at difficulty ``label`` (checked). For :data:`MIX`, Zoology's
+        mixture: the first (easiest) difficulty with ``num_train`` examples, each other one with a
+        fifth of that (Zoology: 100,000 at L 64, 20,000 at each longer setting)."""
+        if label == MIX:
+            labels = self.difficulty_labels()
+            for other in labels:
+                self.task_of(other)
+            parts = [{**self.settings(d), "num_train": self.num_train if i == 0 else max(1, self.num_train // 5)}
+                     for i, d in enumerate(labels)]
+            return {"name": self.task, "mixture": parts, "num_train": self.num_train, "num_test": self.num_test,
+                    "data_seed": 0}
         self.task_of(label)
         return {"name": self.task, **self.settings(label), "num_train": self.num_train, "num_test": self.num_test,
                 "data_seed": 0}
@@ -211,7 +232,7 @@ def sweep_runs(cfg: TasksConfig) -> list[Run]:
 
 
 def main_runs(cfg: TasksConfig) -> list[Run]:
-    return [Run(d, m, w, s, None) for d in cfg.difficulty_labels() for m in cfg.models for w in cfg.widths
+    return [Run(d, m, w, s, None) for d in cfg.train_labels() for m in cfg.models for w in cfg.widths
             for s in range(1, cfg.seeds + 1)]
 
 
@@ -269,7 +290,7 @@ class TasksBench:
             raise ValueError(f"{self.runs_dir} holds {len(existing)} run results of an earlier run; pass --resume to "
                              "continue it, or choose another --out")
         for path in existing:
-            saved = json.loads(path.read_text())["protocol"]
+            saved = {"training": "per difficulty", **json.loads(path.read_text())["protocol"]}
             mine = self.protocol()
             if saved != mine:
                 key = next(k for k in mine if saved.get(k) != mine[k])
@@ -281,7 +302,8 @@ class TasksBench:
         c = self.cfg
         return {"task": c.task, "steps": c.steps, "batch_size": c.batch_size, "num_train": c.num_train,
                 "num_test": c.num_test, "lrs": list(c.lrs), "sweep": "per model and width",
-                "sweep_difficulty": c.sweep_label(), "eval_interval": c.eval_interval, "vocab_size": c.vocab_size}
+                "sweep_difficulty": c.sweep_label(), "eval_interval": c.eval_interval, "vocab_size": c.vocab_size,
+                "training": f"mixture of {', '.join(c.difficulty_labels())}" if c.mixture else "per difficulty"}
 
     def mine(self, runs: list[Run]) -> list[Run]:
         i, n = self.shard
@@ -295,7 +317,22 @@ class TasksBench:
         done = []
         for run in self.mine(main_runs(self.cfg)):
             done.append(self.train(run, chosen[run.model, run.width]))
+            if run.difficulty == MIX:
+                done += self.split_mixture(run)
         return done
+
+    def split_mixture(self, run: Run) -> list[Path]:
+        """One result per difficulty of a mixture run: its test set's accuracy (same model, same seed)."""
+        record = json.loads(self.result_path(run).read_text())
+        paths = []
+        for label, test in record["test_by_difficulty"].items():
+            path = self.result_path(Run(label, run.model, run.width, run.seed, None))
+            if not path.exists():
+                atomic_write(path, json.dumps({**record, "run": Run(label, run.model, run.width, run.seed, None).run_id,
+                                               "difficulty": label, "test": test, "trained_on": run.run_id,
+                                               "test_by_difficulty": None}, indent=1) + "\n")
+            paths.append(path)
+        return paths
 
     def chosen_lrs(self, wait: bool = False) -> dict[tuple[str, int], float]:
         """The swept learning rate of each (model, width) (waiting for other shards' sweep runs when ``wait``)."""
@@ -319,8 +356,8 @@ class TasksBench:
 
         c = self.cfg
         data = c.data_section(run.difficulty)
-        vocab = c.task_of(run.difficulty).vocab_size
-        block = data["seq_len"]
+        vocab = c.task_of(c.difficulty_labels()[0] if run.difficulty == MIX else run.difficulty).vocab_size
+        block = max(part["seq_len"] for part in data.get("mixture") or [data])
         return from_dict({
             "data": data,
             "model": {**model_section(run.model, run.width, block, vocab), "vocab_size": vocab},
@@ -333,6 +370,8 @@ class TasksBench:
 
     def train(self, run: Run, lr: float | None = None) -> Path:
         """Train ``run`` (or, in the main phase, reuse the identical sweep run) and write its JSON."""
+        from contextlib import nullcontext
+
         from phaselm.training.trainer import TaskExamples, Trainer, TrainingError, evaluate_answers
         from phaselm.evaluation.loops import wilson
 
@@ -364,9 +403,11 @@ class TasksBench:
         seconds = time.perf_counter() - t0
         model = trainer.raw_model
         data: TaskExamples = trainer.data
-        val = summary.get("final_val") or evaluate_answers(model, *data.data.val, trainer.device)
-        test = evaluate_answers(model, *data.data.test, trainer.device)
-        lo, hi = wilson(test["correct"], test["answers"])
+        val = summary.get("final_val") or data.evaluate(model, trainer.device, nullcontext)
+        tests = [evaluate_answers(model, *part.test, trainer.device) for part in data.parts]
+        tests = [{**t, "wilson95": list(wilson(t["correct"], t["answers"]))} for t in tests]
+        test = data.combine(tests)
+        lo, hi = test.get("wilson95") or wilson(test["correct"], test["answers"])
         record = {
             "run": run.run_id, "task": self.cfg.task, "difficulty": run.difficulty, "model": run.model,
             "width": run.width, "seed": run.seed, "lr": lr, "sweep": run.sweep,
@@ -374,6 +415,7 @@ class TasksBench:
             "params": matched_params(model), "params_total": sum(p.numel() for p in model.parameters()),
             "steps": self.cfg.steps, "train_seconds": round(seconds, 1), "resumed": resume,
             "diverged": summary.get("diverged"), "val": val, "test": {**test, "wilson95": [lo, hi]},
+            "test_by_difficulty": dict(zip(self.cfg.difficulty_labels(), tests)) if run.difficulty == MIX else None,
             "protocol": self.protocol(), "command": self.command, **provenance(),
         }
         atomic_write(path, json.dumps(record, indent=1) + "\n")

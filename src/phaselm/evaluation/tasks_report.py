@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from phaselm.evaluation.grid_report import _T95, mean_ci
-from phaselm.evaluation.tasks_bench import BASELINE, DIFFICULTIES, MODELS, choose_lr
+from phaselm.evaluation.tasks_bench import BASELINE, DIFFICULTIES, MIX, MODELS, choose_lr
 from phaselm.evaluation.text_metrics import bootstrap_ci
 from phaselm.utils import atomic_write, pyplot, save_figure
 
@@ -34,7 +34,7 @@ def load(out: str | Path) -> tuple[list[dict], list[dict]]:
     if not runs:
         raise ValueError(f"{out}/runs holds no run results; pass the --out folder of phaselm bench tasks")
     key = lambda r: (r["difficulty"], r["model"], r["width"], r["seed"], r["lr"])  # noqa: E731
-    main = sorted((r for r in runs if not r["sweep"]), key=key)
+    main = sorted((r for r in runs if not r["sweep"] and r["difficulty"] != MIX), key=key)  # MIX: split per difficulty
     sweep = sorted((r for r in runs if r["sweep"]), key=key)
     return main, sweep
 
@@ -96,7 +96,11 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
     difficulties = sorted({r["difficulty"] for r in main}, key=order.index)
     lines = [f"# Synthetic task: {task}", "",
              f"Test accuracy (% of answer tokens, argmax) on {proto['num_test']} held-out examples per difficulty; "
-             f"{proto['steps']} steps of batch {proto['batch_size']} from {proto['num_train']} training examples. "
+             f"{proto['steps']} steps of batch {proto['batch_size']} "
+             + (f"on the {proto['training']} (Zoology: {proto['num_train']:,} training examples of the first, a fifth "
+                "of that of each other; one model per seed, tested on every difficulty). "
+                if proto.get("training", "per difficulty") != "per difficulty"
+                else f"from {proto['num_train']} training examples per difficulty. ") +
              "Cells: mean ± 95% t-interval over seeds (⚠: a seed diverged).", ""]
     for d in difficulties:
         lines += [f"## {d}", "", "| model | " + " | ".join(f"width {w}" for w in widths) + " | params (widest) |",

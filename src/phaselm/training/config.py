@@ -61,6 +61,10 @@ class DataConfig:
     num_train: int = 12_800
     num_test: int = 2_000
     data_seed: int = 0
+    # a mixture of difficulties (Zoology's MQAR protocol): a list of settings dicts, each overriding
+    # the settings above for one component (``num_train`` too); each step draws its batch from one
+    # component, with probability proportional to its number of training examples
+    mixture: list[dict] | None = None
 
     TASK_FIELDS = ("seq_len", "vocab_size", "num_kv_pairs", "power_a", "random_fill", "num_tokens", "noise_vocab_size",
                    "frac_noise", "k_motif", "v_motif")
@@ -71,11 +75,26 @@ class DataConfig:
 
         return self.name in TASKS
 
-    def task(self):
-        """The synthetic task of this section (:func:`phaselm.data.tasks.make_task`)."""
+    def task(self, **overrides):
+        """The synthetic task of this section (:func:`phaselm.data.tasks.make_task`), with ``overrides``."""
         from phaselm.data.tasks import make_task
 
-        return make_task(self.name, **{k: getattr(self, k) for k in self.TASK_FIELDS})
+        return make_task(self.name, **{**{k: getattr(self, k) for k in self.TASK_FIELDS}, **overrides})
+
+    def components(self) -> list[tuple]:
+        """``[(task, num_train)]``: the one task of this section, or each component of ``mixture``."""
+        if self.mixture is None:
+            return [(self.task(), self.num_train)]
+        out = []
+        for i, part in enumerate(self.mixture):
+            if not isinstance(part, dict) or (bad := [k for k in part if k not in (*self.TASK_FIELDS, "num_train")]):
+                raise ValueError(f"data.mixture[{i}] must be a mapping of task settings and num_train"
+                                 + (f"; {bad[0]!r} is neither" if isinstance(part, dict) else f", got {part!r}"))
+            settings = {k: v for k, v in part.items() if k != "num_train"}
+            out.append((self.task(**settings), int(part.get("num_train", self.num_train))))
+        if not out:
+            raise ValueError("data.mixture is empty; give at least one component or leave it out")
+        return out
 
 
 @dataclass
@@ -140,14 +159,16 @@ class RunConfig:
         d = self.data
         if d.is_task:
             try:
-                task = d.task()
+                parts = d.components()
             except ValueError as err:
                 raise ConfigError(f"config: {err}") from None
-            if d.num_train < 1 or d.num_test < 1 or d.data_seed < 0:
+            if min(n for _, n in parts) < 1 or d.num_test < 1 or d.data_seed < 0:
                 raise ConfigError("config: data.num_train and data.num_test must be >= 1 and data.data_seed >= 0")
-            if self.model.block_size < task.seq_len:
+            if self.model.block_size < (longest := max(task.seq_len for task, _ in parts)):
                 raise ConfigError(f"config: model.block_size ({self.model.block_size}) is shorter than the task's "
-                                  f"seq_len ({task.seq_len}); raise model.block_size")
+                                  f"seq_len ({longest}); raise model.block_size")
+        elif d.mixture is not None:
+            raise ConfigError(f"config: data.mixture is for synthetic tasks, but data.name {d.name!r} is not a task")
         elif (used := [k for k in d.TASK_FIELDS if getattr(d, k) is not None]):
             raise ConfigError(f"config: data.{used[0]} is a synthetic-task setting, but data.name {d.name!r} is "
                               "not a task (mqar, selective_copy, noisy_recall, fuzzy_recall)")
@@ -177,6 +198,8 @@ def _check_type(key: str, value, annotation):
         return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     args = typing.get_args(annotation)
     options = args if args else (annotation,)
+    if isinstance(value, list) and (lists := [o for o in options if typing.get_origin(o) is list]):
+        return _check_type(key, value, lists[0])
     if value is None:
         if type(None) in options:
             return None
@@ -191,6 +214,8 @@ def _check_type(key: str, value, annotation):
         if opt is float and isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
         if opt is str and isinstance(value, str):
+            return value
+        if opt is dict and isinstance(value, dict):  # checked by its user (data.mixture: DataConfig.components)
             return value
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"config: {key} must be {names}, got {type(value).__name__} {value!r}")

@@ -309,25 +309,49 @@ class TextData:
 class TaskExamples:
     """A synthetic task (:mod:`phaselm.data.tasks`) as training data: examples drawn with
     replacement from the training set; evaluation = :func:`evaluate_answers` on the val set. The
-    LM head runs at the answer positions only (``head_at_targets``)."""
+    LM head runs at the answer positions only (``head_at_targets``).
+
+    With ``data.mixture`` (components c = 1..C of ``n_c`` training examples each) every step first
+    draws one component, p(c) = n_c / Σ n, then its batch from that component's examples (the
+    expected mix of Zoology's concatenated training sets, without padding short sequences); the
+    val metrics are the components' means, with each component's own under ``by_component``."""
 
     head_at_targets = True
 
     def __init__(self, cfg: RunConfig):
         d = cfg.data
-        self.data = TaskData.build(d.task(), d.num_train, d.num_test, d.data_seed, cache=True)
+        self.parts = [TaskData.build(task, n, d.num_test, d.data_seed, cache=True) for task, n in d.components()]
+        self.data = self.parts[0]
+        self.sizes = torch.tensor([len(p.train[0]) for p in self.parts], dtype=torch.float64)
+        self.offsets = [0, *torch.cumsum(self.sizes, 0).long().tolist()]
         self.tokenizer = TextTokenizer(token_id_tokenizer(self.data.vocab_size), f"task:{d.name}")
-        self.tokens_per_example = self.data.task.seq_len
+        self.tokens_per_example = round(float((self.sizes * torch.tensor([p.task.seq_len for p in self.parts]))
+                                              .sum() / self.sizes.sum()))
 
     def rows(self, generator: torch.Generator, global_b: int) -> list[int]:
-        return torch.randint(len(self.data.train[0]), (global_b,), generator=generator).tolist()
+        """Row indices into the components' concatenated training sets, all from one component."""
+        c = 0 if len(self.parts) == 1 else int(torch.multinomial(self.sizes, 1, generator=generator))
+        picks = torch.randint(len(self.parts[c].train[0]), (global_b,), generator=generator)
+        return (picks + self.offsets[c]).tolist()
 
     def xy(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.data.train
-        return torch.from_numpy(x[rows]), torch.from_numpy(y[rows])
+        c = int(np.searchsorted(self.offsets, rows[0], side="right")) - 1
+        x, y = self.parts[c].train
+        local = np.asarray(rows) - self.offsets[c]
+        return torch.from_numpy(x[local]), torch.from_numpy(y[local])
 
     def evaluate(self, model, device, autocast, max_tokens=None, split: str = "val") -> dict:
-        return evaluate_answers(model, *getattr(self.data, split), device, autocast=autocast)
+        return self.combine([evaluate_answers(model, *getattr(p, split), device, autocast=autocast) for p in self.parts])
+
+    def combine(self, results: list[dict]) -> dict:
+        """The metrics of the components' :func:`evaluate_answers` ``results``: one component's own,
+        else the means of loss, accuracy and exact match, the summed counts and ``by_component``."""
+        if len(results) == 1:
+            return results[0]
+        mean = {k: float(np.mean([r[k] for r in results])) for k in ("loss", "accuracy", "exact")}
+        return {**mean, "ppl": _perplexity(mean["loss"]), "answers": sum(r["answers"] for r in results),
+                "correct": sum(r["correct"] for r in results),
+                "by_component": {p.task.describe(): r for p, r in zip(self.parts, results)}}
 
 
 class Trainer:
@@ -362,6 +386,20 @@ class Trainer:
         self.out = Path(t.out_dir)
 
     # ------------------------------------------------------------------ helpers
+    def _agree(self, problem: str | None) -> None:
+        """Refuse on every rank if any rank found ``problem`` (a one-line message; None: no problem).
+        Under DDP the ranks first exchange what they found, so none is left waiting in a collective
+        for a rank that stopped; the error is ``quiet`` on ranks other than 0, which print nothing."""
+        problems = [problem]
+        if self.ddp:
+            problems = [None] * self.world
+            dist.all_gather_object(problems, problem)
+        first = next((p for p in problems if p is not None), None)
+        if first is not None:
+            err = TrainingError(first)
+            err.quiet = self.rank != 0
+            raise err
+
     def autocast(self):
         if self.autocast_dtype is None:
             return nullcontext()
@@ -408,9 +446,14 @@ class Trainer:
         if self.resume and not ckpt.step_folders(self.out):
             raise TrainingError(f"--resume: no checkpoint in {self.out}; start without --resume")
         self.run_folder = RunFolder(self.out)
+        problem = None
         if self.rank == 0:
-            self.run_folder.prepare()
-            self.run_folder.acquire()
+            try:
+                self.run_folder.prepare()
+                self.run_folder.acquire()
+            except TrainingError as err:
+                problem = str(err)
+        self._agree(problem)
         try:
             return self._train()
         finally:
@@ -422,9 +465,9 @@ class Trainer:
         self.initial_val_loss = None
         if not self.resume:
             earlier = self.run_folder.holds_run() if self.rank == 0 else []
-            if earlier and not self.overwrite:
-                raise TrainingError(f"{self.out} already holds a run ({', '.join(earlier)}); pass --resume to continue "
-                                    "it, --overwrite to delete it and start again, or choose another train.out_dir")
+            self._agree(f"{self.out} already holds a run ({', '.join(earlier)}); pass --resume to continue it, "
+                        "--overwrite to delete it and start again, or choose another train.out_dir"
+                        if earlier and not self.overwrite else None)
             if earlier:
                 self.run_folder.clear()
         if self.rank == 0:
@@ -603,9 +646,8 @@ def evaluate_split(path: str | Path, split: str = "test", device: str = "cpu", m
     synthetic task, :func:`evaluate_answers` on its ``train``/``val``/``test`` examples."""
     model, tok, cfg, state = load_for_inference(path, device)
     if cfg.data.is_task:
-        data = TaskExamples(cfg).data
-        return {**evaluate_answers(model, *getattr(data, split), torch.device(device)), "step": state["step"],
-                "tokens": None}
+        return {**TaskExamples(cfg).evaluate(model, torch.device(device), nullcontext, split=split),
+                "step": state["step"], "tokens": None}
     tokens = tokenized(load_splits(cfg.data.name, cfg.data.path)[split], tok)
     return {**evaluate(model, tokens, cfg.model.block_size, torch.device(device), max_tokens), "step": state["step"]}
 
