@@ -167,3 +167,44 @@ def test_stratified_bootstrap_definition():
     arrays["twin"] = MethodArrays(gens(base, ent), 6, 3)
     twin = compare(arrays, ["std_a", "std_b"], ["twin"], {}, ["entropy"], 200)[0]["matched"]["entropy"]
     assert twin["difference"] == pytest.approx(0.0) and twin["ci95"] == pytest.approx([0.0, 0.0], abs=1e-12)
+
+
+def test_a_later_command_keeps_the_rows_earlier_commands_wrote(tmp_path, capsys):
+    """The README's first `bench sampling` command alone (headline methods only) must not drop the baseline rows
+    (DRY, XTC, top-nσ) that the second command wrote into the same folder: a tiny fake folder holding the
+    committed results.json, then a write of a run without those rows."""
+    from pathlib import Path
+
+    from phaselm.evaluation.sampling_report import write_all
+
+    committed = json.loads((Path(__file__).parents[1] / "results" / "sampling" / "results.json").read_text())
+    out = tmp_path / "sampling"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps(committed))
+    baselines = ["dry", "xtc", "top_nsigma"]
+    new = json.loads(json.dumps(committed))  # what the headline-only command computes: no baseline rows
+    for key in ("results", "methods", "generations", "method_wall_seconds"):
+        new[key] = {n: v for n, v in new[key].items() if n not in baselines}
+    new["comparisons"] = [r for r in new["comparisons"] if r["method"] not in baselines]
+    new["config"] = dict(new["config"], methods=["standard_matched", "phase_slip"])
+    new["results"]["phase_slip"] = dict(new["results"]["phase_slip"], describe="rerun")  # a row the new run redid
+    write_all(new, out, "phaselm bench sampling --protocol powered --resume --out results/sampling")
+    merged = json.loads((out / "results.json").read_text())
+    assert list(merged["results"]) and set(merged["results"]) == set(committed["results"])
+    assert {r["method"] for r in merged["comparisons"]} == {r["method"] for r in committed["comparisons"]}
+    for name in baselines:
+        assert merged["results"][name] == committed["results"][name]
+    assert merged["results"]["phase_slip"]["describe"] == "rerun"  # the new run's row wins
+    assert merged["kept_from_earlier"] == {"methods": baselines, "commands": [committed["command"]]}
+    assert set(baselines) <= set(merged["config"]["methods"])
+    report = (out / "report.md").read_text()
+    assert all(f"`{name}`" in report for name in baselines) and "Kept from earlier commands" in report
+    # another setup is refused in one line before any model loads, and the folder is left as it was
+    before = (out / "results.json").read_bytes()
+    assert main(["bench", "sampling", "--protocol", "powered", "--rounds", "2", "--resume", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another setup: rounds (4 there, 2 here)" in err[0], err
+    assert (out / "results.json").read_bytes() == before
+    with pytest.raises(ValueError, match="another setup: heads .*nothing was overwritten"):
+        write_all(dict(new, heads=[[1, 0]]), out, "phaselm bench sampling")
+    assert (out / "results.json").read_bytes() == before

@@ -24,7 +24,8 @@ def run(args) -> int:
     try:
         return commands[args.command](args)
     except (ValueError, ModelLoadError, TrainingError) as err:
-        print(f"phaselm {args.command}: error: {err}", file=sys.stderr)
+        if not getattr(err, "quiet", False):  # quiet: another rank of a torchrun launch says it
+            print(f"phaselm {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"phaselm {args.command}: interrupted", file=sys.stderr)
@@ -355,7 +356,7 @@ def cmd_bench_tasks(args) -> int:
                       difficulties=_names(args.difficulties, "--difficulties") if args.difficulties else None,
                       sweep_difficulty=args.sweep_difficulty, steps=args.steps,
                       batch_size=args.batch_size, num_train=args.num_train, num_test=args.num_test,
-                      eval_interval=args.eval_interval, vocab_size=args.vocab_size)
+                      eval_interval=args.eval_interval, vocab_size=args.vocab_size, mixture=args.mixture)
     shard = parse_shard(args.shard)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # under torchrun each process trains its own runs alone
         os.environ.pop(key, None)
@@ -383,11 +384,12 @@ def cmd_bench(args) -> int:
     if args.bench == "tasks":
         return cmd_bench_tasks(args)
     import shlex
+    from dataclasses import asdict
 
     from phaselm.evaluation.sampling_bench import (
         POWERED, PROMPT_FILE, PUBLISHED_ROUNDS, PUBLISHED_TOKENS, BenchConfig, SamplingBench, load_prompts,
     )
-    from phaselm.evaluation.sampling_report import verdict, write_all
+    from phaselm.evaluation.sampling_report import read_earlier, setup_mismatch, verdict, write_all
 
     cfg = BenchConfig()
     if args.protocol == "published":
@@ -420,6 +422,12 @@ def cmd_bench(args) -> int:
     if not args.resume and (Path(args.out) / "parts").is_dir() and any((Path(args.out) / "parts").glob("*.json")):
         raise ValueError(f"{Path(args.out) / 'parts'} holds results of an earlier run; pass --resume to continue it, "
                          f"or choose another --out")
+    earlier = read_earlier(args.out)  # its rows are kept in the new report: refuse another setup before running
+    model_name = args.model or "embedded SmolLM2-135M-Instruct"
+    why = earlier and setup_mismatch(earlier, asdict(cfg), model_name, args.judge)
+    if why:
+        raise ValueError(f"{Path(args.out) / 'results.json'} holds results of another setup: {why}; choose another "
+                         "--out (a report keeps the rows that earlier commands wrote)")
     rank, _ = _init_distributed()
     model, tok = _load(args)
     judge = None
@@ -427,8 +435,7 @@ def cmd_bench(args) -> int:
         from phaselm.pretrained import load_causal_lm
 
         judge = load_causal_lm(args.judge, device=args.device)
-    bench = SamplingBench(model, tok, cfg, judge=judge, model_name=args.model or "embedded SmolLM2-135M-Instruct",
-                          judge_name=args.judge)
+    bench = SamplingBench(model, tok, cfg, judge=judge, model_name=model_name, judge_name=args.judge)
     res = bench.run(out_dir=args.out, resume=args.resume)
     if rank != 0:
         return 0

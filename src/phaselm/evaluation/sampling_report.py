@@ -1,4 +1,9 @@
-"""Markdown report and frontier plot for ``phaselm bench sampling`` results (the JSON dict)."""
+"""Markdown report and frontier plot for ``phaselm bench sampling`` results (the JSON dict).
+
+:func:`write_all` never drops what earlier commands wrote into the same folder: rows of
+``OUT/results.json`` that the new run lacks (methods, their comparisons, curve points) are kept, keyed
+by method name (:func:`merge_earlier`), when both runs have the same setup (:func:`setup_mismatch`).
+"""
 
 from __future__ import annotations
 
@@ -100,6 +105,9 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
            f"Confidence intervals: 95%, bootstrap stratified by prompt ({cfg.get('n_boot', 2000)} draws; prompts with "
            f"replacement, then rounds within each drawn prompt, the same draws for every method). "
            f"MDE = minimum detectable effect = {res.get('mde_factor', 2.8)} × bootstrap SE (80% power, α = 0.05).", "",
+           *([f"Kept from earlier commands into this folder (same setup): {', '.join(f'`{m}`' for m in kept['methods'])}"
+              f" (" + "; ".join(f"`{c}`" for c in kept["commands"]) + ").", ""]
+             if (kept := res.get("kept_from_earlier")) else []),
            "## Verdict", "", verdict(res), "", "![comparisons](comparisons.png)", "", "![frontier](frontier.png)", ""]
     out += ["## Comparisons (perplexity difference, method / standard − 1)", "",
             "Matched: against the standard-sampling temperature curve interpolated (log perplexity) at the method's "
@@ -231,8 +239,87 @@ def plot_comparisons(res: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+SETUP_CONFIG = ("prompts", "rounds", "max_new_tokens", "batch_size", "metrics", "primary_diversity", "n_boot")
+"""The config fields two runs must share for their rows to sit in one report (besides model, judge and heads)."""
+
+
+def setup_mismatch(old: dict, config: dict, model: str, judge: str | None = None, heads=None) -> str | None:
+    """Why the rows of ``old`` (a results dict) cannot be merged with a run of ``config`` on ``model``
+    (the first differing field, e.g. ``"rounds (4 there, 1 here)"``), or ``None``. ``heads=None``: not
+    compared (known only after calibration)."""
+    ours = {"model": model, "judge": judge, **{k: config.get(k) for k in SETUP_CONFIG}}
+    theirs = {"model": old.get("model"), "judge": old.get("judge"), **{k: (old.get("config") or {}).get(k)
+                                                                        for k in SETUP_CONFIG}}
+    if heads is not None:
+        ours["heads"], theirs["heads"] = [list(h) for h in heads], old.get("heads")
+    for key, value in ours.items():
+        if theirs[key] != value:
+            show = (lambda v: f"{len(v)} prompts" if key == "prompts" else repr(v))
+            return f"{key} ({show(theirs[key])} there, {show(value)} here)"
+    return None
+
+
+def read_earlier(out_dir: str | Path) -> dict | None:
+    """``out_dir/results.json`` of an earlier run, ``None`` when there is none; a one-line ValueError when it
+    cannot be read (so that it is never overwritten by accident)."""
+    path = Path(out_dir) / "results.json"
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old.get("results"), dict):
+            raise KeyError("results")
+        return old
+    except (OSError, ValueError, KeyError, AttributeError) as err:
+        raise ValueError(f"{path} cannot be read ({type(err).__name__}); move it away or choose another --out, "
+                         "so that its results are not overwritten") from None
+
+
+def merge_earlier(res: dict, old: dict) -> dict:
+    """``res`` plus every row of ``old`` it lacks, keyed by method name: ``results``, ``methods``,
+    ``generations``, ``method_wall_seconds``, ``comparisons`` (by ``method``), the points of each curve,
+    the config's ``methods`` and ``headline``; whole-run entries (human reference, sanity check, speed) are
+    kept where the new run has none. ``res["kept_from_earlier"]`` names the rows kept and the commands
+    that made them."""
+    res = dict(res)
+    kept = [n for n in old["results"] if n not in res["results"]]
+    for key in ("results", "methods", "generations", "method_wall_seconds"):
+        res[key] = {**{n: v for n, v in (old.get(key) or {}).items() if n in kept}, **(res.get(key) or {})}
+    done = {r["method"] for r in res.get("comparisons") or []}
+    res["comparisons"] = list(res.get("comparisons") or []) + [r for r in old.get("comparisons") or []
+                                                                 if r["method"] not in done]
+    curves = {label: list(points) for label, points in (res.get("curves") or {}).items()}
+    for label, points in (old.get("curves") or {}).items():
+        curves.setdefault(label, []).extend(p for p in points if p not in curves[label])
+    res["curves"] = curves
+    config = dict(res["config"])
+    for key in ("methods", "headline"):
+        config[key] = list(dict.fromkeys(list(config.get(key) or []) + list((old.get("config") or {}).get(key) or [])))
+    res["config"] = config
+    for key in ("human_reference", "sanity", "default_changed_tokens"):
+        if res.get(key) is None and old.get(key) is not None:
+            res[key] = old[key]
+    if not (res.get("speed") or {}).get("phase_slip_over_standard_matched") and old.get("speed"):
+        res["speed"] = old["speed"]
+    earlier = (old.get("kept_from_earlier") or {}).get("commands") or []
+    commands = list(dict.fromkeys(earlier + ([old["command"]] if old.get("command") else [])))
+    if kept:
+        res["kept_from_earlier"] = {"methods": kept, "commands": commands}
+    return res
+
+
 def write_all(res: dict, out_dir: str | Path, command: str) -> list[Path]:
+    """Write results.json, report.md, frontier.png and comparisons.png under ``out_dir``, keeping the rows
+    of an earlier results.json there that ``res`` lacks (:func:`merge_earlier`); a one-line ValueError,
+    with nothing written, when that earlier run had another setup."""
     out_dir = Path(out_dir)
+    old = read_earlier(out_dir)
+    if old is not None:
+        why = setup_mismatch(old, res["config"], res["model"], res.get("judge"), res.get("heads"))
+        if why:
+            raise ValueError(f"{out_dir / 'results.json'} holds results of another setup: {why}; nothing was "
+                             "overwritten; choose another --out")
+        res = merge_earlier(res, old)
     out_dir.mkdir(parents=True, exist_ok=True)
     res = dict(res, command=command)
     atomic_write(out_dir / "results.json", json.dumps(res, indent=1, default=float))
