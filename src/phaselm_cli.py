@@ -163,6 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--difficulties", default=None, help="comma-separated labels, e.g. L64-kv4,L256-kv16 (default: all)")
     bt.add_argument("--lrs", default="1e-3,3e-3,1e-2", help="learning rates of the sweep, comma-separated")
     bt.add_argument("--sweep-difficulty", default=None, help="default: the middle difficulty")
+    bt.add_argument("--mixture", action="store_true",
+                    help="train one model per (model, width, seed) on the mixture of the difficulties (Zoology's MQAR "
+                         "protocol: --num-train examples of the first, a fifth of that of each other) and test it on each")
     bt.add_argument("--steps", type=int, default=2000, help="optimiser steps per run")
     bt.add_argument("--batch-size", type=int, default=64)
     bt.add_argument("--num-train", type=int, default=None,
