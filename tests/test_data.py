@@ -170,3 +170,31 @@ def test_damaged_cached_texts_are_refused_at_run_time(tmp_path, monkeypatch):
             corpora.shakespeare("train")
     finally:
         corpora.shakespeare_plays.cache_clear()
+
+
+def test_char_tokenizer_has_end_of_text_and_unknown_tokens_that_round_trip(tmp_path):
+    from transformers import AutoTokenizer
+
+    from phaselm.data.datasets import EOS_TOKEN, UNK_TOKEN, char_tokenizer
+
+    tok = get_tokenizer("char", "hello world\n")
+    chars = sorted(set("hello world\n"))
+    assert tok.encode("hello") == [chars.index(c) for c in "hello"]  # a character's id: its rank, as before
+    assert tok.vocab_size == len(chars) + 2 and tok.chars[-2:] == [EOS_TOKEN, UNK_TOKEN]
+    hf = tok.tok
+    assert (hf.eos_token, hf.bos_token, hf.unk_token) == (EOS_TOKEN, EOS_TOKEN, UNK_TOKEN)
+    assert (hf.eos_token_id, hf.unk_token_id) == (len(chars), len(chars) + 1)
+    ids = hf("hez!")["input_ids"]  # unseen characters: the unknown id, not a WordLevel error
+    assert ids == [chars.index("h"), chars.index("e"), hf.unk_token_id, hf.unk_token_id]
+    assert hf.decode(ids) == f"he{UNK_TOKEN}{UNK_TOKEN}" and hf.decode(ids, skip_special_tokens=True) == "he"
+    assert hf.decode([hf.eos_token_id]) == EOS_TOKEN  # what lm-eval decodes as its stop string
+    hf.save_pretrained(tmp_path)
+    back = AutoTokenizer.from_pretrained(tmp_path)
+    assert back("hez!")["input_ids"] == ids and back.eos_token_id == hf.eos_token_id
+    again = get_tokenizer(str(tmp_path))
+    assert again.name == "char" and again.to_json() == tok.to_json()  # the same token cache
+    with pytest.raises(ValueError, match="vocabulary"):  # phaselm's own encode stays strict
+        again.encode("hez")
+    # a vocabulary saved by an older phaselm (no special tokens) rebuilds as it was
+    old = char_tokenizer(chars)
+    assert len(old) == len(chars) and old.eos_token is None and old("hello")["input_ids"] == tok.encode("hello")

@@ -109,7 +109,8 @@ def verify_folder(path: str | os.PathLike | None) -> dict | None:
     it was checked against, or None when there is none (not a local folder, or no manifest).
 
     A run folder passes when its top-level model files all equal those of one of its checkpoints
-    (the newest, normally); otherwise a one-line :class:`CheckpointError` names the file."""
+    (the newest, normally), or holds none of them; otherwise a one-line :class:`CheckpointError`
+    names the file."""
     if path is None or not str(path) or not Path(path).expanduser().is_dir():
         return None  # a hub name or a file: transformers resolves it
     folder = Path(path).expanduser()
@@ -130,6 +131,8 @@ def verify_folder(path: str | os.PathLike | None) -> dict | None:
         for rel in published:
             if rel not in digests:
                 digests[rel] = sha256(folder / rel) if (folder / rel).is_file() else None
+        if not any(digests[rel] for rel in published):
+            return None  # nothing was published here (a run from before run folders held the model)
         bad = [rel for rel, d in published.items() if digests[rel] != d]
         if not bad:
             return state

@@ -88,18 +88,37 @@ def split_hashes(splits: dict[str, str]) -> dict[str, str]:
     return {s: hashlib.sha256(t.encode("utf-8")).hexdigest() for s, t in splits.items()}
 
 
+EOS_TOKEN = "<|endoftext|>"  # a char tokenizer's end-of-text token (also its BOS, as GPT-2's)
+UNK_TOKEN = "<unk>"  # a char tokenizer's unknown token: a character outside the vocabulary
+
+
+def char_vocab(text: str) -> list[str]:
+    """The vocabulary of a char tokenizer for ``text``: its sorted characters, then
+    :data:`EOS_TOKEN` and :data:`UNK_TOKEN` (so a character's id is its rank among the characters)."""
+    return sorted(set(text)) + [EOS_TOKEN, UNK_TOKEN]
+
+
 def char_tokenizer(chars) -> PreTrainedTokenizerFast:
-    """A transformers tokenizer (built with ``tokenizers``) whose tokens are the characters
-    ``chars``, id = index: every character is its own token, decoding concatenates. It has no
-    special tokens (so no padding: batch prompts of one length, or pass ids and a mask), and
-    ``save_pretrained`` / ``AutoTokenizer.from_pretrained`` round-trip it."""
+    """A transformers tokenizer (built with ``tokenizers``) whose tokens are ``chars`` in id order
+    (id = index): single characters, each its own token, and :data:`EOS_TOKEN` / :data:`UNK_TOKEN`
+    where listed (:func:`char_vocab` lists both). Those become the tokenizer's end-of-text (and
+    beginning-of-text) token and its unknown token: an unseen character encodes to the unknown id.
+    Without them (a vocabulary saved by an older phaselm) the tokenizer has no special tokens and an
+    unseen character is an error. Decoding concatenates; ``save_pretrained`` /
+    ``AutoTokenizer.from_pretrained`` round-trip it. It has no pad token (``generate`` and lm-eval
+    use the end-of-text token)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    core = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token=None))
+    vocab = {c: i for i, c in enumerate(chars)}
+    if len(vocab) != len(chars):
+        raise ValueError("a char tokenizer's vocabulary lists a token twice")
+    core = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN if UNK_TOKEN in vocab else None))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per character
     core.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(tokenizer_object=core, clean_up_tokenization_spaces=False)
+    special = {"eos_token": EOS_TOKEN, "bos_token": EOS_TOKEN, "unk_token": UNK_TOKEN}
+    return PreTrainedTokenizerFast(tokenizer_object=core, clean_up_tokenization_spaces=False,
+                                   **{k: v for k, v in special.items() if v in vocab})
 
 
 def token_id_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -116,26 +135,29 @@ def token_id_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
 
 class TextTokenizer:
     """A transformers tokenizer (``.tok``) with what the trainer needs: ``encode`` (no special
-    tokens; an unknown character is a one-line error for a char tokenizer), ``decode``,
-    ``vocab_size`` and ``to_json`` (the identity used to cache token ids)."""
+    tokens; an unknown character is a one-line error for a char tokenizer, whose ``.tok`` would
+    encode it as its unknown token), ``decode``, ``vocab_size`` (special tokens included) and
+    ``to_json`` (the identity used to cache token ids)."""
 
     def __init__(self, tokenizer, name: str):
         self.tok, self.name = tokenizer, name
         self.vocab_size = len(tokenizer)
         vocab = tokenizer.get_vocab()
-        self.chars = sorted(vocab, key=vocab.get) if name == "char" else None
-        self._char_set = set(self.chars or ())
+        self.chars = sorted(vocab, key=vocab.get) if name == "char" else None  # the special tokens too
+        self._char_ids = {c: i for c, i in vocab.items() if len(c) == 1} if name == "char" else {}
 
     @classmethod
     def from_text(cls, text: str) -> "TextTokenizer":
-        """A char tokenizer over the sorted characters of ``text``."""
-        return cls(char_tokenizer(sorted(set(text))), "char")
+        """A char tokenizer over the sorted characters of ``text`` (plus EOS and UNK: :func:`char_vocab`)."""
+        return cls(char_tokenizer(char_vocab(text)), "char")
 
     def encode(self, text: str) -> list[int]:
-        if self.chars is not None and (unknown := set(text) - self._char_set):
+        if self.chars is None:
+            return self.tok(text, add_special_tokens=False)["input_ids"]
+        if unknown := set(text) - self._char_ids.keys():
             raise ValueError(f"character {sorted(unknown)[0]!r} is not in the character vocabulary of this tokenizer; "
                              "a char tokenizer encodes only the characters of the text it was built from")
-        return self.tok(text, add_special_tokens=False)["input_ids"]
+        return [self._char_ids[c] for c in text]  # the text as written: "<unk>" in it is five characters
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids])
@@ -163,7 +185,8 @@ def get_tokenizer(spec: str, text: str | None = None) -> TextTokenizer:
     except (OSError, ValueError) as err:
         raise ValueError(f"tokenizer: could not load '{spec}' ({str(err).splitlines()[0]}); use char, bpe, a local "
                          "tokenizer folder, or a hub name while online") from None
-    return TextTokenizer(tok, "char" if all(len(t) == 1 for t in tok.get_vocab()) else spec)
+    special = set(tok.all_special_tokens)
+    return TextTokenizer(tok, "char" if all(len(t) == 1 or t in special for t in tok.get_vocab()) else spec)
 
 
 def tokenized(text: str, tokenizer) -> np.ndarray:
