@@ -10,8 +10,8 @@ building blocks) is imported on first use.
 import importlib
 
 from phaselm.models import (  # noqa: F401  (registers the models with the Auto classes)
-    GPTConfig, GPTForCausalLM, PhaseGPTConfig, PhaseGPTForCausalLM, PMAConfig, PMAForCausalLM, create_130m_config,
-    create_tiny_config,
+    GPTConfig, GPTForCausalLM, GPTModel, PhaseGPTConfig, PhaseGPTForCausalLM, PhaseGPTModel,
+    PhaseModulatedAttentionLM, PMAConfig, PMAForCausalLM, PMAModel, create_130m_config, create_tiny_config,
 )
 
 __version__ = "0.1.0"
@@ -25,8 +25,21 @@ _LAZY = {
     "clear_overrides": "phaselm.interventions",
 }
 
-__all__ = ["GPTConfig", "GPTForCausalLM", "PhaseGPTConfig", "PhaseGPTForCausalLM", "PMAConfig", "PMAForCausalLM",
-           "create_130m_config", "create_tiny_config", *_LAZY]
+__all__ = ["GPTConfig", "GPTForCausalLM", "GPTModel", "PhaseGPTConfig", "PhaseGPTForCausalLM", "PhaseGPTModel",
+           "PMAConfig", "PMAForCausalLM", "PMAModel", "PhaseModulatedAttentionLM", "create_130m_config",
+           "create_tiny_config", *_LAZY]
+
+
+def _set_coupling_override(self, K=None, layers=None) -> None:
+    """``model.set_coupling_override(K, layers=None)``, the PMA seed's method: the same as
+    ``phaselm.set_coupling_override(model, K, layers)`` (K replaces K = f(h_SSM) in the chosen PMA
+    layers, all by default; ``K=None`` removes the override)."""
+    from phaselm.interventions import set_coupling_override
+
+    set_coupling_override(self, K, layers)
+
+
+PMAForCausalLM.set_coupling_override = _set_coupling_override  # here: interventions sit above the models
 
 
 def __getattr__(name: str):

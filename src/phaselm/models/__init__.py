@@ -1,27 +1,34 @@
 """phaselm's language models, as transformers models registered with the Auto classes:
 
-* ``phaselm_gpt``: :class:`GPTForCausalLM` (:class:`GPTConfig`), the nanoGPT-style baseline;
-* ``phaselm_phasegpt``: :class:`PhaseGPTForCausalLM` (:class:`PhaseGPTConfig`), Kuramoto
-  phase-coupled attention in some layers;
-* ``phaselm_pma``: :class:`PMAForCausalLM` (:class:`PMAConfig`), Mamba + phase-modulated attention.
+* ``phaselm_gpt``: :class:`GPTForCausalLM` (:class:`GPTConfig`, base model :class:`GPTModel`), the
+  nanoGPT-style baseline;
+* ``phaselm_phasegpt``: :class:`PhaseGPTForCausalLM` (:class:`PhaseGPTConfig`, :class:`PhaseGPTModel`),
+  Kuramoto phase-coupled attention in some layers;
+* ``phaselm_pma``: :class:`PMAForCausalLM` (:class:`PMAConfig`, :class:`PMAModel`), Mamba +
+  phase-modulated attention (``PhaseModulatedAttentionLM`` is the PMA seed's name for it).
 
-After ``import phaselm``, ``AutoConfig`` / ``AutoModelForCausalLM.from_pretrained(folder)`` load them.
+After ``import phaselm``, ``AutoConfig``, ``AutoModel`` (the base model: hidden states, no LM head)
+and ``AutoModelForCausalLM.from_pretrained(folder)`` load them.
 """
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-from phaselm.models.gpt import GPTConfig, GPTForCausalLM
-from phaselm.models.phasegpt import PhaseGPTConfig, PhaseGPTForCausalLM
-from phaselm.models.pma import PMAConfig, PMAForCausalLM, create_130m_config, create_tiny_config
+from phaselm.models.gpt import GPTConfig, GPTForCausalLM, GPTModel
+from phaselm.models.phasegpt import PhaseGPTConfig, PhaseGPTForCausalLM, PhaseGPTModel
+from phaselm.models.pma import (
+    PhaseModulatedAttentionLM, PMAConfig, PMAForCausalLM, PMAModel, create_130m_config, create_tiny_config,
+)
 
 MODELS = {"gpt": (GPTConfig, GPTForCausalLM), "phasegpt": (PhaseGPTConfig, PhaseGPTForCausalLM),
           "pma": (PMAConfig, PMAForCausalLM)}
 
 for _config, _model in MODELS.values():
     AutoConfig.register(_config.model_type, _config, exist_ok=True)
+    AutoModel.register(_config, _model.base_model_class, exist_ok=True)
     AutoModelForCausalLM.register(_config, _model, exist_ok=True)
 
-__all__ = ["GPTConfig", "GPTForCausalLM", "PhaseGPTConfig", "PhaseGPTForCausalLM", "PMAConfig", "PMAForCausalLM",
-           "create_130m_config", "create_tiny_config", "MODELS"]
+__all__ = ["GPTConfig", "GPTForCausalLM", "GPTModel", "PhaseGPTConfig", "PhaseGPTForCausalLM", "PhaseGPTModel",
+           "PMAConfig", "PMAForCausalLM", "PMAModel", "PhaseModulatedAttentionLM", "create_130m_config",
+           "create_tiny_config", "MODELS"]
 
 
 def _own_fields(cls) -> list[str]:

@@ -1,14 +1,26 @@
 """What phaselm's three language models share: the transformers plumbing.
 
-Each model is a ``transformers.PreTrainedModel`` + ``GenerationMixin`` with its own
-``PreTrainedConfig`` (``save_pretrained`` / ``from_pretrained``, ``generate``, the Cache API). A
-model only defines its layers and :meth:`PhaseLMForCausalLM.hidden_states`; this class turns token
-ids into logits and a loss, builds the cache and the masks, and keeps ``generate`` working.
+Each model family has a config (``PreTrainedConfig``), a base model (:class:`PhaseLMModel`: the
+embeddings, the blocks and the final norm; ``AutoModel``) and a causal LM (:class:`PhaseLMForCausalLM`:
+the base model as ``.model`` (``base_model_prefix``) plus the LM head; ``AutoModelForCausalLM``,
+``generate``, the Cache API). A model family only defines its embeddings and blocks.
 
-Shapes: ``input_ids [B, T]`` → ``logits [B, T, V]`` (or the last ``logits_to_keep`` positions).
-Two ways to give the loss: ``targets [B, T]``, the next token of every position (nanoGPT style,
-−1 = ignore; what the trainer passes), or ``labels [B, T]`` in the transformers convention (the
-input ids themselves, shifted inside, −100 = ignore).
+Shapes: ``input_ids [B, T]`` (or ``inputs_embeds [B, T, C]``) → ``logits [B, T, V]`` (or the last
+``logits_to_keep`` positions). Two ways to give the loss: ``targets [B, T]``, the next token of
+every position (nanoGPT style, −1 = ignore; what the trainer passes), or ``labels [B, T]`` in the
+transformers convention (the input ids themselves, shifted inside, −100 = ignore).
+
+Outputs follow transformers: ``output_hidden_states`` gives ``hidden_states``, a tuple of
+n_layer + 1 tensors ``[B, T, C]``: the embeddings' output, then each block's output, the last one
+after the final norm (so ``lm_head(hidden_states[-1])`` are the logits). ``output_attentions``
+gives ``attentions``, one ``[B, H, T, S]`` pattern per *attention* layer in block order (computed
+explicitly, the eager path; a Mamba block has no pattern and no entry, as in transformers' hybrid
+models). ``return_dict=False`` returns ``to_tuple()``. ``use_cache=None`` takes ``config.use_cache``
+(False by default: a plain forward is the training path; ``generate`` asks for the cache itself).
+
+Initialisation goes through ``_init_weights`` (see :meth:`PhaseLMPreTrainedModel.initialize_weights`):
+a checkpoint that lacks a tensor gets it initialised and reported as a missing key, as transformers
+does for its own models; a fresh model gets the same weights for a seed as phaselm 0.1 gave.
 """
 
 
@@ -19,10 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.initialization import guard_torch_init_functions
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from phaselm.nn import oscillators as osc
-from phaselm.nn.attention import LayerInputs
+from phaselm.nn.attention import CausalSelfAttention, LayerInputs
 
 
 @dataclass(kw_only=True)
@@ -99,66 +112,102 @@ def check_sizes(**sizes) -> None:
             raise ValueError(f"{key} must be >= 1, got {value}")
 
 
-class PhaseLMForCausalLM(PreTrainedModel, GenerationMixin):
-    """Base of phaselm's causal LMs (see the module docstring). Subclasses build ``self.wte``,
-    ``self.blocks``, the final norm and ``self.lm_head`` (tied to ``wte``), and implement
-    :meth:`hidden_states`."""
+class PhaseLMPreTrainedModel(PreTrainedModel):
+    """What phaselm's base models and causal LMs share: the transformers flags and the initialisation.
+
+    Initialisation (the GPT-2 scheme, with the blocks' own tensors):
+
+    * per module (:meth:`_init_weights`, children before parents as ``nn.Module.apply``): every
+      Linear and Embedding weight N(0, 0.02) with zero biases; norms 1 (and 0); a Conv1d its torch
+      default; a block's own tensors (ω, φ_pos, K₀, β₀, λ₀, τ₀, A_log, D) from its ``initial_value``;
+    * then, over the whole model (:meth:`init_after_modules`): the residual projections
+      (``residual_suffixes``) N(0, 0.02/√(2L)) again, Mamba's Δ projection and PMA's coupling map.
+
+    A fresh model keeps the constructor's draws of the blocks' own tensors (they are marked
+    initialised around ``post_init``), so a seed gives the weights phaselm gave before this class
+    existed. When ``from_pretrained`` finds a tensor missing, the same code initialises just that
+    tensor (transformers' guarded init functions skip loaded ones) and reports it in
+    ``missing_keys``.
+    """
 
     base_model_prefix = "model"
-    _tied_weights_keys = {"lm_head.weight": "wte.weight"}
     _supports_cache_class = True
     _supports_sdpa = True
     supports_gradient_checkpointing = False
+    residual_suffixes: tuple[str, ...] = ("proj.weight",)
 
+    def __init__(self, config, *inputs, initialise: bool = True, **kwargs):
+        """``initialise=False``: leave the weights to an enclosing model's single init pass (a causal
+        LM initialises its base model and head together, in the order that reproduces a seed)."""
+        super().__init__(config, *inputs, **kwargs)
+        self._deferred_init = not initialise
+
+    def post_init(self):
+        kept = list({id(t): t for m in self.modules() if not isinstance(m, (nn.Linear, nn.Embedding))
+                     for t in [*m.parameters(recurse=False), *m.buffers(recurse=False)]}.values())
+        for t in kept:  # the constructor's draws are these tensors' initialisation
+            t._is_hf_initialized = True
+        try:
+            super().post_init()
+        finally:
+            for t in kept:
+                del t._is_hf_initialized
+
+    def init_weights(self):
+        if not self._deferred_init:
+            super().init_weights()
+
+    @torch.no_grad()
     def _init_weights(self, module):
-        """Weights are initialised in ``__init__`` (the GPT-2 scheme, in a fixed order, so a seed
-        gives the same model as before these were transformers models); nothing to do here."""
+        """One module's own tensors (see the class docstring); tensors marked loaded are left alone."""
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+            if module.weight is not None:
+                nn.init.ones_(module.weight)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv1d):
+            module.reset_parameters()
+        elif hasattr(module, "initial_value") and (todo := _not_loaded(module, recurse=False)):
+            module.reset_parameters(todo)
 
-    def get_input_embeddings(self):
-        return self.wte
+    @torch.no_grad()
+    def initialize_weights(self):
+        """transformers' per-module pass, then :meth:`init_after_modules` (also when
+        ``from_pretrained`` initialises missing tensors)."""
+        super().initialize_weights()
+        with guard_torch_init_functions():
+            self.init_after_modules()
 
-    def set_input_embeddings(self, value):
-        self.wte = value
-
-    def get_output_embeddings(self):
-        return self.lm_head
-
-    def set_output_embeddings(self, value):
-        self.lm_head = value
-
-    def create_masks_for_generate(self, attention_mask=None, **kwargs):
-        """``generate`` builds 4-D masks for compileable caches; these models take the 2-D mask."""
-        return attention_mask
-
-    @staticmethod
-    def gpt2_init(model: nn.Module, n_layer: int, residual_suffixes: tuple[str, ...]) -> None:
-        """N(0, 0.02) for every Linear and Embedding weight (zero biases), then N(0, 0.02/√(2L))
-        for the residual projections (GPT-2)."""
-        def init(module):
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-
-        model.apply(init)  # children before parents, as nanoGPT's model.apply
-        for name, p in model.named_parameters():
-            if name.endswith(residual_suffixes):
+    def init_after_modules(self):
+        """The model-wide second pass (class docstring): residual projections, Δ, coupling maps."""
+        n_layer = self.config.n_layer
+        for name, p in self.named_parameters():
+            if name.endswith(self.residual_suffixes):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+        for m in self.modules():
+            if hasattr(m, "reset_dt_parameters"):
+                m.reset_dt_parameters(_not_loaded(m.dt_proj))
+            if getattr(m, "coupling_mode", None) == "context":
+                m.reset_parameters_after_init(_not_loaded(m.coupling_map))
 
-    # ------------------------------------------------------------------ helpers for the trainer
-    def num_params(self, non_embedding: bool = True) -> int:
-        """Parameter count (tied weights once); ``non_embedding`` leaves position embeddings out."""
-        n = sum(p.numel() for p in self.parameters())
-        wpe = getattr(self, "wpe", None)
-        return n - wpe.weight.numel() if non_embedding and wpe is not None else n
+    # ------------------------------------------------------------------ layers
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The decoder blocks (``model.blocks`` of a causal LM)."""
+        return self.base_model._modules["blocks"]
+
+    def phase_layers(self) -> dict[int, nn.Module]:
+        """The attention layers that carry oscillators, by block index (none in the GPT baseline)."""
+        return {i: m for i, b in enumerate(self.blocks) for m in b.children()
+                if isinstance(m, CausalSelfAttention) and hasattr(m, "phases")}
 
     def layer_metrics(self) -> dict[str, float]:
         """``layer{i}.{name}`` for every layer module with a ``metrics()`` method (for logging)."""
         return {f"layer{i}.{k}": v for i, m in self.phase_layers().items() for k, v in m.metrics().items()}
-
-    def phase_layers(self) -> dict[int, nn.Module]:
-        """The layers that carry oscillators, by block index (none in the GPT baseline)."""
-        return {}
 
     def coherence_loss(self) -> torch.Tensor | None:
         """λ · Σ over phase layers of the coherence penalty on their R of the last forward (with
@@ -170,44 +219,165 @@ class PhaseLMForCausalLM(PreTrainedModel, GenerationMixin):
         return lam * sum(osc.coherence_penalty(m.last_r, c.coherence_mode, c.coherence_target, c.coherence_width)
                          for m in self.phase_layers().values())
 
-    # ------------------------------------------------------------------ forward
-    def hidden_states(self, input_ids: torch.Tensor, inputs: LayerInputs) -> torch.Tensor:
-        """Final hidden states ``[B, T, C]`` (after the final norm)."""
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count (tied weights once); ``non_embedding`` leaves the position embeddings out
+        (the token embeddings where there are none)."""
+        n = sum(p.numel() for p in self.parameters())
+        if not non_embedding:
+            return n
+        base = self.base_model
+        table = base.wpe if hasattr(base, "wpe") else base.wte
+        return n - table.weight.numel()
+
+
+def _not_loaded(module: nn.Module, recurse: bool = True) -> tuple[str, ...]:
+    """Names of ``module``'s tensors that transformers has not marked as loaded / initialised."""
+    return tuple(n for n, t in [*module.named_parameters(recurse=recurse), *module.named_buffers(recurse=recurse)]
+                 if not getattr(t, "_is_hf_initialized", False))
+
+
+class PhaseLMModel(PhaseLMPreTrainedModel):
+    """A base model: embeddings → blocks → final norm (``last_hidden_state [B, T, C]``). Subclasses
+    build ``wte`` and ``blocks`` and define :meth:`embed` and :meth:`final_norm` (and
+    :meth:`run_block` when a block needs more than the hidden state)."""
+
+    def get_input_embeddings(self):
+        return self.wte
+
+    def set_input_embeddings(self, value):
+        self.wte = value
+
+    def embed(self, input_ids, inputs_embeds, inputs: LayerInputs) -> torch.Tensor:
         raise NotImplementedError
 
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *,
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def run_block(self, block: nn.Module, x: torch.Tensor, context: torch.Tensor, inputs: LayerInputs):
+        """One block: ``(new x, new context)``; the context (PMA: the last SSM output) starts as the embeddings."""
+        return block(x, **inputs.as_kwargs()), context
+
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, **kwargs) -> BaseModelOutputWithPast:
+        """``input_ids [B, T]`` or ``inputs_embeds [B, T, C]`` → ``last_hidden_state [B, T, C]`` (after
+        the final norm); see the module docstring for the other fields."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError(f"{type(self).__name__} needs exactly one of input_ids and inputs_embeds")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        b, t = ref.shape[:2]
+        c = self.config
+        use_cache = c.use_cache if use_cache is None else use_cache
+        output_attentions = c.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=c)
+        inputs = LayerInputs.build(b, t, ref.device, attention_mask, position_ids, past_key_values, output_attentions)
+        if inputs.past + t > c.block_size:
+            raise ValueError(f"sequence length {inputs.past + t} exceeds block_size {c.block_size}; "
+                             f"shorten the input or max_new_tokens")
+        x = self.embed(input_ids, inputs_embeds, inputs)
+        hidden, attentions = [x], []
+        context = x
+        for block in self.blocks:
+            x, context = self.run_block(block, x, context, inputs)
+            hidden.append(x)
+            for m in block.children():
+                if isinstance(m, CausalSelfAttention):
+                    attentions.append(m.attention_weights)
+                    m.attention_weights = None
+        x = self.final_norm(x)
+        hidden[-1] = x
+        out = BaseModelOutputWithPast(last_hidden_state=x, past_key_values=past_key_values,
+                                      hidden_states=tuple(hidden) if output_hidden_states else None,
+                                      attentions=tuple(attentions) if output_attentions else None)
+        return out if (c.return_dict if return_dict is None else return_dict) else out.to_tuple()
+
+
+class PhaseLMForCausalLM(PhaseLMPreTrainedModel, GenerationMixin):
+    """A causal LM: ``self.model`` (a :class:`PhaseLMModel`, ``base_model_class``) and ``lm_head``,
+    tied to the token embeddings unless ``config.tie_word_embeddings`` is False."""
+
+    base_model_class: type[PhaseLMModel]
+    _tied_weights_keys = {"lm_head.weight": "model.wte.weight"}
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.generation_config.use_cache = True  # config.use_cache is forward's default, not generate's
+        if config.vocab_size is None:
+            raise ValueError("vocab_size must be set (the trainer takes it from the tokenizer)")
+        self.model = self.base_model_class(config, initialise=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.wte.weight  # tied before the init, as phaselm always did
+        self.post_init()
+        self.model._deferred_init = False
+
+    def get_input_embeddings(self):
+        return self.model.wte
+
+    def set_input_embeddings(self, value):
+        self.model.wte = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, value):
+        self.lm_head = value
+
+    def get_decoder(self):
+        return self.model
+
+    def create_masks_for_generate(self, attention_mask=None, **kwargs):
+        """``generate`` builds 4-D masks for compileable caches; these models take the 2-D mask."""
+        return attention_mask
+
+    def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):
+        """transformers' checks, then: prompt + new tokens must fit ``block_size`` (positions are a
+        learned table of that many entries), refused before anything is generated."""
+        super()._validate_generated_length(generation_config, input_ids_length, has_default_max_length)
+        limit = self.config.block_size
+        if generation_config.max_length > limit:
+            raise ValueError(f"prompt ({input_ids_length} tokens) + new tokens = {generation_config.max_length} exceeds "
+                             f"block_size {limit} (the model's learned positions); use max_new_tokens <= "
+                             f"{max(limit - input_ids_length, 0)} or a shorter prompt")
+
+    def forward(self, input_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None, *,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                past_key_values=None, use_cache: bool | None = None, labels: torch.Tensor | None = None,
-                logits_to_keep: int = 0, return_dict: bool | None = None, head_at_targets: bool = False,
-                **kwargs) -> CausalLMOutputWithPast:
+                past_key_values=None, inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                labels: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, head_at_targets: bool = False, **kwargs) -> CausalLMOutputWithPast:
         """Logits (and the loss when ``targets`` or ``labels`` are given); see the module docstring.
-        ``use_cache=True`` (what ``generate`` passes) creates a cache when none is given.
+        ``logits_to_keep``: an int k (0: all) keeps the last k positions, a 1-D tensor those indices.
         ``head_at_targets=True`` (with ``targets``): the LM head runs only where ``targets >= 0``
         and ``logits`` holds those rows, ``[n_targets, V]`` in row-major order (synthetic tasks
         label a few positions per sequence; the loss is the same)."""
-        if input_ids is None:
-            raise ValueError(f"{type(self).__name__} needs input_ids (inputs_embeds are not supported)")
-        b, t = input_ids.shape
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        inputs = LayerInputs.build(b, t, input_ids.device, attention_mask, position_ids, past_key_values)
-        if inputs.past + t > self.config.block_size:
-            raise ValueError(f"sequence length {inputs.past + t} exceeds block_size {self.config.block_size}; "
-                             f"shorten the input or max_new_tokens")
-        x = self.hidden_states(input_ids, inputs)
+        if head_at_targets and targets is None:
+            raise ValueError("head_at_targets=True needs targets (the positions to compute logits at)")
+        out = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                         output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                         return_dict=True)
+        x = out.last_hidden_state
+        loss = None
         if head_at_targets:
-            if targets is None:
-                raise ValueError("head_at_targets=True needs targets (the positions to compute logits at)")
             keep = targets >= 0
             logits = self.lm_head(x[keep])  # [n_targets, V]
             loss = F.cross_entropy(logits.float(), targets[keep])
-            return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
-        logits = self.lm_head(x)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
-        elif labels is not None:
-            loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].reshape(-1), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        else:
+            if isinstance(logits_to_keep, int):
+                x = x[:, -logits_to_keep:] if logits_to_keep else x
+            else:
+                x = x[:, logits_to_keep]
+            logits = self.lm_head(x)
+            if targets is not None:
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
+            elif labels is not None:
+                loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].reshape(-1),
+                                       ignore_index=-100)
+        result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
+                                        hidden_states=out.hidden_states, attentions=out.attentions)
+        return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()

@@ -1,9 +1,11 @@
 """A GPT in the nanoGPT style, as a transformers model: pre-LN blocks, causal attention through
 ``torch.nn.functional.scaled_dot_product_attention``, learned positions, tied input/output
-embeddings, dropout. PhaseGPT (:mod:`phaselm.models.phasegpt`) is this model with phase-coupled
-attention in some layers.
+embeddings (unless ``tie_word_embeddings=False``), dropout. PhaseGPT (:mod:`phaselm.models.phasegpt`)
+is this model with phase-coupled attention in some layers.
 
     tokens [B, T] → wte + wpe(positions) → n_layer × Block → LayerNorm → LM head (tied) → [B, T, V]
+
+:class:`GPTModel` is everything before the LM head (``AutoModel``; ``GPTForCausalLM.model``).
 
     model = GPTForCausalLM(GPTConfig(vocab_size=65, block_size=256, n_layer=6, n_head=6, n_embd=384))
     model.save_pretrained("runs/gpt"); GPTForCausalLM.from_pretrained("runs/gpt")
@@ -16,15 +18,15 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import PreTrainedConfig
 
-from phaselm.nn.attention import PLAIN, Block, CausalSelfAttention, LayerInputs
-from phaselm.models.base import CacheLayout, PhaseLMForCausalLM, check_sizes
+from phaselm.models.base import CacheLayout, PhaseLMForCausalLM, PhaseLMModel, check_sizes
+from phaselm.nn.attention import Block, CausalSelfAttention, LayerInputs
 
 
 @strict
 class GPTConfig(CacheLayout, PreTrainedConfig):
     """The GPT baseline: ``n_layer`` blocks of ``n_head`` heads, width ``n_embd``, context
     ``block_size`` tokens, vocabulary ``vocab_size``; ``dropout`` in [0, 1); ``bias`` in the
-    linear layers and LayerNorms."""
+    linear layers and LayerNorms; ``use_cache``: forward's default for ``use_cache``."""
 
     model_type = "phaselm_gpt"
     attribute_map = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
@@ -38,6 +40,7 @@ class GPTConfig(CacheLayout, PreTrainedConfig):
     dropout: float | int = 0.0
     bias: bool = False
     tie_word_embeddings: bool = True
+    use_cache: bool = False
 
     def validate_architecture(self):
         check_sizes(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
@@ -52,16 +55,15 @@ class GPTConfig(CacheLayout, PreTrainedConfig):
         return ["full_attention"] * self.n_layer if isinstance(self.n_layer, int) else None
 
 
-
-class GPTForCausalLM(PhaseLMForCausalLM):
-    """GPT language model (see the module docstring). Subclasses choose each layer's attention
-    with :meth:`make_attention`; a module with a ``metrics()`` method exposes per-layer metrics."""
+class GPTModel(PhaseLMModel):
+    """Token and position embeddings, the blocks and the final LayerNorm. Subclasses choose each
+    layer's attention with :meth:`make_attention`."""
 
     config_class = GPTConfig
     _no_split_modules = ["Block"]
 
-    def __init__(self, config: GPTConfig):
-        super().__init__(config)
+    def __init__(self, config: GPTConfig, **kwargs):
+        super().__init__(config, **kwargs)
         if config.vocab_size is None:
             raise ValueError("vocab_size must be set (the trainer takes it from the tokenizer)")
         c = config
@@ -71,22 +73,25 @@ class GPTForCausalLM(PhaseLMForCausalLM):
         self.blocks = nn.ModuleList([Block(c.n_embd, self.make_attention(i), c.dropout, c.bias)
                                      for i in range(c.n_layer)])
         self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
-        self.lm_head = nn.Linear(c.n_embd, c.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied
-        self.gpt2_init(self, c.n_layer, ("proj.weight",))
         self.post_init()
 
     def make_attention(self, layer_idx: int) -> nn.Module:
         c = self.config
         return CausalSelfAttention(c.n_embd, c.n_head, c.dropout, c.bias, layer_idx)
 
-    def phase_layers(self) -> dict[int, nn.Module]:
-        return {i: b.attn for i, b in enumerate(self.blocks) if hasattr(b.attn, "metrics")}
+    def embed(self, input_ids, inputs_embeds, inputs: LayerInputs) -> torch.Tensor:
+        """drop(wte(ids) + wpe(positions)) ``[B, T, C]`` (``inputs_embeds`` in place of wte(ids))."""
+        x = self.wte(input_ids) if inputs_embeds is None else inputs_embeds
+        pos = inputs.positions if inputs.positions is not None else torch.arange(x.shape[1], device=x.device)
+        return self.drop(x + self.wpe(pos))
 
-    def hidden_states(self, input_ids, inputs: LayerInputs = PLAIN):
-        t = input_ids.shape[1]
-        pos = inputs.positions if inputs.positions is not None else torch.arange(t, device=input_ids.device)
-        x = self.drop(self.wte(input_ids) + self.wpe(pos))
-        for block in self.blocks:
-            x = block(x, **inputs.as_kwargs())
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_f(x)
+
+
+class GPTForCausalLM(PhaseLMForCausalLM):
+    """GPT language model (see the module docstring): :class:`GPTModel` + the LM head."""
+
+    config_class = GPTConfig
+    base_model_class = GPTModel
+    _no_split_modules = ["Block"]

@@ -34,9 +34,9 @@ from transformers import PreTrainedConfig
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from phaselm.models.base import (
-    CacheLayout, CoherenceRegulariser, KuramotoSettings, PhaseLMForCausalLM, check_sizes,
+    CacheLayout, CoherenceRegulariser, KuramotoSettings, PhaseLMForCausalLM, PhaseLMModel, check_sizes,
 )
-from phaselm.nn.attention import MLP, PLAIN, LayerInputs
+from phaselm.nn.attention import MLP, LayerInputs
 from phaselm.nn.functional import entropy
 from phaselm.nn.hooks import HookPoint, hook_names, name_hook_points
 from phaselm.nn.mamba import SCANS, MambaConfig, MambaMixer
@@ -78,6 +78,7 @@ class PMAConfig(CacheLayout, PreTrainedConfig, KuramotoSettings, CoherenceRegula
     coupling_mode: str = "context"  # context | constant
     scan: str = "auto"  # auto | parallel | sequential | cuda
     tie_word_embeddings: bool = True
+    use_cache: bool = False  # forward's default for use_cache (generate asks for the cache itself)
 
     def validate_architecture(self):
         check_sizes(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
@@ -172,26 +173,16 @@ class PMABlock(nn.Module):
         return self.hook_resid_post(x + self.mlp(self.norm_2(x)))
 
 
-@dataclass
-class PMAOutput(CausalLMOutputWithPast):
-    """:class:`CausalLMOutputWithPast` plus ``metrics`` (with ``return_metrics=True``)."""
-
-    metrics: dict | None = None
-
-
-class PMAForCausalLM(PhaseLMForCausalLM):
-    """``model(ids).logits``; ``model(ids, targets).loss``; ``model(ids, return_metrics=True).metrics``.
-
-    ``metrics``: ``R_mean`` (mean order parameter over PMA layers), per PMA layer (keyed by block
-    index) ``R``, ``tau``, ``lam``, ``K`` and ``attention_entropy`` (nats), the mean
-    ``next_token_entropy`` (nats) and that of the last position, and ``loss`` when targets are given.
-    """
+class PMAModel(PhaseLMModel):
+    """Embedding, the SSM and PMA blocks and the final RMSNorm (``AutoModel``; ``PMAForCausalLM.model``).
+    Hook point names (``hook_embed``, ``blocks.{L}...``) are paths inside this model."""
 
     config_class = PMAConfig
     _no_split_modules = ["SSMBlock", "PMABlock"]
+    residual_suffixes = (".pma.proj.weight", ".mlp.proj.weight", ".ssm.out_proj.weight")
 
-    def __init__(self, config: PMAConfig):
-        super().__init__(config)
+    def __init__(self, config: PMAConfig, **kwargs):
+        super().__init__(config, **kwargs)
         if config.vocab_size is None:
             raise ValueError("vocab_size must be set (the trainer takes it from the tokenizer)")
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
@@ -200,21 +191,67 @@ class PMAForCausalLM(PhaseLMForCausalLM):
         self.blocks = nn.ModuleList([SSMBlock(config, i) if kind == "ssm" else PMABlock(config, i)
                                      for i, kind in enumerate(config.block_types())])
         self.norm_f = nn.RMSNorm(config.n_embd)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight  # tied
-        self.gpt2_init(self, config.n_layer, (".pma.proj.weight", ".mlp.proj.weight", ".ssm.out_proj.weight"))
-        for m in self.modules():
-            if isinstance(m, MambaMixer):
-                m.reset_dt_parameters()
-            if isinstance(m, PhaseModulatedAttention):
-                m.reset_parameters_after_init()
         name_hook_points(self)
         self.post_init()
 
-    def phase_layers(self) -> dict[int, PhaseModulatedAttention]:
-        return {i: b.pma for i, b in enumerate(self.blocks) if isinstance(b, PMABlock)}
+    def embed(self, input_ids, inputs_embeds, inputs: LayerInputs) -> torch.Tensor:
+        """hook_embed(drop(wte(ids))) ``[B, T, C]`` (``inputs_embeds`` in place of wte(ids)); no
+        positional embedding (PMA's keys carry their learned phases φ_pos)."""
+        return self.hook_embed(self.drop(self.wte(input_ids) if inputs_embeds is None else inputs_embeds))
 
-    pma_layers = phase_layers
+    def run_block(self, block, x, context, inputs: LayerInputs):
+        """A block gets the hidden state of the most recent SSM block (the embeddings before any) as
+        the context of its coupling K = f(c)."""
+        x = block(x, context, **inputs.as_kwargs())
+        return x, (x if isinstance(block, SSMBlock) else context)
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm_f(x)
+
+
+@dataclass
+class PMAOutput(CausalLMOutputWithPast):
+    """:class:`CausalLMOutputWithPast` plus ``metrics`` (with ``return_metrics=True``)."""
+
+    metrics: dict | None = None
+
+
+class LogitsAndMetrics(tuple):
+    """``(logits, metrics)``, what ``model(ids, return_metrics=True)`` returns (the PMA seed's
+    ``logits, metrics = model(input_ids, return_metrics=True)``); the fields of the full
+    :class:`PMAOutput` (``.logits``, ``.metrics``, ``.loss``, ``.past_key_values``, ...) are attributes."""
+
+    def __new__(cls, output: "PMAOutput"):
+        pair = super().__new__(cls, (output.logits, output.metrics))
+        pair.output = output
+        return pair
+
+    def __getattr__(self, name):
+        return getattr(self.output, name)
+
+
+class PMAForCausalLM(PhaseLMForCausalLM):
+    """``model(ids).logits``; ``model(ids, targets).loss``; ``logits, metrics = model(ids, return_metrics=True)``.
+
+    ``metrics``: ``R_mean`` (mean order parameter over PMA layers), per PMA layer (keyed by block
+    index) ``R``, ``tau``, ``lam``, ``K`` and ``attention_entropy`` (nats), the mean
+    ``next_token_entropy`` (nats) and that of the last position, and ``loss`` when targets are given.
+    With ``return_metrics=True`` the result is a :class:`LogitsAndMetrics` pair (also readable as
+    ``.logits`` / ``.metrics``); with ``return_dict=True`` a :class:`PMAOutput`, with
+    ``return_dict=False`` its ``to_tuple()``. ``model.set_coupling_override(K)`` (the PMA seed's method
+    form of :func:`phaselm.set_coupling_override`) is attached by ``import phaselm``, since the
+    interventions sit above the models.
+    """
+
+    config_class = PMAConfig
+    base_model_class = PMAModel
+    _no_split_modules = ["SSMBlock", "PMABlock"]
+    residual_suffixes = PMAModel.residual_suffixes
+    _is_stateful = True  # SSM states and Kuramoto sums cannot be cropped: transformers refuses assisted decoding
+
+    def pma_layers(self) -> dict[int, PhaseModulatedAttention]:
+        """The PMA attention layers by block index (:meth:`phase_layers`)."""
+        return self.phase_layers()
 
     def phase_parameters(self) -> list[nn.Parameter]:
         return [p for m in self.phase_layers().values() for p in m.phase_parameters()]
@@ -222,31 +259,33 @@ class PMAForCausalLM(PhaseLMForCausalLM):
     def hook_names(self) -> list[str]:
         return hook_names(self)
 
-    def num_params(self, non_embedding: bool = True) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.wte.weight.numel() if non_embedding else n
-
-    def hidden_states(self, input_ids, inputs: LayerInputs = PLAIN):
-        x = self.hook_embed(self.drop(self.wte(input_ids)))
-        context = x
-        for block in self.blocks:
-            x = block(x, context, **inputs.as_kwargs())
-            if isinstance(block, SSMBlock):
-                context = x
-        return self.norm_f(x)
-
-    def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, *, return_metrics: bool = False,
-                **kwargs) -> PMAOutput:
+    def forward(self, input_ids: torch.Tensor | None = None, targets: torch.Tensor | None = None, *,
+                return_metrics: bool = False, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, past_key_values=None,
+                inputs_embeds: torch.Tensor | None = None, use_cache: bool | None = None,
+                labels: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+                output_attentions: bool | None = None, output_hidden_states: bool | None = None,
+                return_dict: bool | None = None, head_at_targets: bool = False, **kwargs):
+        """:meth:`PhaseLMForCausalLM.forward`, plus ``return_metrics`` (class docstring; the metrics
+        use the explicit PMA path, so they need a full forward without cache or padding)."""
         layers = self.phase_layers().values()
         for m in layers:
             m.explicit = return_metrics  # attention entropy needs the pattern
         try:
-            out = super().forward(input_ids, targets, **kwargs)
+            out = super().forward(input_ids, targets, attention_mask=attention_mask, position_ids=position_ids,
+                                  past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
+                                  labels=labels, logits_to_keep=logits_to_keep, output_attentions=output_attentions,
+                                  output_hidden_states=output_hidden_states, return_dict=True,
+                                  head_at_targets=head_at_targets, **kwargs)
         finally:
             for m in layers:
                 m.explicit = False
         metrics = self._metrics(out.logits, out.loss) if return_metrics else None
-        return PMAOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values, metrics=metrics)
+        result = PMAOutput(loss=out.loss, logits=out.logits, past_key_values=out.past_key_values,
+                           hidden_states=out.hidden_states, attentions=out.attentions, metrics=metrics)
+        if return_dict is None and return_metrics:
+            return LogitsAndMetrics(result)
+        return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()
 
     def _metrics(self, logits: torch.Tensor, loss: torch.Tensor | None) -> dict:
         ent = entropy(logits.detach())
@@ -258,3 +297,6 @@ class PMAForCausalLM(PhaseLMForCausalLM):
         if loss is not None:
             out["loss"] = float(loss)
         return out
+
+
+PhaseModulatedAttentionLM = PMAForCausalLM  # the PMA seed's name for the model

@@ -34,7 +34,10 @@ class LayerInputs:
     ``cache``: a transformers ``Cache`` (None: no incremental decoding). ``mask``: boolean
     ``[B, 1, T, S]``, True where query i may attend key j (None: plain causal over T keys).
     ``positions``: position ids ``[B, T]`` (None: 0..T−1). ``valid``: ``[B, T]``, 1.0 for a real
-    token, 0.0 for padding (None: all real). ``past``: how many tokens the cache held before.
+    token, 0.0 for padding (None: all real). ``past``: how many tokens the cache held before;
+    ``seen``: ``[B]``, how many of them were real tokens (what the running Kuramoto sums of the cache
+    hold; None without a cache). ``output_attentions``: attention layers compute their pattern
+    explicitly and keep it as ``attention_weights`` ``[B, H, T, S]`` (the eager path).
     """
 
     cache: object | None = None
@@ -42,17 +45,21 @@ class LayerInputs:
     positions: torch.Tensor | None = None
     valid: torch.Tensor | None = None
     past: int = 0
+    seen: torch.Tensor | None = None
+    output_attentions: bool = False
 
     @classmethod
     def build(cls, batch: int, length: int, device, attention_mask: torch.Tensor | None = None,
-              position_ids: torch.Tensor | None = None, cache=None) -> "LayerInputs":
+              position_ids: torch.Tensor | None = None, cache=None, output_attentions: bool = False) -> "LayerInputs":
         """From a 2-D ``attention_mask [B, past + T]`` (1 real, 0 padding; left padding as
         ``generate`` makes it), optional ``position_ids [B, T]`` and the cache. Position ids
         default to the count of real tokens before each one, so a left-padded row computes
-        exactly what the same row without padding computes."""
+        exactly what the same row without padding computes. ``seen`` counts the real tokens of the
+        mask's first ``past`` entries (the position id of the first new token is one less than that
+        when the new chunk starts with padding, which is why it is not used as the count)."""
         past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None and cache is None and position_ids is None:
-            return cls()
+            return cls(output_attentions=output_attentions)
         total = past + length
         if attention_mask is not None:
             if attention_mask.shape != (batch, total):
@@ -68,7 +75,9 @@ class LayerInputs:
         mask = causal[None] & keys[:, None, :]
         mask |= torch.arange(total, device=device)[None, :] == q_at  # a padding query sees itself (no empty row)
         valid = keys[:, past:].float() if attention_mask is not None else None
-        return cls(cache=cache, mask=mask[:, None], positions=position_ids.to(device), valid=valid, past=past)
+        seen = None if cache is None else keys[:, :past].sum(-1).float()  # [B]
+        return cls(cache=cache, mask=mask[:, None], positions=position_ids.to(device), valid=valid, past=past,
+                   seen=seen, output_attentions=output_attentions)
 
     def as_kwargs(self) -> dict:
         """The fields as keyword arguments for a decoder block, so that hooks which repeat
@@ -85,12 +94,21 @@ PLAIN = LayerInputs()
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: LayerInputs, layer_idx: int,
-           scale: float | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+           scale: float | None = None, dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
     """softmax(q·kᵀ·scale + mask) v through SDPA: ``q [B, H, T, Dk]``, ``k [B, H, T, Dk]``,
-    ``v [B, H, T, Dv]`` (Dv ≤ Dk) → ``[B, H, T, Dv]``. With a cache, k and v are first appended to
-    layer ``layer_idx`` of it and the queries attend to every cached key the mask allows."""
+    ``v [B, H, T, Dv]`` (Dv ≤ Dk) → ``([B, H, T, Dv], None)``. With a cache, k and v are first
+    appended to layer ``layer_idx`` of it and the queries attend to every cached key the mask allows.
+    With ``inputs.output_attentions`` the same is computed explicitly (the eager path) and the
+    pattern A = softmax(q·kᵀ·scale + mask) ``[B, H, T, S]`` is returned as the second element
+    (scale None: 1/√Dk, as SDPA)."""
     if inputs.cache is not None:
         k, v = inputs.cache.update(k, v, layer_idx)
+    if inputs.output_attentions:
+        t, s = q.shape[-2], k.shape[-2]
+        mask = inputs.mask if inputs.mask is not None else torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
+        scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
+        att = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+        return F.dropout(att, dropout_p, training=dropout_p > 0) @ v, att
     dv = v.shape[-1]
     if dv < q.shape[-1]:  # SDPA kernels want one head size for q, k and v
         v = F.pad(v, (0, q.shape[-1] - dv))
@@ -98,18 +116,18 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: LayerInput
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
     else:
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, scale=scale, dropout_p=dropout_p)
-    return y[..., :dv]
+    return y[..., :dv], None
 
 
 def phasor_sums(inputs: LayerInputs, layer_idx: int, like: torch.Tensor) -> osc.PhasorSums | None:
     """The running Kuramoto sums of earlier tokens from the cache (None without a cache).
 
     The state is stored batch-first, ``[B, E, H, N, 2]`` (E mean-field evaluations); the number of
-    earlier real tokens is the position id of the first new token."""
+    earlier real tokens is ``inputs.seen``."""
     if inputs.cache is None:
         return None
     state = inputs.cache.get_recurrent_state(layer_idx) if inputs.past else None
-    count = (inputs.positions[:, :1] if inputs.positions is not None else torch.zeros(like.shape[0], 1))
+    count = inputs.seen if inputs.seen is not None else torch.full((like.shape[0],), float(inputs.past))
     count = count.to(like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
     return osc.PhasorSums(None if state is None else state.movedim(1, 0), count)
 
@@ -145,6 +163,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
+        self.attention_weights: torch.Tensor | None = None  # A [B, H, T, S] of the last forward with output_attentions
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [B, T, C]`` → q, k, v each ``[B, H, T, C/H]``."""
@@ -162,7 +181,8 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: LayerInputs = PLAIN) -> torch.Tensor:
         q, k, v = self.split_heads(x)
-        return self.merge_heads(attend(q, k, v, inputs, self.layer_idx, dropout_p=self.attn_dropout()))
+        y, self.attention_weights = attend(q, k, v, inputs, self.layer_idx, dropout_p=self.attn_dropout())
+        return self.merge_heads(y)
 
 
 class MLP(nn.Module):

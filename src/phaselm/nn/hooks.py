@@ -52,7 +52,10 @@ def name_hook_points(model: nn.Module) -> None:
 
 
 def hook_points(model: nn.Module) -> dict[str, HookPoint]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, HookPoint)}
+    """``{name: point}``; names are paths inside the model's ``base_model`` (a transformers causal LM's
+    base model, so ``blocks.4.pma.hook_phi`` names the same point in ``PMAModel`` and ``PMAForCausalLM``)."""
+    base = getattr(model, "base_model", model)
+    return {name: m for name, m in base.named_modules() if isinstance(m, HookPoint)}
 
 
 def hook_names(model: nn.Module) -> list[str]:

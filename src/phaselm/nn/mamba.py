@@ -263,18 +263,35 @@ class MambaMixer(nn.Module):
         self.dt_proj = nn.Linear(r, e, bias=True)
         self.out_proj = nn.Linear(e, cfg.d_model, bias=cfg.bias)
         self.reset_dt_parameters()
-        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(e, 1))  # [E, N]
+        self.A_log = nn.Parameter(self.initial_value("A_log"))  # [E, N]
         self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(torch.ones(e))
+        self.D = nn.Parameter(self.initial_value("D"))
+
+    def initial_value(self, name: str) -> torch.Tensor:
+        """A_log[e, n] = log(n + 1) (S4D-real: A = −(1, 2, …, N) in every channel) ``[E, N]``; D = 1 ``[E]``."""
+        e, n = self.cfg.d_inner, self.cfg.d_state
+        if name == "A_log":
+            return torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(e, 1)
+        return torch.ones(e)
 
     @torch.no_grad()
-    def reset_dt_parameters(self) -> None:
-        """Mamba's Δ initialisation: softplus(dt_proj bias) log-uniform in [dt_min, dt_max]; call it
-        again after a model-wide weight init."""
+    def reset_parameters(self, names: list[str] | None = None) -> None:
+        """Set ``names`` (default: A_log and D) again from :meth:`initial_value`."""
+        for name in names or ("A_log", "D"):
+            getattr(self, name).copy_(self.initial_value(name))
+
+    @torch.no_grad()
+    def reset_dt_parameters(self, names: tuple[str, ...] = ("weight", "bias")) -> None:
+        """Mamba's Δ initialisation: softplus(dt_proj bias) log-uniform in [dt_min, dt_max], weight
+        U(±dt_rank^−½); call it again after a model-wide weight init (``names``: only these of
+        dt_proj's tensors; the draws are made either way)."""
         cfg, e = self.cfg, self.cfg.d_inner
         dt = torch.exp(torch.rand(e) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        nn.init.uniform_(self.dt_proj.weight, -cfg.dt_rank ** -0.5, cfg.dt_rank ** -0.5)
+        if "bias" in names:
+            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        weight = torch.empty_like(self.dt_proj.weight).uniform_(-cfg.dt_rank ** -0.5, cfg.dt_rank ** -0.5)
+        if "weight" in names:
+            self.dt_proj.weight.copy_(weight)
 
     def causal_conv(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
         """Depthwise causal conv1d of ``x [B, L, E]``: out_t = bias + Σ_i w_i ⊙ x_{t−k+1+i}, as k

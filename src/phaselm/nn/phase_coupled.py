@@ -15,7 +15,8 @@ and bias the attention logits by the phase coherence of query and key tokens:
     q'_i·k'_j / √d = q_i·k_j/√d + β_h c_ij.
 
 No [T, T, N] tensor is built; :meth:`PhaseCoupledAttention.explicit_scores` computes s_ij from the
-definition for tests. The cached keys are k' (they carry the coherence features); the cached
+definition for tests; with ``output_attentions`` the layer keeps A = softmax(s) (coherence bias
+included) as ``attention_weights``, and :attr:`last_phases` holds θ of the last forward. The cached keys are k' (they carry the coherence features); the cached
 values are v, of head size d. The layer keeps R = |mean_n e^{iθ_n}| per head (with gradients, for
 the coherence regulariser; detached, for logging).
 """
@@ -44,12 +45,28 @@ class PhaseCoupledAttention(CausalSelfAttention):
                              f"{kuramoto_dt})")
         self.n_osc, self.kuramoto_steps, self.kuramoto_dt, self.integrator = n_osc, kuramoto_steps, kuramoto_dt, integrator
         self.phase_noise, self.freq_jitter = phase_noise, freq_jitter
+        self.coupling_init, self.coherence_init = float(coupling_init), float(coherence_init)
         self.phase_proj = nn.Linear(n_embd, n_head * n_osc, bias=bias)
-        self.omega = nn.Parameter(0.1 * torch.randn(n_head, n_osc))
+        self.omega = nn.Parameter(self.initial_value("omega"))
         self.omega._no_weight_decay = True
-        self.coupling = nn.Parameter(torch.full((n_head,), float(coupling_init)))
-        self.coherence = nn.Parameter(torch.full((n_head,), float(coherence_init)), requires_grad=coherence_trainable)
+        self.coupling = nn.Parameter(self.initial_value("coupling"))
+        self.coherence = nn.Parameter(self.initial_value("coherence"), requires_grad=coherence_trainable)
         self.last_r: torch.Tensor | None = None  # [H], with gradients
+        self.last_phases: torch.Tensor | None = None  # θ [B, H, T, N] of the last forward, with gradients
+
+    def initial_value(self, name: str) -> torch.Tensor:
+        """The initial value of one of this layer's own tensors (its Linear layers initialise
+        themselves): ω ~ 0.1·N(0, 1) ``[H, N]``, K = ``coupling_init`` and β = ``coherence_init`` ``[H]``."""
+        h = self.n_head
+        if name == "omega":
+            return 0.1 * torch.randn(h, self.n_osc)
+        return torch.full((h,), {"coupling": self.coupling_init, "coherence": self.coherence_init}[name])
+
+    @torch.no_grad()
+    def reset_parameters(self, names: list[str] | None = None) -> None:
+        """Draw ``names`` (default: all) of ω, K and β again from :meth:`initial_value`."""
+        for name in names or ("omega", "coupling", "coherence"):
+            getattr(self, name).copy_(self.initial_value(name))
 
     def phases(self, x: torch.Tensor, inputs: LayerInputs = PLAIN) -> torch.Tensor:
         """θ after the Kuramoto steps: ``[B, H, T, N]`` (continuing from the cached mean field)."""
@@ -64,6 +81,7 @@ class PhaseCoupledAttention(CausalSelfAttention):
                               noise_std=self.phase_noise if self.training else 0.0,
                               weight=token_weight(inputs, 4), sums=sums)
         store_phasor_sums(inputs, self.layer_idx, sums)
+        self.last_phases = theta
         return theta
 
     def forward(self, x: torch.Tensor, inputs: LayerInputs = PLAIN) -> torch.Tensor:
@@ -73,8 +91,8 @@ class PhaseCoupledAttention(CausalSelfAttention):
         scale = (self.coherence * math.sqrt(self.head_dim) / self.n_osc)[:, None, None]  # [H, 1, 1]
         q_aug = torch.cat([q, scale * torch.cos(theta), scale * torch.sin(theta)], dim=-1)
         k_aug = torch.cat([k, torch.cos(theta), torch.sin(theta)], dim=-1)
-        y = attend(q_aug, k_aug, v, inputs, self.layer_idx, scale=1 / math.sqrt(self.head_dim),
-                   dropout_p=self.attn_dropout())
+        y, self.attention_weights = attend(q_aug, k_aug, v, inputs, self.layer_idx, scale=1 / math.sqrt(self.head_dim),
+                                           dropout_p=self.attn_dropout())
         return self.merge_heads(y)
 
     def explicit_scores(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,6 +39,8 @@ class PhaseModulatedAttention(CausalSelfAttention):
     no [T, T] tensor; Var(P) comes from cumulative means of cos/sin φ_pos and their products. With
     a cache, k' is cached (it carries the key's phase features) and the running sums of e^{iφ} (for
     the Kuramoto steps and for R) are the layer's recurrent state.
+    With ``output_attentions`` (either path) the layer keeps A ``[B, H, T, S]`` as
+    ``attention_weights``: the modulated pattern, P_eff and τ included.
     Explicit path (:meth:`forward` with ``explicit=True``, or automatically when ``hook_P`` or
     ``hook_pattern`` is hooked or metrics are recorded): builds P and A from the definition (full
     forward only, without cache or padding).
@@ -65,40 +67,63 @@ class PhaseModulatedAttention(CausalSelfAttention):
             raise ValueError(f"lam_init must be in [0, 0.5) (and > 0 when trainable), got {lam_init}")
         if tau_base_init <= 0 or tau_alpha_init <= 0 or tau_beta_init <= 0 or kuramoto_steps < 0 or kuramoto_dt <= 0:
             raise ValueError("tau_base_init, tau_alpha_init, tau_beta_init and kuramoto_dt must be > 0 and kuramoto_steps >= 0")
-        h = n_head
         self.kuramoto_steps, self.kuramoto_dt, self.integrator = kuramoto_steps, kuramoto_dt, integrator
         self.phase_noise, self.freq_jitter, self.coupling_mode = phase_noise, freq_jitter, coupling_mode
-        self.coupling_init = coupling_init
-        self.phase_proj = nn.Linear(n_embd, h, bias=bias)
-        self.omega = nn.Parameter(0.1 * torch.randn(h))
+        self.coupling_init, self.block_size, self.lam_init = coupling_init, block_size, lam_init
+        self.tau_inits = {"tau_raw": tau_base_init, "alpha_raw": tau_alpha_init, "beta_raw": tau_beta_init}
+        self.phase_proj = nn.Linear(n_embd, n_head, bias=bias)
+        self.omega = nn.Parameter(self.initial_value("omega"))
         if coupling_mode == "context":
             self.context_norm = nn.RMSNorm(n_embd)
-            self.coupling_map = nn.Linear(n_embd, h)
+            self.coupling_map = nn.Linear(n_embd, n_head)
         else:
-            self.coupling_raw = nn.Parameter(torch.full((h,), inverse_softplus(coupling_init)))
-        self.phi_pos = nn.Parameter(torch.empty(h, block_size).uniform_(-math.pi, math.pi))
+            self.coupling_raw = nn.Parameter(self.initial_value("coupling_raw"))
+        self.phi_pos = nn.Parameter(self.initial_value("phi_pos"))
         self.phi_pos._no_weight_decay = True
-        lam_raw = torch.full((h,), math.log(lam_init / (0.5 - lam_init)) if lam_init > 0 else 0.0)
         if lam_trainable:
-            self.lam_raw = nn.Parameter(lam_raw)  # λ = 0.5·sigmoid(raw) ∈ (0, 0.5)
+            self.lam_raw = nn.Parameter(self.initial_value("lam_raw"))  # λ = 0.5·sigmoid(raw) ∈ (0, 0.5)
         else:
-            self.register_buffer("lam_fixed", torch.full((h,), float(lam_init)))
-        self.tau_raw = nn.Parameter(torch.full((h,), inverse_softplus(tau_base_init)))
-        self.alpha_raw = nn.Parameter(torch.full((h,), inverse_softplus(tau_alpha_init)))
-        self.beta_raw = nn.Parameter(torch.full((h,), inverse_softplus(tau_beta_init)))
+            self.register_buffer("lam_fixed", self.initial_value("lam_fixed"))
+        for name in self.tau_inits:
+            setattr(self, name, nn.Parameter(self.initial_value(name)))
         for name in ("K", "phi", "phi_pos", "R", "lam", "var_P", "tau", "P", "pattern", "z"):
             setattr(self, f"hook_{name}", HookPoint())
         self.explicit = False  # force the explicit path (set by the LM while recording metrics)
         self.last_r: torch.Tensor | None = None  # [H], with gradients (coherence regulariser)
         self.last: dict[str, torch.Tensor] = {}  # detached summaries of the last forward
 
+    OWN = ("omega", "coupling_raw", "phi_pos", "lam_raw", "lam_fixed", "tau_raw", "alpha_raw", "beta_raw")
+
+    def initial_value(self, name: str) -> torch.Tensor:
+        """The initial value of one of this layer's own tensors ``[H]`` (φ_pos ``[H, block_size]``):
+        ω ~ 0.1·N(0, 1), φ_pos ~ U(−π, π), K = softplus(raw) = ``coupling_init``, λ = 0.5·sigmoid(raw) =
+        ``lam_init`` (``lam_fixed`` when not trainable), softplus(raw) = τ_base₀, α₀, β₀."""
+        h = self.n_head
+        if name == "omega":
+            return 0.1 * torch.randn(h)
+        if name == "phi_pos":
+            return torch.empty(h, self.block_size).uniform_(-math.pi, math.pi)
+        lam = self.lam_init
+        value = {"coupling_raw": inverse_softplus(self.coupling_init), "lam_fixed": float(lam),
+                 "lam_raw": math.log(lam / (0.5 - lam)) if lam > 0 else 0.0,
+                 **{k: inverse_softplus(v) for k, v in self.tau_inits.items()}}[name]
+        return torch.full((h,), value)
+
     @torch.no_grad()
-    def reset_parameters_after_init(self) -> None:
+    def reset_parameters(self, names: list[str] | None = None) -> None:
+        """Draw ``names`` (default: all this layer has) of its own tensors again from :meth:`initial_value`."""
+        for name in names or [n for n in self.OWN if hasattr(self, n)]:
+            getattr(self, name).copy_(self.initial_value(name))
+
+    @torch.no_grad()
+    def reset_parameters_after_init(self, names: tuple[str, ...] = ("weight", "bias")) -> None:
         """K starts at ``coupling_init`` everywhere: W_K = 0, b_K = softplus⁻¹(K₀) (a model-wide
-        weight init would otherwise overwrite the map)."""
+        weight init would otherwise overwrite the map); ``names``: only these of the map's tensors."""
         if self.coupling_mode == "context":
-            nn.init.zeros_(self.coupling_map.weight)
-            self.coupling_map.bias.fill_(inverse_softplus(self.coupling_init))
+            if "weight" in names:
+                self.coupling_map.weight.zero_()
+            if "bias" in names:
+                self.coupling_map.bias.fill_(inverse_softplus(self.coupling_init))
 
     def phase_parameters(self) -> list[nn.Parameter]:
         """The parameters that shape the phases and their effect (for the Fisher information)."""
@@ -179,6 +204,7 @@ class PhaseModulatedAttention(CausalSelfAttention):
             scores = (q @ k.transpose(-1, -2) / math.sqrt(d)) * (lam * p + 1 - lam) / tau[..., None]
             att = self.hook_pattern(scores.masked_fill(~mask, float("-inf")).softmax(-1))
             y = F.dropout(att, drop, self.training) @ v
+            self.attention_weights = att if inputs.output_attentions else None
             self.last["attention_entropy"] = entropy(probs=att).mean().detach()
         else:
             var_p = self.hook_var_P(self.causal_var_p(phi, self.phi_pos if inputs.positions is not None else phi_pos,
@@ -189,7 +215,8 @@ class PhaseModulatedAttention(CausalSelfAttention):
             k_coef = torch.stack([s1.expand_as(phi_pos), s2 * torch.cos(phi_pos), s2 * torch.sin(phi_pos)], -1)
             q_aug = (q_coef[..., :, None] * q[..., None, :]).flatten(-2)  # [B, H, T, 3D]
             k_aug = (k_coef[..., :, None] * k[..., None, :]).flatten(-2)
-            y = attend(q_aug, k_aug, v, inputs, self.layer_idx, scale=1 / math.sqrt(d), dropout_p=drop)
+            y, self.attention_weights = attend(q_aug, k_aug, v, inputs, self.layer_idx, scale=1 / math.sqrt(d),
+                                               dropout_p=drop)
             self.last.pop("attention_entropy", None)
         self.last_r = r.mean(dim=(0, 2))
         self.last.update(R=r.detach().mean(), tau=tau.detach().mean(), lam=lam.detach().mean())
