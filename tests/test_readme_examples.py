@@ -8,8 +8,8 @@ linked from the repository), in README order:
   becomes a few steps more, so ``--resume`` has something to continue. Every other argument is the
   README's, and the run folders the later examples use are the ones these trains write.
 * The embedded SmolLM2-135M is replaced by a tiny random Llama (``embedded_model_folder`` patched) so
-  that the Phase-Slip examples run in seconds; ``tests/test_pretrained_and_cli.py`` runs the embedded
-  model itself (marked ``embedded``).
+  that the Phase-Slip examples run in seconds; the ``embedded``-marked test runs the first two Python
+  blocks on the embedded model itself.
 * Python blocks run in one namespace, as a reader pasting them in order would.
 * Lines in :data:`PARSE_ONLY` are only parsed (argparse, or the Makefile target / script exists), for the
   reason given there. So are the commands of the "Measured" section (inline code, runs of minutes to hours).
@@ -98,7 +98,7 @@ def tiny_embedded(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def readme_dir(tmp_path_factory, tiny_embedded):
-    """A scratch folder where every shell example of the README has run, in order; yields
+    """A scratch folder where every shell example of the README has run, in order:
     ``(folder, [(argv, exit status or parse-only reason, stdout, stderr)])``."""
     folder = tmp_path_factory.mktemp("readme")
     (folder / "configs").symlink_to(ROOT / "configs")
@@ -123,7 +123,7 @@ def readme_dir(tmp_path_factory, tiny_embedded):
             finally:
                 logging.getLogger("phaselm").removeHandler(handler)
             ran.append((argv, code, out.getvalue(), err.getvalue()))
-        yield folder, ran
+    return folder, ran
 
 
 def test_every_shell_example_runs(readme_dir):
@@ -187,3 +187,14 @@ def test_interpret_on_a_pma_run_is_refused_in_one_line(readme_dir, capsys):
     assert main(["interpret", str(folder / "runs" / "pma" / "tiny"), "--split", "val"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no phase layers" in err[0] and "phaselm report interventions" in err[0], err
+
+
+@pytest.mark.embedded
+def test_phase_slip_examples_on_the_embedded_model(embedded, capsys):
+    """The first two Python blocks ("Phase-Slip in five lines", "Inside model.generate") with the real
+    embedded SmolLM2-135M, as a reader runs them (about 40 s on 2 cores)."""
+    namespace: dict = {}
+    for i, code in enumerate(blocks("python")[:2]):
+        exec(compile(code, f"README.md python block {i + 1}", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert namespace["out"].shape[1] > namespace["inputs"]["input_ids"].shape[1]
+    assert "| selected |" in capsys.readouterr().out
