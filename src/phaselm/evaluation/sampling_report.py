@@ -89,6 +89,16 @@ def verdict(res: dict) -> str:
     return " ".join(lines)
 
 
+def _kept_lines(res: dict) -> list[str]:
+    """The report's note on rows kept from earlier commands into the folder (:func:`merge_earlier`)."""
+    kept = res.get("kept_from_earlier")
+    if not kept:
+        return []
+    methods = ", ".join(f"`{m}`" for m in kept["methods"])
+    commands = "; ".join(f"`{c}`" for c in kept["commands"])
+    return [f"Kept from earlier commands into this folder (same setup): {methods} ({commands}).", ""]
+
+
 def write_markdown(res: dict, path: Path, command: str) -> None:
     cfg, prov = res["config"], res["provenance"]
     primary = res.get("primary_diversity", "entropy")
@@ -105,9 +115,7 @@ def write_markdown(res: dict, path: Path, command: str) -> None:
            f"Confidence intervals: 95%, bootstrap stratified by prompt ({cfg.get('n_boot', 2000)} draws; prompts with "
            f"replacement, then rounds within each drawn prompt, the same draws for every method). "
            f"MDE = minimum detectable effect = {res.get('mde_factor', 2.8)} × bootstrap SE (80% power, α = 0.05).", "",
-           *([f"Kept from earlier commands into this folder (same setup): {', '.join(f'`{m}`' for m in kept['methods'])}"
-              f" (" + "; ".join(f"`{c}`" for c in kept["commands"]) + ").", ""]
-             if (kept := res.get("kept_from_earlier")) else []),
+           *_kept_lines(res),
            "## Verdict", "", verdict(res), "", "![comparisons](comparisons.png)", "", "![frontier](frontier.png)", ""]
     out += ["## Comparisons (perplexity difference, method / standard − 1)", "",
             "Matched: against the standard-sampling temperature curve interpolated (log perplexity) at the method's "
