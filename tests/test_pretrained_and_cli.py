@@ -135,23 +135,23 @@ def test_learned_positions_generate_past_the_context_like_nanogpt(caplog):
     model, tok = _tiny_gpt()
     assert sliding_window_context(model) == 16 and sliding_window_context(make_model("llama")) is None
     assert sliding_window_context(make_model("gpt2")) == 128
-    ref = _nanogpt_loop(model, tok, "ab:", 40, seed=3, temperature=0.8)
+    ref = _nanogpt_loop(model, tok, "ab:", 40, seed=3, temperature=0.8)  # never stops at EOS
+    kw = dict(return_details=True, stop_at_eos=False)
     sampler = Sampler(model, tok)
     with caplog.at_level("WARNING", logger="phaselm"):
         for _ in range(2):
-            got = sampler.generate("ab:", max_new_tokens=40, seed=3, temperature=0.8, return_details=True)
-            assert got.token_ids[0] == ref
+            assert sampler.generate("ab:", max_new_tokens=40, seed=3, temperature=0.8, **kw).token_ids[0] == ref
     assert len([r for r in caplog.records if "slides a window" in r.getMessage()]) == 1
     assert len(set(ref)) > 5  # not a constant continuation
     zero = PhaseSlipSampler(model, tok, noise_scale=0.0, heads=[(1, 0)])
-    assert zero.generate("ab:", max_new_tokens=40, seed=3, temperature=0.8, return_details=True).token_ids[0] == ref
+    assert zero.generate("ab:", max_new_tokens=40, seed=3, temperature=0.8, **kw).token_ids[0] == ref
     prompts, seeds = ["ab:", "a long prompt of many chars"], [3, 4]  # the second is longer than the context
-    batched = sampler.generate(prompts, max_new_tokens=30, seed=seeds, return_details=True).token_ids
-    assert batched == [sampler.generate(p, max_new_tokens=30, seed=s, return_details=True).token_ids[0]
-                       for p, s in zip(prompts, seeds)]
+    batched = sampler.generate(prompts, max_new_tokens=30, seed=seeds, **kw).token_ids
+    assert batched == [sampler.generate(p, max_new_tokens=30, seed=s, **kw).token_ids[0] for p, s in zip(prompts, seeds)]
     strong = PhaseSlipSampler(model, tok, noise_scale=1.0, heads=[(1, 0)])
-    out = strong.generate(prompts, max_new_tokens=30, seed=seeds, return_details=True)
+    out = strong.generate(prompts, max_new_tokens=30, seed=seeds, **kw)
     assert [len(t) for t in out.token_ids] == [30, 30] and out.diagnostics["kl"].shape == (2, 30)
+    assert bool((out.diagnostics["kl"][:, -10:] > 1e-9).all())  # the rotation acts in the windowed steps too
 
 
 def test_rotary_models_still_refuse_beyond_their_context():
