@@ -97,7 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("checkpoint", help="a run folder (train.out_dir) or a checkpoints/step-* folder")
     ev.add_argument("--split", choices=["val", "test"], default="test")
     ev.add_argument("--device", default="cpu")
-    sp = sub.add_parser("sample", help="continue a prompt with a trained run (the same decoding flags as generate)")
+    sp = sub.add_parser("sample", help="continue a prompt with a trained run (the same decoding flags as generate)",
+                        description="Continue PROMPT with a trained run. Past the model's context (block_size tokens) "
+                                    "generation goes on as nanoGPT's does: each further token is predicted from the last "
+                                    "block_size tokens by a full forward pass without a cache (slower; logged once).")
     sp.add_argument("checkpoint", help="a run folder (train.out_dir) or a checkpoints/step-* folder")
     sp.add_argument("prompt")
     sp.add_argument("--device", default="cpu")
