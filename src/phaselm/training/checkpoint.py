@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, load_model, save_file
 
 from phaselm.manifest import (  # noqa: F401 - re-exported: the manifest helpers live below the models
     MANIFEST, STEP_NAME, TRAINING_ONLY, CheckpointError, sha256, step_folders, verify, verify_folder, write_manifest,
@@ -77,9 +77,34 @@ _SHIM = '''"""The trust_remote_code entry point of a phaselm model folder (writt
 the folder's ``config.json`` ``auto_map``; it imports the model from the installed phaselm package
 (``pip install phaselm``), so the code that runs is the package's, not a copy.
 """
-from {config_module} import {config}  # noqa: F401
-from {model_module} import {model}  # noqa: F401
 '''
+
+
+def remote_code(model: torch.nn.Module) -> tuple[dict[str, str], str] | None:
+    """``(auto_map, shim source)`` for a phaselm model (None for any other): the Auto classes
+    (``AutoConfig``, ``AutoModelForCausalLM``, ``AutoModel`` for the base model) mapped to
+    :data:`REMOTE_CODE`, whose source imports those classes from the installed package."""
+    base = getattr(model, "base_model", model)
+    classes = {"AutoConfig": type(model.config), "AutoModelForCausalLM": type(model)}
+    if base is not model:
+        classes["AutoModel"] = type(base)
+    if not all(cls.__module__.startswith("phaselm.") for cls in classes.values()):
+        return None
+    stem = REMOTE_CODE.removesuffix(".py")
+    auto_map = {auto: f"{stem}.{cls.__name__}" for auto, cls in classes.items()}
+    imports = "".join(f"from {cls.__module__} import {cls.__name__}  # noqa: F401\n" for cls in classes.values())
+    return auto_map, _SHIM + imports
+
+
+def _tensors_once(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors with each tied weight once, under its source name (``model.wte.weight``,
+    not ``lm_head.weight``), as transformers saves them: the base model (``AutoModel``) then finds
+    its embedding, and the LM head is tied to it again on loading."""
+    tensors = model.state_dict()
+    for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+        if target in tensors and source in tensors and tensors[target].data_ptr() == tensors[source].data_ptr():
+            del tensors[target]
+    return {k: v.detach().contiguous() for k, v in tensors.items()}
 
 
 def save_pretrained(folder: Path, model: torch.nn.Module, tokenizer=None) -> None:
@@ -87,21 +112,18 @@ def save_pretrained(folder: Path, model: torch.nn.Module, tokenizer=None) -> Non
     ``config.json`` and the tokenizer's files (no progress bars, no pickles).
 
     ``config.json`` names the class (``architectures``); for a phaselm model it also carries an
-    ``auto_map`` to :data:`REMOTE_CODE`, a two-import shim, so that a process that never imported
-    phaselm loads the folder with ``AutoModelForCausalLM.from_pretrained(folder,
-    trust_remote_code=True)`` (phaselm must be installed there)."""
+    ``auto_map`` to :data:`REMOTE_CODE`, a shim that imports the classes (:func:`remote_code`), so
+    that a process that never imported phaselm loads the folder with
+    ``AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)`` (phaselm must be
+    installed there)."""
     folder = Path(folder)
-    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(_tensors_once(model), str(folder / "model.safetensors"), metadata={"format": "pt"})
     if hasattr(model, "config") and hasattr(model.config, "save_pretrained"):
         config = copy.deepcopy(model.config)  # the live config keeps no save-time fields
         config.architectures = [type(model).__name__]
-        if type(model).__module__.startswith("phaselm.") and type(config).__module__.startswith("phaselm."):
-            stem = REMOTE_CODE.removesuffix(".py")
-            config.auto_map = {"AutoConfig": f"{stem}.{type(config).__name__}",
-                               "AutoModelForCausalLM": f"{stem}.{type(model).__name__}"}
-            (folder / REMOTE_CODE).write_text(_SHIM.format(
-                config_module=type(config).__module__, config=type(config).__name__,
-                model_module=type(model).__module__, model=type(model).__name__))
+        if shim := remote_code(model):
+            config.auto_map, source = shim
+            (folder / REMOTE_CODE).write_text(source)
         config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
