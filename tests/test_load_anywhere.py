@@ -102,18 +102,27 @@ def test_a_run_folder_loads_with_trust_remote_code_where_phaselm_was_never_impor
     assert torch.equal(torch.tensor(out["hidden"]), hidden)
 
 
-@pytest.mark.parametrize("kind", ["gpt", "pma"])
+@pytest.mark.parametrize("kind", ["gpt", "gpt-untied", "pma"])
 def test_every_model_kind_saves_an_auto_map_that_loads_in_a_fresh_process(kind, tmp_path):
+    from safetensors import safe_open
+
     from phaselm.data.datasets import get_tokenizer
     from phaselm.models import MODELS, create_tiny_config
 
     tok = get_tokenizer("char", "abcdefgh ")
     sizes = dict(vocab_size=tok.vocab_size, block_size=16, n_layer=2, n_head=2, n_embd=16)
-    config = create_tiny_config(n_ssm=1, d_state=4, **sizes) if kind == "pma" else MODELS[kind][0](**sizes)
+    if kind == "gpt-untied":
+        sizes["tie_word_embeddings"] = False
+    config = create_tiny_config(n_ssm=1, d_state=4, **sizes) if kind == "pma" else MODELS[kind[:3]][0](**sizes)
     torch.manual_seed(0)
-    model = MODELS[kind][1](config).eval()
+    model = MODELS[kind[:3]][1](config).eval()
+    if kind == "gpt-untied":
+        with torch.no_grad():
+            model.lm_head.weight.normal_()  # a head of its own, saved and loaded as such
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ckpt.save_checkpoint(tmp_path / "run", 1, model, optimizer, {}, {"config": {}}, tokenizer=tok.tok)
+    with safe_open(tmp_path / "run" / "model.safetensors", "pt") as f:  # a tied head is stored once, as its source
+        assert ("lm_head.weight" in f.keys()) == (kind == "gpt-untied") and "model.wte.weight" in f.keys()
     proc = fresh_python(LOAD, str(tmp_path / "run"), "bad cafe", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
