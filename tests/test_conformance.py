@@ -116,6 +116,28 @@ def test_a_missing_tensor_is_initialised_and_reported(kind, key, tmp_path):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_a_checkpoint_without_tensors_loads_an_initialised_model(kind, tmp_path):
+    """Every tensor missing: each one is initialised (finite, the init's statistics) and reported."""
+    model = build(kind)
+    model.save_pretrained(tmp_path)
+    save_file({"unrelated": torch.zeros(1)}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert set(model.state_dict()) - {"lm_head.weight"} <= info["missing_keys"]  # the tied head follows wte
+    assert loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    torch.manual_seed(0)
+    fresh = type(model)(model.config)
+    for (name, got), (_, ref) in zip(loaded.state_dict().items(), fresh.state_dict().items()):
+        got, ref = got.float(), ref.float()
+        assert torch.isfinite(got).all(), name
+        if ref.numel() == 1 or torch.equal(ref, ref.flatten()[0].expand_as(ref)):  # a constant init (norms, K₀, λ₀, ...)
+            assert torch.equal(got, ref), name
+        elif ref.numel() >= 64:  # a random init: the same spread
+            assert 0.7 < got.std() / ref.std() < 1.4, name
+        else:
+            assert got.abs().max() <= 4 * ref.abs().max(), name
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_an_untied_head_is_saved_and_reloaded_exactly(kind, tmp_path):
     model = build(kind, tie_word_embeddings=False)
     head, emb = model.get_output_embeddings().weight, model.get_input_embeddings().weight

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
 from transformers.initialization import guard_torch_init_functions
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
@@ -309,11 +310,18 @@ class PhaseLMForCausalLM(PhaseLMPreTrainedModel, GenerationMixin):
         if config.vocab_size is None:
             raise ValueError("vocab_size must be set (the trainer takes it from the tokenizer)")
         self.model = self.base_model_class(config, initialise=False)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.wte.weight  # tied before the init, as phaselm always did
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)  # tied by post_init (config)
         self.post_init()
         self.model._deferred_init = False
+
+    def init_after_modules(self):
+        """The base pass, then, for tied embeddings, the head's draw becomes the shared matrix
+        (phaselm 0.1 tied before its init, so the head, initialised last, drew it); a loaded
+        embedding is kept, and transformers ties the head to it afterwards."""
+        super().init_after_modules()
+        wte, head = self.model.wte.weight, self.lm_head.weight
+        if self.config.tie_word_embeddings and head is not wte and not getattr(head, "_is_hf_initialized", False):
+            init.copy_(wte, head)
 
     def get_input_embeddings(self):
         return self.model.wte

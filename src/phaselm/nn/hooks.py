@@ -64,7 +64,8 @@ def hook_names(model: nn.Module) -> list[str]:
 
 def _matching(model: nn.Module, name: NameFilter) -> dict[str, HookPoint]:
     """``{name: hook point}`` of the points of ``model`` that ``name`` (a name or a filter) selects;
-    names are paths inside ``model``, so a bare module (an attention layer) names its own points."""
+    names are paths inside ``model`` (its ``base_model`` for a transformers model), so a bare module (an
+    attention layer) names its own points."""
     points = hook_points(model)
     if callable(name):
         found = {n: p for n, p in points.items() if name(n)}
