@@ -2,16 +2,18 @@
 
 Layout under ``out_dir/checkpoints/``::
 
-    step-000500/config.json, model.safetensors, tokenizer files
+    step-000500/config.json, model.safetensors, tokenizer files, modeling_phaselm.py
                                         a transformers save_pretrained folder: the model (tied
-                                        tensors stored once), its config and its tokenizer
+                                        tensors stored once), its config (with ``auto_map``), its
+                                        tokenizer and the trust_remote_code shim
     step-000500/optimizer.safetensors   optimiser tensors, and RNG states as uint8 tensors
     step-000500/state.json              config, step, metrics, optimiser param groups, and
                                         ``files``: the SHA-256 of every other file in the folder
     latest                              the name of the newest complete checkpoint (a hint)
 
 and ``out_dir/`` itself holds the newest checkpoint's model files (hard links, or copies), so a
-run folder is a save_pretrained folder: ``AutoModelForCausalLM.from_pretrained("runs/pma/tiny")``.
+run folder is a save_pretrained folder: ``AutoModelForCausalLM.from_pretrained("runs/pma/tiny")``
+(after ``import phaselm``, or anywhere phaselm is installed with ``trust_remote_code=True``).
 
 A checkpoint is written into a temporary folder, renamed into place, and only then does
 ``latest`` (rewritten through a temp file + ``os.replace``) point at it; a save killed at any
@@ -21,7 +23,9 @@ Integrity: :func:`save_checkpoint` hashes *every* file of the folder (whatever t
 new files need no code here) and records the digests, and a digest of the manifest itself, in
 ``state.json``. :func:`verify` (called by :func:`read_state`, hence by every loader) re-hashes them
 and raises :class:`CheckpointError`, a one-line ``ValueError`` naming the file, for a missing,
-truncated, garbled or edited file, an edited ``state.json`` included.
+truncated, garbled or edited file, an edited ``state.json`` included. The manifest helpers live in
+:mod:`phaselm.manifest` (below the models, whose loader checks run folders with
+:func:`~phaselm.manifest.verify_folder`) and are re-exported here.
 
 Finding checkpoints: :func:`latest_checkpoint` is the newest ``step-*`` folder that has a
 ``state.json`` (so a checkpoint whose ``latest`` pointer was never written is still found);
