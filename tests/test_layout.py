@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A module may import from a lower layer, or from its own package (phaselm.nn.x from
 # phaselm.nn.y); never from a higher layer, and never across packages of the same layer.
 LAYERS = [
-    ["phaselm.utils"],
+    ["phaselm.utils", "phaselm.manifest"],
     ["phaselm.nn"],
     ["phaselm.models"],
     ["phaselm.pretrained"],

@@ -166,6 +166,13 @@ class TextTokenizer:
         return json.dumps({"type": "char", "chars": self.chars} if self.chars is not None
                           else {"type": "hf", "name": self.name})
 
+    @classmethod
+    def from_json(cls, text: str) -> "TextTokenizer":
+        """The tokenizer :meth:`to_json` described (a char vocabulary exactly as saved, special tokens
+        or not: a run trained before char tokenizers had them keeps its ids)."""
+        spec = json.loads(text)
+        return cls(char_tokenizer(spec["chars"]), "char") if spec["type"] == "char" else get_tokenizer(spec["name"])
+
 
 def get_tokenizer(spec: str, text: str | None = None) -> TextTokenizer:
     """``"char"`` (its vocabulary: the characters of ``text``), ``"bpe"`` (the embedded model's

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from phaselm.data.datasets import (
-    TextTokenizer, char_tokenizer, get_tokenizer, load_splits, token_id_tokenizer, tokenized,
+    TextTokenizer, get_tokenizer, load_splits, token_id_tokenizer, tokenized,
 )
 from phaselm.data.tasks import TaskData
 from phaselm.models import MODELS, config_from_dict, config_to_dict
@@ -281,10 +281,12 @@ class TextData:
 
     head_at_targets = False  # every position has a target
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, saved_tokenizer: str | None = None):
         self.cfg = cfg
         self.splits = load_splits(cfg.data.name, cfg.data.path)
-        self.tokenizer = get_tokenizer(cfg.data.tokenizer, "".join(self.splits.values()))  # char: all splits
+        # a resumed run keeps the tokenizer its checkpoint was trained with (``saved_tokenizer``, its JSON)
+        self.tokenizer = (TextTokenizer.from_json(saved_tokenizer) if saved_tokenizer is not None
+                          else get_tokenizer(cfg.data.tokenizer, "".join(self.splits.values())))  # char: all splits
         self.train_tokens = tokenized(self.splits["train"], self.tokenizer)
         self.val_tokens = tokenized(self.splits["val"], self.tokenizer)
         if len(self.train_tokens) <= cfg.model.block_size + 1:
@@ -386,6 +388,15 @@ class Trainer:
         self.out = Path(t.out_dir)
 
     # ------------------------------------------------------------------ helpers
+    def _saved_tokenizer(self) -> str | None:
+        """On ``--resume``: the tokenizer JSON of the newest readable checkpoint (None: start afresh)."""
+        for folder in ckpt.step_folders(self.out) if self.resume else []:
+            try:
+                return ckpt.read_state(folder)["tokenizer"]
+            except (ckpt.CheckpointError, OSError, KeyError, ValueError):
+                continue
+        return None
+
     def _agree(self, problem: str | None) -> None:
         """Refuse on every rank if any rank found ``problem`` (a one-line message; None: no problem).
         Under DDP the ranks first exchange what they found, so none is left waiting in a collective
@@ -434,7 +445,7 @@ class Trainer:
     def train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         torch.manual_seed(t.seed)
-        self.data = TaskExamples(cfg) if cfg.data.is_task else TextData(cfg)
+        self.data = TaskExamples(cfg) if cfg.data.is_task else TextData(cfg, self._saved_tokenizer())
         self.tokenizer = self.data.tokenizer
         if cfg.model.vocab_size is not None and cfg.model.vocab_size < self.tokenizer.vocab_size:
             raise TrainingError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the data's vocabulary "
@@ -654,14 +665,14 @@ def evaluate_split(path: str | Path, split: str = "test", device: str = "cpu", m
 
 def load_for_inference(path: str | Path, device: str = "cpu"):
     """``(model, tokenizer, cfg, state)`` from a run folder or checkpoint folder."""
+    ckpt.verify_folder(path)  # a run folder's published model files against their checkpoint's manifest
     folder = ckpt.latest_checkpoint(path)
     if folder is None:
         raise ValueError(f"no checkpoint found at {path} (expected a run folder or a checkpoints/step-* folder)")
     state = ckpt.read_state(folder)  # verifies every file's SHA-256
     cfg = from_dict(state["config"]).validate()
     if not (folder / "config.json").is_file():  # written before checkpoints were save_pretrained folders
-        spec = json.loads(state["tokenizer"])
-        tok = TextTokenizer(char_tokenizer(spec["chars"]), "char") if spec["type"] == "char" else get_tokenizer(spec["name"])
+        tok = TextTokenizer.from_json(state["tokenizer"])
         model = build_model(cfg, tok.vocab_size)
         ckpt.load_weights(folder, model)
         return model.to(device).eval(), tok, cfg, state

@@ -1,5 +1,6 @@
-"""A refusal under torchrun: every rank stops cleanly (none waits in a collective for a rank that
-stopped, none prints a traceback), and phaselm prints the one line once, whichever rank found it."""
+"""Trainer edge cases: a refusal under torchrun (every rank stops cleanly, none waits in a collective
+for a rank that stopped or prints a traceback, and phaselm prints the one line once), and a run
+saved by an older phaselm resuming with its own vocabulary."""
 import os
 import socket
 import subprocess
@@ -34,3 +35,24 @@ def test_ddp_into_a_folder_holding_a_run_is_one_line_on_every_rank(tmp_path):
     workers = out.stderr.split("Traceback (most recent call last)")  # torchrun's own launcher traceback follows
     assert len(workers) == 2 and "torch/distributed/run.py" in workers[1], out.stderr  # no worker traceback
     assert "Root Cause" in out.stderr and "exitcode  : 2" in out.stderr  # the first rank out exited with phaselm's status
+
+
+def test_a_char_run_from_before_the_special_tokens_resumes_with_its_own_vocabulary(tmp_path, monkeypatch):
+    """A checkpoint whose char vocabulary has no end-of-text/unknown tokens (saved by an older
+    phaselm) resumes with that vocabulary: same ids, same embedding rows, no shape error."""
+    from phaselm.data import datasets
+    from phaselm.training.config import load_config
+    from phaselm.training.trainer import Trainer
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(TINY.replace("max_iters: 2", "max_iters: 4"))
+    over = [f"train.out_dir={tmp_path / 'run'}"]
+    with monkeypatch.context() as m:
+        m.setattr(datasets, "char_vocab", lambda text: sorted(set(text)))  # the old vocabulary
+        old = Trainer(load_config(str(cfg), over + ["train.max_iters=2"]), progress=False)
+        old.train()
+    width = old.raw_model.get_input_embeddings().weight.shape[0]
+    resumed = Trainer(load_config(str(cfg), over), resume=True, progress=False)
+    assert resumed.train()["iters"] == 4
+    assert resumed.tokenizer.vocab_size == width == resumed.raw_model.get_input_embeddings().weight.shape[0]
+    assert resumed.tokenizer.tok.unk_token is None  # the saved vocabulary, not today's
