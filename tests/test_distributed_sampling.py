@@ -126,4 +126,4 @@ def test_resume_after_interruption_equals_uninterrupted(tiny_folder, tmp_path, m
     capsys.readouterr()
     assert main([*argv, "--out", str(out), "--resume", "--max-new-tokens", "5"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "different configuration" in err[0]
+    assert len(err) == 1 and "max_new_tokens (6 there, 5 here)" in err[0] and "another --out" in err[0]

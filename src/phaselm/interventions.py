@@ -47,7 +47,7 @@ def _points(model: nn.Module, target: str, layers: int | Iterable[int] | None) -
     if target not in TARGETS:
         raise ValueError(f"unknown override {target!r}; choose from {', '.join(sorted(TARGETS))}")
     if not hasattr(model, "pma_layers"):
-        raise TypeError(f"{type(model).__name__} has no PMA layers; overrides need a PhaseModulatedAttentionLM")
+        raise TypeError(f"{type(model).__name__} has no PMA layers; overrides need a PMAForCausalLM (phaselm.PhaseModulatedAttentionLM)")
     pma = model.pma_layers()
     chosen = list(pma) if layers is None else [layers] if isinstance(layers, numbers.Integral) else list(layers)
     missing = [i for i in chosen if i not in pma]

@@ -133,6 +133,16 @@ class PhaseLMPreTrainedModel(PreTrainedModel):
 
     base_model_prefix = "model"
     _supports_cache_class = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """transformers' ``from_pretrained``, after checking a phaselm run or checkpoint folder's files
+        against its SHA-256 manifest (a damaged file: a one-line ``CheckpointError``; a folder
+        without a manifest, or a hub name, is loaded as transformers loads it)."""
+        from phaselm.manifest import verify_folder
+
+        verify_folder(pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
     _supports_sdpa = True
     supports_gradient_checkpointing = False
     residual_suffixes: tuple[str, ...] = ("proj.weight",)
