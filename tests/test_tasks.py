@@ -350,3 +350,15 @@ def test_bench_on_the_mixture_tests_one_model_per_seed_on_every_difficulty(tmp_p
     main, sweep = load(tmp_path / "out")
     assert {r["difficulty"] for r in main} == {"L64-kv4", "L128-kv8"} and len(sweep) == 1
     assert "mixture of L64-kv4, L128-kv8" in markdown(main, sweep)[0]
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"device": "tpu"}, "--device must be cpu, cuda, cuda:N or auto"),
+    ({"mixture": True, "sweep_difficulty": "L64-kv4"}, "--sweep-difficulty does not apply to --mixture"),
+    ({"difficulties": ["L32"]}, "'L32' is not a difficulty of mqar"),
+])
+def test_bench_settings_errors_are_one_line(kw, message):
+    from phaselm.evaluation.tasks_bench import TasksConfig
+
+    with pytest.raises(ValueError, match=message):
+        TasksConfig(task="mqar", **kw).validate()

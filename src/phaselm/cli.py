@@ -356,7 +356,8 @@ def cmd_bench_tasks(args) -> int:
                       difficulties=_names(args.difficulties, "--difficulties") if args.difficulties else None,
                       sweep_difficulty=args.sweep_difficulty, steps=args.steps,
                       batch_size=args.batch_size, num_train=args.num_train, num_test=args.num_test,
-                      eval_interval=args.eval_interval, vocab_size=args.vocab_size, mixture=args.mixture)
+                      eval_interval=args.eval_interval, vocab_size=args.vocab_size, mixture=args.mixture,
+                      device=args.device)
     shard = parse_shard(args.shard)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # under torchrun each process trains its own runs alone
         os.environ.pop(key, None)

@@ -81,6 +81,7 @@ class TasksConfig:
     eval_interval: int = 500
     vocab_size: int | None = None  # None: the task's default (MQAR 8192)
     mixture: bool = False  # one run per (model, width, seed) on the mixture of the difficulties, tested on each
+    device: str = "cpu"  # train.device of every run (cpu | cuda | cuda:N | auto); recorded in each run's JSON
 
     def validate(self) -> "TasksConfig":
         if self.task not in DIFFICULTIES:
@@ -101,6 +102,13 @@ class TasksConfig:
             raise ValueError(f"--widths must be multiples of {N_HEAD} and >= {N_HEAD * 4}, got {self.widths}")
         if not self.lrs or min(self.lrs) <= 0:
             raise ValueError(f"--lrs must be positive learning rates, got {self.lrs}")
+        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+            raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise ValueError(f"--device {self.device}: no GPU is available here; use --device cpu")
         if self.num_train is None:
             self.num_train = NUM_TRAIN[self.task]
         for key in ("seeds", "steps", "batch_size", "num_train", "num_test", "eval_interval"):
@@ -364,7 +372,7 @@ class TasksBench:
             "train": {"out_dir": str(self.work / run.run_id.replace("/", "__")), "max_iters": c.steps,
                       "batch_size": c.batch_size, "lr": lr, "min_lr": lr / 10, "warmup_iters": min(100, c.steps // 10),
                       "weight_decay": 0.1, "beta2": 0.99, "eval_interval": c.eval_interval,
-                      "log_interval": max(1, c.eval_interval // 5), "seed": run.seed, "device": "cpu",
+                      "log_interval": max(1, c.eval_interval // 5), "seed": run.seed, "device": c.device,
                       "keep_checkpoints": 1},
         }).validate()
 
