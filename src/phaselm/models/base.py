@@ -36,7 +36,7 @@ from transformers.initialization import guard_torch_init_functions
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from phaselm.nn import oscillators as osc
-from phaselm.nn.attention import CausalSelfAttention, LayerInputs
+from phaselm.nn.attention import CausalSelfAttention, LayerInputs, static_length
 
 
 @dataclass(kw_only=True)
@@ -144,6 +144,7 @@ class PhaseLMPreTrainedModel(PreTrainedModel):
         verify_folder(pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
     _supports_sdpa = True
+    _can_compile_fullgraph = True  # static-cache decoding: one graph, no breaks (tests/test_static_compile.py)
     supports_gradient_checkpointing = False
     residual_suffixes: tuple[str, ...] = ("proj.weight",)
 
@@ -286,8 +287,8 @@ class PhaseLMModel(PhaseLMPreTrainedModel):
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=c)
         inputs = LayerInputs.build(b, t, ref.device, attention_mask, position_ids, past_key_values, output_attentions)
-        if inputs.past + t > c.block_size:
-            raise ValueError(f"sequence length {inputs.past + t} exceeds block_size {c.block_size}; "
+        if not torch.compiler.is_compiling() and int(inputs.past) + t > c.block_size:
+            raise ValueError(f"sequence length {int(inputs.past) + t} exceeds block_size {c.block_size}; "
                              f"shorten the input or max_new_tokens")
         x = self.embed(input_ids, inputs_embeds, inputs)
         hidden, attentions = [x], []
@@ -348,8 +349,13 @@ class PhaseLMForCausalLM(PhaseLMPreTrainedModel, GenerationMixin):
     def get_decoder(self):
         return self.model
 
-    def create_masks_for_generate(self, attention_mask=None, **kwargs):
-        """``generate`` builds 4-D masks for compileable caches; these models take the 2-D mask."""
+    def create_masks_for_generate(self, attention_mask=None, past_key_values=None, **kwargs):
+        """``generate`` builds 4-D masks for compileable caches; these models take the 2-D mask, and
+        for a static cache of S slots that mask padded with zeros to ``[B, S]``, so every decoding
+        step has the same input shapes (a compiled step is traced once)."""
+        slots = static_length(past_key_values)
+        if attention_mask is not None and slots is not None and attention_mask.shape[-1] < slots:
+            attention_mask = F.pad(attention_mask, (0, slots - attention_mask.shape[-1]))
         return attention_mask
 
     def _validate_generated_length(self, generation_config, input_ids_length, has_default_max_length):

@@ -56,7 +56,16 @@ class LayerInputs:
         default to the count of real tokens before each one, so a left-padded row computes
         exactly what the same row without padding computes. ``seen`` counts the real tokens of the
         mask's first ``past`` entries (the position id of the first new token is one less than that
-        when the new chunk starts with padding, which is why it is not used as the count)."""
+        when the new chunk starts with padding, which is why it is not used as the count).
+
+        A static cache (:func:`static_length` S, ``StaticCache``) returns all S key slots, so the
+        mask covers S keys: the 2-D mask may be given as ``[B, S]`` (zeros after the filled slots;
+        what ``create_masks_for_generate`` passes, one shape for every step, so a compiled step
+        never recompiles) or as ``[B, past + T]``; ``past`` is then the cache's 0-d length tensor
+        and every index is computed from it as a tensor (no host sync, no graph break)."""
+        slots = static_length(cache)
+        if slots is not None:
+            return cls._build_static(batch, length, device, attention_mask, position_ids, cache, output_attentions, slots)
         past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None and cache is None and position_ids is None:
             return cls(output_attentions=output_attentions)
@@ -79,6 +88,34 @@ class LayerInputs:
         return cls(cache=cache, mask=mask[:, None], positions=position_ids.to(device), valid=valid, past=past,
                    seen=seen, output_attentions=output_attentions)
 
+    @classmethod
+    def _build_static(cls, batch, length, device, attention_mask, position_ids, cache, output_attentions, slots):
+        """:meth:`build` for a static cache of ``slots`` key slots: the same fields, the mask ``[B, 1, T, slots]``."""
+        past = cache.get_seq_length()  # 0 before the first update, then a 0-d tensor
+        if not torch.compiler.is_compiling() and int(past) + length > slots:
+            raise ValueError(f"the static cache holds {slots} tokens, but {int(past)} cached + {length} new tokens were "
+                             f"given; make it longer (max_cache_len, or generate's max_length)")
+        slot = torch.arange(slots, device=device)
+        new = torch.arange(length, device=device) + past  # [T]: the slots of the new tokens
+        if attention_mask is None:
+            keys = (slot < past + length).expand(batch, slots)
+        else:
+            width = attention_mask.shape[-1]
+            if width != slots:
+                if width != int(past) + length:
+                    raise ValueError(f"attention_mask has {width} columns, expected {slots} (the static cache's "
+                                     f"slots) or {int(past) + length} (cached tokens + new tokens)")
+                attention_mask = F.pad(attention_mask, (0, slots - width))
+            keys = attention_mask.to(device=device, dtype=torch.bool)
+        if position_ids is None:
+            position_ids = (keys.long().cumsum(-1) - 1).clamp_min(0).index_select(1, new)
+        mask = (slot[None, :] <= new[:, None])[None] & keys[:, None, :]  # [B, T, slots]
+        mask |= slot[None, :] == new[:, None]  # a padding query sees itself (no empty row)
+        valid = keys.index_select(1, new).float() if attention_mask is not None else None
+        seen = (keys & (slot < past)).sum(-1).float()  # [B]
+        return cls(cache=cache, mask=mask[:, None], positions=position_ids.to(device), valid=valid, past=past,
+                   seen=seen, output_attentions=output_attentions)
+
     def as_kwargs(self) -> dict:
         """The fields as keyword arguments for a decoder block, so that hooks which repeat
         batch-shaped arguments (Phase-Slip's row groups) see each tensor."""
@@ -91,6 +128,15 @@ class LayerInputs:
 
 
 PLAIN = LayerInputs()
+
+
+def static_length(cache) -> int | None:
+    """The number of key slots of a cache with fixed-size key/value layers (transformers'
+    ``StaticCache``: ``max_cache_len``), else None (a dynamic cache, or none)."""
+    if cache is None or not getattr(cache, "is_compileable", False):
+        return None
+    slots = [layer.max_cache_len for layer in cache.layers if hasattr(layer, "max_cache_len")]
+    return max(slots) if slots else None
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: LayerInputs, layer_idx: int,
@@ -126,7 +172,8 @@ def phasor_sums(inputs: LayerInputs, layer_idx: int, like: torch.Tensor) -> osc.
     earlier real tokens is ``inputs.seen``."""
     if inputs.cache is None:
         return None
-    state = inputs.cache.get_recurrent_state(layer_idx) if inputs.past else None
+    fresh = not torch.is_tensor(inputs.past) and not inputs.past  # a static cache's length is a tensor
+    state = None if fresh else inputs.cache.get_recurrent_state(layer_idx)
     count = inputs.seen if inputs.seen is not None else torch.full((like.shape[0],), float(inputs.past))
     count = count.to(like.device, torch.float32).view(-1, *([1] * (like.ndim - 1)))
     return osc.PhasorSums(None if state is None else state.movedim(1, 0), count)
