@@ -144,6 +144,8 @@ class PhaseLMPreTrainedModel(PreTrainedModel):
         verify_folder(pretrained_model_name_or_path)
         return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
     _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
     _can_compile_fullgraph = True  # static-cache decoding: one graph, no breaks (tests/test_static_compile.py)
     supports_gradient_checkpointing = False
     residual_suffixes: tuple[str, ...] = ("proj.weight",)
@@ -286,7 +288,8 @@ class PhaseLMModel(PhaseLMPreTrainedModel):
         output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=c)
-        inputs = LayerInputs.build(b, t, ref.device, attention_mask, position_ids, past_key_values, output_attentions)
+        inputs = LayerInputs.build(b, t, ref.device, attention_mask, position_ids, past_key_values, output_attentions,
+                                   getattr(c, "_attn_implementation", None) or "sdpa")
         if not torch.compiler.is_compiling() and int(inputs.past) + t > c.block_size:
             raise ValueError(f"sequence length {int(inputs.past) + t} exceeds block_size {c.block_size}; "
                              f"shorten the input or max_new_tokens")

@@ -11,7 +11,13 @@ two modes with the same weights:
   ``update_recurrent_state``, :func:`phasor_sums` / :func:`store_phasor_sums`), so a new token
   costs O(N) for its oscillators.
 
-Blocks: :class:`CausalSelfAttention` (softmax(q kᵀ/√d + mask) v through SDPA), :class:`MLP`,
+Attention itself is one call, :func:`attend`, through transformers' attention interface
+(``ALL_ATTENTION_FUNCTIONS``), so ``attn_implementation="sdpa" | "eager" | "flex_attention"`` switches
+it as for Llama; phase-coupled and phase-modulated attention reach it as one dot product over
+enlarged query/key features. A static cache (``cache_implementation="static"``) keeps every state in
+fixed-shape tensors updated in place, so the decoding step compiles to one graph.
+
+Blocks: :class:`CausalSelfAttention` (softmax(q kᵀ/√d + mask) v), :class:`MLP`,
 :class:`Block` (pre-LN). Phase-coupled and phase-modulated attention subclass
 :class:`CausalSelfAttention` in :mod:`phaselm.nn.phase_coupled` and :mod:`phaselm.nn.phase_modulated`.
 """
@@ -23,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from phaselm.nn import oscillators as osc
 
@@ -38,6 +46,8 @@ class LayerInputs:
     ``seen``: ``[B]``, how many of them were real tokens (what the running Kuramoto sums of the cache
     hold; None without a cache). ``output_attentions``: attention layers compute their pattern
     explicitly and keep it as ``attention_weights`` ``[B, H, T, S]`` (the eager path).
+    ``attn_implementation``: the attention function of transformers' interface (the config's
+    ``_attn_implementation``: ``sdpa``, ``eager``, ``flex_attention``; see :func:`attend`).
     """
 
     cache: object | None = None
@@ -47,10 +57,12 @@ class LayerInputs:
     past: int = 0
     seen: torch.Tensor | None = None
     output_attentions: bool = False
+    attn_implementation: str = "sdpa"
 
     @classmethod
     def build(cls, batch: int, length: int, device, attention_mask: torch.Tensor | None = None,
-              position_ids: torch.Tensor | None = None, cache=None, output_attentions: bool = False) -> "LayerInputs":
+              position_ids: torch.Tensor | None = None, cache=None, output_attentions: bool = False,
+              attn_implementation: str = "sdpa") -> "LayerInputs":
         """From a 2-D ``attention_mask [B, past + T]`` (1 real, 0 padding; left padding as
         ``generate`` makes it), optional ``position_ids [B, T]`` and the cache. Position ids
         default to the count of real tokens before each one, so a left-padded row computes
@@ -65,10 +77,11 @@ class LayerInputs:
         and every index is computed from it as a tensor (no host sync, no graph break)."""
         slots = static_length(cache)
         if slots is not None:
-            return cls._build_static(batch, length, device, attention_mask, position_ids, cache, output_attentions, slots)
+            return cls._build_static(batch, length, device, attention_mask, position_ids, cache, output_attentions,
+                                     attn_implementation, slots)
         past = cache.get_seq_length() if cache is not None else 0
         if attention_mask is None and cache is None and position_ids is None:
-            return cls(output_attentions=output_attentions)
+            return cls(output_attentions=output_attentions, attn_implementation=attn_implementation)
         total = past + length
         if attention_mask is not None:
             if attention_mask.shape != (batch, total):
@@ -86,10 +99,11 @@ class LayerInputs:
         valid = keys[:, past:].float() if attention_mask is not None else None
         seen = None if cache is None else keys[:, :past].sum(-1).float()  # [B]
         return cls(cache=cache, mask=mask[:, None], positions=position_ids.to(device), valid=valid, past=past,
-                   seen=seen, output_attentions=output_attentions)
+                   seen=seen, output_attentions=output_attentions, attn_implementation=attn_implementation)
 
     @classmethod
-    def _build_static(cls, batch, length, device, attention_mask, position_ids, cache, output_attentions, slots):
+    def _build_static(cls, batch, length, device, attention_mask, position_ids, cache, output_attentions,
+                      attn_implementation, slots):
         """:meth:`build` for a static cache of ``slots`` key slots: the same fields, the mask ``[B, 1, T, slots]``."""
         past = cache.get_seq_length()  # 0 before the first update, then a 0-d tensor
         if not torch.compiler.is_compiling() and int(past) + length > slots:
@@ -114,7 +128,7 @@ class LayerInputs:
         valid = keys.index_select(1, new).float() if attention_mask is not None else None
         seen = (keys & (slot < past)).sum(-1).float()  # [B]
         return cls(cache=cache, mask=mask[:, None], positions=position_ids.to(device), valid=valid, past=past,
-                   seen=seen, output_attentions=output_attentions)
+                   seen=seen, output_attentions=output_attentions, attn_implementation=attn_implementation)
 
     def as_kwargs(self) -> dict:
         """The fields as keyword arguments for a decoder block, so that hooks which repeat
@@ -139,30 +153,61 @@ def static_length(cache) -> int | None:
     return max(slots) if slots else None
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: LayerInputs, layer_idx: int,
-           scale: float | None = None, dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """softmax(q·kᵀ·scale + mask) v through SDPA: ``q [B, H, T, Dk]``, ``k [B, H, T, Dk]``,
-    ``v [B, H, T, Dv]`` (Dv ≤ Dk) → ``([B, H, T, Dv], None)``. With a cache, k and v are first
-    appended to layer ``layer_idx`` of it and the queries attend to every cached key the mask allows.
-    With ``inputs.output_attentions`` the same is computed explicitly (the eager path) and the
-    pattern A = softmax(q·kᵀ·scale + mask) ``[B, H, T, S]`` is returned as the second element
-    (scale None: 1/√Dk, as SDPA)."""
-    if inputs.cache is not None:
-        k, v = inputs.cache.update(k, v, layer_idx)
-    if inputs.output_attentions:
+def eager_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                    **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``eager`` attention function (transformers' attention interface signature), the definition:
+    A = softmax(q·kᵀ·scaling + mask) ``[B, H, T, S]``, y = A v. ``query [B, H, T, D]``, ``key [B, H, S, D]``,
+    ``value [B, H, S, Dv]``; ``attention_mask``: boolean ``[B, 1, T, S]`` (True = may attend), or an
+    additive float mask. Returns ``(y [B, T, H, Dv], A)``."""
+    scores = (query @ key.transpose(-1, -2)) * (query.shape[-1] ** -0.5 if scaling is None else scaling)
+    if attention_mask is not None:
+        scores = (scores.masked_fill(~attention_mask, float("-inf")) if attention_mask.dtype == torch.bool
+                  else scores + attention_mask)
+    att = scores.float().softmax(-1).to(query.dtype)
+    y = F.dropout(att, dropout, training=dropout > 0) @ value
+    return y.transpose(1, 2), att
+
+
+def attention_mask_for(implementation: str, inputs: LayerInputs, q: torch.Tensor, k: torch.Tensor):
+    """The mask in the form an attention function wants: None for ``sdpa`` on the plain causal path
+    (it then takes ``is_causal``); otherwise the boolean ``[B, 1, T, S]`` mask (causal over the last
+    T of S keys when ``inputs.mask`` is None), as a ``BlockMask`` for ``flex_attention`` (its float
+    score-mask path crashes on the CPU in torch 2.13)."""
+    mask = inputs.mask
+    if mask is None:
+        if implementation == "sdpa":
+            return None
         t, s = q.shape[-2], k.shape[-2]
-        mask = inputs.mask if inputs.mask is not None else torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-        scores = (q @ k.transpose(-1, -2)) * (q.shape[-1] ** -0.5 if scale is None else scale)
-        att = scores.masked_fill(~mask, float("-inf")).softmax(-1)
-        return F.dropout(att, dropout_p, training=dropout_p > 0) @ v, att
+        mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)[None, None]
+    if implementation == "flex_attention":
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        return create_block_mask(lambda b, h, i, j: mask[b, 0, i, j], mask.shape[0], None, q.shape[-2], k.shape[-2],
+                                 device=q.device)
+    return mask
+
+
+def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, inputs: LayerInputs,
+           scale: float | None = None, dropout_p: float = 0.0) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """softmax(q·kᵀ·scale + mask) v through transformers' attention interface
+    (``ALL_ATTENTION_FUNCTIONS``, chosen by ``inputs.attn_implementation``: ``sdpa``, ``eager``
+    (:func:`eager_attention`), ``flex_attention``, or any registered function): ``q [B, H, T, Dk]``,
+    ``k [B, H, T, Dk]``, ``v [B, H, T, Dv]`` (Dv ≤ Dk; v is zero-padded to Dk for the call, since SDPA
+    kernels want one head size, and the output cropped) → ``(y [B, H, T, Dv], A or None)``. With a cache,
+    k and v are first appended to layer ``module.layer_idx`` of it and the queries attend to every
+    cached key the mask allows. With ``inputs.output_attentions`` the eager function runs and the
+    pattern A ``[B, H, T, S]`` is returned (scale None: 1/√Dk)."""
+    if inputs.cache is not None:
+        k, v = inputs.cache.update(k, v, module.layer_idx)
+    implementation = "eager" if inputs.output_attentions else inputs.attn_implementation
+    function = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
     dv = v.shape[-1]
-    if dv < q.shape[-1]:  # SDPA kernels want one head size for q, k and v
+    if dv < q.shape[-1]:
         v = F.pad(v, (0, q.shape[-1] - dv))
-    if inputs.mask is None:
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, dropout_p=dropout_p)
-    else:
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=inputs.mask, scale=scale, dropout_p=dropout_p)
-    return y[..., :dv], None
+    y, att = function(module, q, k, v, attention_mask_for(implementation, inputs, q, k),
+                      scaling=q.shape[-1] ** -0.5 if scale is None else scale, dropout=dropout_p)
+    return y.transpose(1, 2)[..., :dv], att
 
 
 def phasor_sums(inputs: LayerInputs, layer_idx: int, like: torch.Tensor) -> osc.PhasorSums | None:
@@ -211,6 +256,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(n_embd, n_embd, bias=bias)
         self.resid_dropout = nn.Dropout(dropout)
         self.attention_weights: torch.Tensor | None = None  # A [B, H, T, S] of the last forward with output_attentions
+        self.is_causal, self.num_key_value_groups = True, 1  # what transformers' attention functions read
 
     def split_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [B, T, C]`` → q, k, v each ``[B, H, T, C/H]``."""
@@ -228,7 +274,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, inputs: LayerInputs = PLAIN) -> torch.Tensor:
         q, k, v = self.split_heads(x)
-        y, self.attention_weights = attend(q, k, v, inputs, self.layer_idx, dropout_p=self.attn_dropout())
+        y, self.attention_weights = attend(self, q, k, v, inputs, dropout_p=self.attn_dropout())
         return self.merge_heads(y)
 
 

@@ -91,7 +91,7 @@ class PhaseCoupledAttention(CausalSelfAttention):
         scale = (self.coherence * math.sqrt(self.head_dim) / self.n_osc)[:, None, None]  # [H, 1, 1]
         q_aug = torch.cat([q, scale * torch.cos(theta), scale * torch.sin(theta)], dim=-1)
         k_aug = torch.cat([k, torch.cos(theta), torch.sin(theta)], dim=-1)
-        y, self.attention_weights = attend(q_aug, k_aug, v, inputs, self.layer_idx, scale=1 / math.sqrt(self.head_dim),
+        y, self.attention_weights = attend(self, q_aug, k_aug, v, inputs, scale=1 / math.sqrt(self.head_dim),
                                            dropout_p=self.attn_dropout())
         return self.merge_heads(y)
 

@@ -215,7 +215,7 @@ class PhaseModulatedAttention(CausalSelfAttention):
             k_coef = torch.stack([s1.expand_as(phi_pos), s2 * torch.cos(phi_pos), s2 * torch.sin(phi_pos)], -1)
             q_aug = (q_coef[..., :, None] * q[..., None, :]).flatten(-2)  # [B, H, T, 3D]
             k_aug = (k_coef[..., :, None] * k[..., None, :]).flatten(-2)
-            y, self.attention_weights = attend(q_aug, k_aug, v, inputs, self.layer_idx, scale=1 / math.sqrt(d),
+            y, self.attention_weights = attend(self, q_aug, k_aug, v, inputs, scale=1 / math.sqrt(d),
                                                dropout_p=drop)
             self.last.pop("attention_entropy", None)
         self.last_r = r.mean(dim=(0, 2))
