@@ -389,12 +389,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def _saved_tokenizer(self) -> str | None:
-        """On ``--resume``: the tokenizer JSON of the newest readable checkpoint (None: start afresh)."""
+        """On ``--resume``: the tokenizer JSON of the newest readable checkpoint (None: start afresh),
+        after checking that checkpoint's model/data config against this run's (a changed data set
+        would otherwise fail later, in the saved tokenizer, with a less useful message)."""
         for folder in ckpt.step_folders(self.out) if self.resume else []:
             try:
-                return ckpt.read_state(folder)["tokenizer"]
+                state = ckpt.read_state(folder)
+                saved = from_dict(state["config"]).to_dict()  # a field added since has its default
+                tokenizer = state["tokenizer"]
             except (ckpt.CheckpointError, OSError, KeyError, ValueError):
                 continue
+            if any(saved[k] != self.cfg.to_dict()[k] for k in ("model", "data")):
+                raise TrainingError(f"--resume: the model/data config differs from the checkpoint in {folder}")
+            return tokenizer
         return None
 
     def _agree(self, problem: str | None) -> None:
