@@ -1,8 +1,8 @@
 """Decoding speed of phaselm's models with the cache (``model.generate``) against recomputing the
-whole context for every new token, and phaselm's GPT against ``transformers.GPT2LMHeadModel`` of
-the same shapes, one run.
+whole context for every new token, eager (dynamic cache) and compiled (static cache), and phaselm's
+GPT against ``transformers.GPT2LMHeadModel`` of the same shapes, one run.
 
-    python benchmarks/generate_speed.py [--tokens 512] [--batches 1,8] [--device cpu]
+    python benchmarks/generate_speed.py [--tokens 512] [--batches 1,8] [--device cpu] [--no-compile]
 
 Models: the CPU-grid shapes (6 layers, 4 heads, width 128, vocabulary 65) with a context of
 ``tokens + 16``: the GPT baseline, PhaseGPT (one phase layer at 4, 32 oscillators) and the PMA
@@ -11,12 +11,22 @@ decodes ``--tokens`` new tokens after a 16-token prompt by sampling (top-k 40, t
 both ways; the recomputation samples with the same processors, so both do the same work per
 token). Prints tokens/s for every model and batch; the speed-up of the cache (target >= 10 for GPT
 and PhaseGPT, >= 5 for PMA) and GPT / GPT2LMHeadModel (target >= 0.9). Last line: ``ratio: X``,
-the smallest cache speed-up.
+the smallest cache speed-up of the eager path.
+
+Compiled path (issue 22 §2; unless ``--no-compile``): ``generate(..., cache_implementation="static",
+compile_config=...)`` with the decoding step compiled by ``torch.compile`` (inductor, ``fullgraph``,
+static shapes; transformers compiles only on accelerators unless ``compile_config._compile_all_devices``
+is set, as here). One untimed call compiles (its seconds are reported as ``compile_s``), the next is
+timed. Per model and batch: ``compiled_tok_s``, ``compiled_speedup`` (recompute time / compiled time,
+the target >= 10 at batch 1) and ``compile_gain`` (eager dynamic time / compiled static time).
 """
 
 
+import os
+
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList, TopKLogitsWarper
+import torch._dynamo
+from transformers import CompileConfig, GPT2Config, GPT2LMHeadModel, LogitsProcessorList, TopKLogitsWarper
 
 import phaselm
 from common import arg_parser, finish, machine, seconds
@@ -44,18 +54,28 @@ def recompute(model, ids: torch.Tensor, tokens: int, generator: torch.Generator)
     return ids
 
 
-def cached(model, ids: torch.Tensor, tokens: int):
+def cached(model, ids: torch.Tensor, tokens: int, **kwargs):
     return model.generate(ids, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=True, top_k=40,
-                          pad_token_id=0)
+                          pad_token_id=0, **kwargs)
+
+
+def compiled(model, ids: torch.Tensor, tokens: int):
+    """Static cache, decoding step compiled (inductor, one graph, static shapes)."""
+    config = CompileConfig(fullgraph=True, dynamic=False, mode="default")
+    config._compile_all_devices = True
+    return cached(model, ids, tokens, cache_implementation="static", compile_config=config)
 
 
 def main():
     ap = arg_parser(__doc__, repeats=1)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled static-cache path")
     args = ap.parse_args()
+    torch._dynamo.config.cache_size_limit = 64  # one graph per model and batch size
     batches = [int(b) for b in args.batches.split(",")]
-    res = {"machine": machine(args), "tokens": args.tokens, "prompt": PROMPT, "runs": {}}
+    res = {"machine": machine(args), "tokens": args.tokens, "prompt": PROMPT, "runs": {},
+           "load_average_1m": {"start": os.getloadavg()[0]}}  # other processes on the machine skew the timings
     speedups = []
     for name, model in models(args.tokens + PROMPT).items():
         model.to(args.device).eval()
@@ -66,10 +86,18 @@ def main():
                              args.device)
             row = {"cached_tok_s": b * args.tokens / t_cache, "recompute_tok_s": b * args.tokens / t_full,
                    "speedup": t_full / t_cache}
+            line = ""
+            if not args.no_compile:
+                row["compile_s"] = seconds(lambda: compiled(model, ids, args.tokens), args.device)
+                t_comp = seconds(lambda: compiled(model, ids, args.tokens), args.device)
+                row.update(compiled_tok_s=b * args.tokens / t_comp, compiled_speedup=t_full / t_comp,
+                           compile_gain=t_cache / t_comp)
+                line = (f"; compiled static {row['compiled_tok_s']:8.1f} tok/s, speed-up {row['compiled_speedup']:.1f}x "
+                        f"(compile buys {row['compile_gain']:.2f}x; first call {row['compile_s']:.0f} s)")
             res["runs"][f"{name}/batch{b}"] = row
             speedups.append(row["speedup"])
             print(f"{name:9s} batch {b}: cached {row['cached_tok_s']:8.1f} tok/s, recompute {row['recompute_tok_s']:8.1f} "
-                  f"tok/s, speed-up {row['speedup']:.1f}x", flush=True)
+                  f"tok/s, speed-up {row['speedup']:.1f}x{line}", flush=True)
     ours = models(args.tokens + PROMPT)["gpt"].to(args.device).eval()
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=65, n_positions=args.tokens + PROMPT, n_embd=128, n_layer=6, n_head=4,
                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -82,6 +110,9 @@ def main():
                                                  "gpt2_tok_s": b * args.tokens / t_hf, "ratio": t_hf / t_ours}
         print(f"GPT vs GPT2LMHeadModel batch {b}: {b * args.tokens / t_ours:.1f} vs {b * args.tokens / t_hf:.1f} tok/s, "
               f"ratio {t_hf / t_ours:.2f}", flush=True)
+    res["load_average_1m"]["end"] = os.getloadavg()[0]
+    print(f"load average (1 min): {res['load_average_1m']['start']:.2f} at start, {res['load_average_1m']['end']:.2f} at end "
+          f"on {os.cpu_count()} CPUs", flush=True)
     finish(res, args, min(speedups), digits=1)
 
 
