@@ -217,3 +217,22 @@ def test_phaselm_sample_refuses_a_run_folder_with_damaged_weights(run, tmp_path,
     assert main(["sample", str(damaged), "RO", "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "model.safetensors is damaged" in err[0]
+
+
+def test_a_run_folder_tells_generate_its_special_tokens_and_pads_batches_on_the_left(run):
+    """generation_config.json carries the char tokenizer's end-of-text id (bos, eos and pad), the
+    tokenizer pads on the left, and a padded batch generates each row's unbatched greedy tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model, tok = AutoModelForCausalLM.from_pretrained(run), AutoTokenizer.from_pretrained(run)
+    eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    gen = model.generation_config
+    assert (gen.bos_token_id, gen.eos_token_id, gen.pad_token_id) == (eos, eos, eos) == (tok.eos_token_id,) * 3
+    assert tok.padding_side == "left" and tok.pad_token_id == eos
+    prompts = ["ROM", "A", "To"]  # within the 8-token context of this run
+    batch = tok(prompts, return_tensors="pt", padding=True)
+    assert batch["input_ids"][1, 0] == eos and batch["attention_mask"][1, 0] == 0  # left padding
+    rows = model.generate(**batch, max_new_tokens=5, do_sample=False)[:, -5:]
+    for prompt, row in zip(prompts, rows):
+        alone = model.generate(**tok([prompt], return_tensors="pt"), max_new_tokens=5, do_sample=False)[0, -5:]
+        assert row.tolist() == alone.tolist()

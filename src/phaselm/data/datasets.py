@@ -105,8 +105,8 @@ def char_tokenizer(chars) -> PreTrainedTokenizerFast:
     beginning-of-text) token and its unknown token: an unseen character encodes to the unknown id.
     Without them (a vocabulary saved by an older phaselm) the tokenizer has no special tokens and an
     unseen character is an error. Decoding concatenates; ``save_pretrained`` /
-    ``AutoTokenizer.from_pretrained`` round-trip it. It has no pad token (``generate`` and lm-eval
-    use the end-of-text token)."""
+    ``AutoTokenizer.from_pretrained`` round-trip it. The end-of-text token also pads, on the left
+    (batched generation, as transformers expects of decoder-only models)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -116,8 +116,8 @@ def char_tokenizer(chars) -> PreTrainedTokenizerFast:
     core = Tokenizer(models.WordLevel(vocab, unk_token=UNK_TOKEN if UNK_TOKEN in vocab else None))
     core.pre_tokenizer = pre_tokenizers.Split(Regex("[\\s\\S]"), behavior="isolated")  # one token per character
     core.decoder = decoders.Fuse()
-    special = {"eos_token": EOS_TOKEN, "bos_token": EOS_TOKEN, "unk_token": UNK_TOKEN}
-    return PreTrainedTokenizerFast(tokenizer_object=core, clean_up_tokenization_spaces=False,
+    special = {"eos_token": EOS_TOKEN, "bos_token": EOS_TOKEN, "pad_token": EOS_TOKEN, "unk_token": UNK_TOKEN}
+    return PreTrainedTokenizerFast(tokenizer_object=core, clean_up_tokenization_spaces=False, padding_side="left",
                                    **{k: v for k, v in special.items() if v in vocab})
 
 

@@ -113,7 +113,8 @@ def _tensors_once(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_pretrained(folder: Path, model: torch.nn.Module, tokenizer=None) -> None:
     """The model as a transformers folder: ``model.safetensors`` (tied tensors once),
-    ``config.json`` and the tokenizer's files (no progress bars, no pickles).
+    ``config.json``, the tokenizer's files and, where the tokenizer has an end-of-text token,
+    ``generation_config.json`` with its bos/eos/pad ids (no progress bars, no pickles).
 
     ``config.json`` names the class (``architectures``); for a phaselm model it also carries an
     ``auto_map`` to :data:`REMOTE_CODE`, a shim that imports the classes (:func:`remote_code`), so
@@ -131,6 +132,12 @@ def save_pretrained(folder: Path, model: torch.nn.Module, tokenizer=None) -> Non
         config.save_pretrained(folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
+        if getattr(model, "can_generate", lambda: False)() and tokenizer.eos_token_id is not None:
+            # generate() then stops at the end-of-text token and pads with it, as for hub models
+            from transformers import GenerationConfig
+
+            GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id).save_pretrained(folder)
 
 
 def _model_files(folder: Path) -> list[Path]:
