@@ -2,7 +2,7 @@
 
 Properties: with ``cache_implementation="static"`` every decoding step's logits equal the dynamic
 cache's and the full forward's (1e-5) and greedy tokens are equal, for GPT, PhaseGPT (Kuramoto
-running sums) and PMA (Mamba conv/SSM state and Kuramoto sums), on a left-padded batch; the decoding
+running sums), PMA (Mamba conv/SSM state and Kuramoto sums) and a pure Mamba stack, on a left-padded batch; the decoding
 step compiles into one graph with ``fullgraph=True`` (no graph break) that is traced once for all
 steps (no recompile per step) and gives the eager static tokens (inductor, one tiny model per
 family); a static cache too short for the prompt is a one-line error.
@@ -26,8 +26,10 @@ def build(kind: str, seed: int = 0):
         model = phaselm.GPTForCausalLM(phaselm.GPTConfig(n_layer=2, **sizes))
     elif kind == "phasegpt":
         model = phaselm.PhaseGPTForCausalLM(phaselm.PhaseGPTConfig(n_layer=3, phase_layers=[1, 2], n_osc=4, **sizes))
-    else:
+    elif kind == "pma":
         model = phaselm.PMAForCausalLM(phaselm.create_tiny_config(n_layer=3, n_ssm=2, d_state=4, **sizes))
+    else:  # a pure Mamba stack: its first block also records the sequence length (see phaselm.models.pma)
+        model = phaselm.PMAForCausalLM(phaselm.create_tiny_config(n_layer=2, n_ssm=2, d_state=4, **sizes))
     with torch.no_grad():  # spread the phases and sharpen the head, so oscillators and greedy choices matter
         for m in model.phase_layers().values():
             m.phase_proj.weight.normal_(0, 1.0)
@@ -55,7 +57,7 @@ def greedy(model, cache: str | None = None, compile_backend: str | None = None):
                           output_logits=True, **kwargs)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + ["mamba"])
 def test_static_equals_dynamic_equals_the_full_forward(kind):
     model = build(kind)
     static, dynamic = greedy(model, "static"), greedy(model)
