@@ -389,9 +389,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ helpers
     def _saved_tokenizer(self) -> str | None:
-        """On ``--resume``: the tokenizer JSON of the newest readable checkpoint (None: start afresh),
-        after checking that checkpoint's model/data config against this run's (a changed data set
-        would otherwise fail later, in the saved tokenizer, with a less useful message)."""
+        """On ``--resume``: the tokenizer JSON of the newest readable checkpoint trained on this run's
+        model/data config (None: none is; a changed config is refused later, once the run folder's
+        lock is held, and a changed data set must not meet the saved tokenizer first)."""
         for folder in ckpt.step_folders(self.out) if self.resume else []:
             try:
                 state = ckpt.read_state(folder)
@@ -399,9 +399,7 @@ class Trainer:
                 tokenizer = state["tokenizer"]
             except (ckpt.CheckpointError, OSError, KeyError, ValueError):
                 continue
-            if any(saved[k] != self.cfg.to_dict()[k] for k in ("model", "data")):
-                raise TrainingError(f"--resume: the model/data config differs from the checkpoint in {folder}")
-            return tokenizer
+            return None if any(saved[k] != self.cfg.to_dict()[k] for k in ("model", "data")) else tokenizer
         return None
 
     def _agree(self, problem: str | None) -> None:
