@@ -394,3 +394,31 @@ def test_generate_decodes_with_the_cache_also_after_reloading(kind, tmp_path):
         m.register_forward_pre_hook(lambda mod, a, kw: lengths.append(kw["input_ids"].shape[1]), with_kwargs=True)
         m.generate(ids_of(1, 6), max_new_tokens=3, do_sample=False)
         assert lengths == [6, 1, 1]  # one new token per step: the cache is used
+
+
+@pytest.mark.parametrize("kind", ["gpt", "phasegpt", "pma"])
+def test_initializer_range_scales_the_normal_initialisation(kind):
+    """config.initializer_range is the σ of every N(0, σ²) draw (transformers' zero-init test sets
+    it to ~0: the Linear and Embedding weights then vanish); the default keeps the old weights."""
+    small = build(kind, initializer_range=1e-10)
+    for name, module in small.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)) and module.weight.dim() == 2:
+            if name.endswith(("dt_proj", "coupling_map", "phase_proj")):  # Δ, coupling map: own inits; build() spreads phases
+                continue
+            assert module.weight.abs().max() < 1e-8, name
+    assert digest(build(kind, initializer_range=0.02)) == digest(build(kind))
+
+
+@pytest.mark.parametrize("kind", ["gpt", "phasegpt", "pma"])
+def test_labels_loss_with_num_items_in_batch_sums_to_the_whole_batch_mean(kind):
+    """transformers' Trainer under gradient accumulation passes num_items_in_batch (the label count
+    of the accumulated batch) and does not divide again: the halves' losses must add up to the
+    whole batch's mean loss, as Llama's do."""
+    model = build(kind).eval()
+    ids = torch.randint(0, model.config.vocab_size, (4, 8), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    whole = model(ids, labels=labels).loss
+    n = int((labels[:, 1:] != -100).sum())
+    halves = sum(model(ids[i:i + 2], labels=labels[i:i + 2], num_items_in_batch=torch.tensor(n)).loss for i in (0, 2))
+    torch.testing.assert_close(halves, whole, rtol=1e-6, atol=1e-6)

@@ -119,10 +119,11 @@ class PhaseLMPreTrainedModel(PreTrainedModel):
     Initialisation (the GPT-2 scheme, with the blocks' own tensors):
 
     * per module (:meth:`_init_weights`, children before parents as ``nn.Module.apply``): every
-      Linear and Embedding weight N(0, 0.02) with zero biases; norms 1 (and 0); a Conv1d its torch
+      Linear and Embedding weight N(0, σ²), σ = ``config.initializer_range`` (0.02), with zero
+      biases; norms 1 (and 0); a Conv1d its torch
       default; a block's own tensors (ω, φ_pos, K₀, β₀, λ₀, τ₀, A_log, D) from its ``initial_value``;
     * then, over the whole model (:meth:`init_after_modules`): the residual projections
-      (``residual_suffixes``) N(0, 0.02/√(2L)) again, Mamba's Δ projection and PMA's coupling map.
+      (``residual_suffixes``) N(0, (σ/√(2L))²) again, Mamba's Δ projection and PMA's coupling map.
 
     A fresh model keeps the constructor's draws of the blocks' own tensors (they are marked
     initialised around ``post_init``), so a seed gives the weights phaselm gave before this class
@@ -175,7 +176,7 @@ class PhaseLMPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         """One module's own tensors (see the class docstring); tensors marked loaded are left alone."""
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.initializer_range)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
         elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
@@ -201,7 +202,7 @@ class PhaseLMPreTrainedModel(PreTrainedModel):
         n_layer = self.config.n_layer
         for name, p in self.named_parameters():
             if name.endswith(self.residual_suffixes):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+                nn.init.normal_(p, mean=0.0, std=self.config.initializer_range / math.sqrt(2 * n_layer))
         for m in self.modules():
             if hasattr(m, "reset_dt_parameters"):
                 m.reset_dt_parameters(_not_loaded(m.dt_proj))
@@ -402,9 +403,13 @@ class PhaseLMForCausalLM(PhaseLMPreTrainedModel, GenerationMixin):
             logits = self.lm_head(x)
             if targets is not None:
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.reshape(-1), ignore_index=-1)
-            elif labels is not None:
+            elif labels is not None:  # transformers' convention: labels are the inputs, shifted here
+                # with num_items_in_batch (transformers' Trainer under gradient accumulation) the summed
+                # loss over that many tokens of the whole accumulated batch, else the mean
+                n = kwargs.get("num_items_in_batch")
                 loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].reshape(-1),
-                                       ignore_index=-100)
+                                       ignore_index=-100, reduction="mean" if n is None else "sum")
+                loss = loss if n is None else loss / n
         result = CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=out.past_key_values,
                                         hidden_states=out.hidden_states, attentions=out.attentions)
         return result if (self.config.return_dict if return_dict is None else return_dict) else result.to_tuple()

@@ -41,6 +41,7 @@ class GPTConfig(CacheLayout, PreTrainedConfig):
     bias: bool = False
     tie_word_embeddings: bool = True
     use_cache: bool = False
+    initializer_range: float = 0.02  # σ of the N(0, σ²) Linear/Embedding initialisation
 
     def validate_architecture(self):
         check_sizes(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,

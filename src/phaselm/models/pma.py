@@ -79,6 +79,7 @@ class PMAConfig(CacheLayout, PreTrainedConfig, KuramotoSettings, CoherenceRegula
     scan: str = "auto"  # auto | parallel | sequential | cuda
     tie_word_embeddings: bool = True
     use_cache: bool = False  # forward's default for use_cache (generate asks for the cache itself)
+    initializer_range: float = 0.02  # σ of the N(0, σ²) Linear/Embedding initialisation
 
     def validate_architecture(self):
         check_sizes(vocab_size=self.vocab_size, block_size=self.block_size, n_layer=self.n_layer,
