@@ -70,3 +70,32 @@ def embedded():
     import phaselm
 
     return phaselm.load_causal_lm()
+
+
+TINY_V = 40
+
+
+def tiny_phaselm(kind: str, seed: int = 0, n_ssm: int = 2, sharpen: bool = False, **extra):
+    """A tiny phaselm model in eval mode: ``gpt`` (2 layers), ``phasegpt`` (3 layers, phase layers 1
+    and 2, 4 oscillators), ``pma`` (``n_ssm`` Mamba blocks, then PMA blocks, 3 layers) or ``mamba``
+    (2 Mamba blocks only); vocabulary 40, context 32, 2 heads of width 8. The phase projections are
+    spread (N(0, 1)) so the oscillators matter; ``sharpen`` scales the head ×4 so greedy choices are
+    clear-cut."""
+    import phaselm
+
+    torch.manual_seed(seed)
+    sizes = dict(vocab_size=TINY_V, block_size=32, n_head=2, n_embd=16, **extra)
+    if kind == "gpt":
+        model = phaselm.GPTForCausalLM(phaselm.GPTConfig(n_layer=2, **sizes))
+    elif kind == "phasegpt":
+        model = phaselm.PhaseGPTForCausalLM(phaselm.PhaseGPTConfig(n_layer=3, phase_layers=[1, 2], n_osc=4, **sizes))
+    elif kind == "pma":
+        model = phaselm.PMAForCausalLM(phaselm.create_tiny_config(n_layer=3, n_ssm=n_ssm, d_state=4, **sizes))
+    else:  # a pure Mamba stack: its first block also records the sequence length (see phaselm.models.pma)
+        model = phaselm.PMAForCausalLM(phaselm.create_tiny_config(n_layer=2, n_ssm=2, d_state=4, **sizes))
+    with torch.no_grad():
+        for m in model.phase_layers().values():
+            m.phase_proj.weight.normal_(0, 1.0)
+        if sharpen:
+            model.lm_head.weight.mul_(4.0)
+    return model.eval()

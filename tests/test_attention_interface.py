@@ -13,25 +13,14 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 import phaselm
+from tests.conftest import tiny_phaselm
 
 V = 40
 KINDS = ["gpt", "phasegpt", "pma"]
 
 
 def build(kind: str, seed: int = 0):
-    torch.manual_seed(seed)
-    sizes = dict(vocab_size=V, block_size=32, n_head=2, n_embd=16)
-    if kind == "gpt":
-        model = phaselm.GPTForCausalLM(phaselm.GPTConfig(n_layer=2, **sizes))
-    elif kind == "phasegpt":
-        model = phaselm.PhaseGPTForCausalLM(phaselm.PhaseGPTConfig(n_layer=3, phase_layers=[1, 2], n_osc=4, **sizes))
-    else:
-        model = phaselm.PMAForCausalLM(phaselm.create_tiny_config(n_layer=3, n_ssm=1, d_state=4, **sizes))
-    with torch.no_grad():  # spread the phases and sharpen the head, so oscillators and greedy choices matter
-        for m in model.phase_layers().values():
-            m.phase_proj.weight.normal_(0, 1.0)
-        model.lm_head.weight.mul_(4.0)
-    return model.eval()
+    return tiny_phaselm(kind, seed, n_ssm=1, sharpen=True)
 
 
 def batch():

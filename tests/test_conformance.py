@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForCausalLM, DynamicCache
 
 import phaselm
+from tests.conftest import tiny_phaselm
 from phaselm.nn.hooks import run_with_cache
 
 V = 40
@@ -26,18 +27,7 @@ KINDS = ["gpt", "phasegpt", "pma"]
 
 
 def build(kind: str, seed: int = 0, **extra):
-    torch.manual_seed(seed)
-    sizes = dict(vocab_size=V, block_size=32, n_head=2, n_embd=16, **extra)
-    if kind == "gpt":
-        model = phaselm.GPTForCausalLM(phaselm.GPTConfig(n_layer=2, **sizes))
-    elif kind == "phasegpt":
-        model = phaselm.PhaseGPTForCausalLM(phaselm.PhaseGPTConfig(n_layer=3, phase_layers=[1, 2], n_osc=4, **sizes))
-    else:
-        model = phaselm.PMAForCausalLM(phaselm.create_tiny_config(n_layer=3, n_ssm=2, d_state=4, **sizes))
-    with torch.no_grad():  # spread the phases, so the oscillators matter
-        for m in model.phase_layers().values():
-            m.phase_proj.weight.normal_(0, 1.0)
-    return model.eval()
+    return tiny_phaselm(kind, seed, **extra)
 
 
 def ids_of(b=2, t=10, seed=1):

@@ -8,12 +8,7 @@
 #      sequential, phaselm GPT / GPT-2 training tokens/s.
 # Everything lands in $OUT/gpu.log, $OUT/nanogpt_summary.json and $OUT/speed.json (3 files).
 # SMOKE=1 shrinks every part (CPU check of the script itself).
-set -uo pipefail
-cd "$(dirname "$0")/../.."
-export PYTHONPATH=$PWD/src PHASELM_CACHE_DIR=$PWD/.devcache/phaselm
-OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
-py=${PY:-$(command -v python3)}
-[ -x .venv/bin/python ] && py=.venv/bin/python
+source "$(dirname "$0")/env.sh"
 log="$OUT/gpu.log"
 device=cuda; iters=""; steps=""; reps=3
 if [ "${SMOKE:-0}" = 1 ]; then

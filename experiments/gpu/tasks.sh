@@ -6,12 +6,8 @@
 # interrupted runs from their checkpoints (runs/tasks/gpu). Stops itself after LIMIT seconds.
 #   run(command="experiments/gpu/tasks.sh", timeout_s=590)          # no data to carry: tasks are generated
 # SMOKE=1 checks the script on CPU in a minute.
-set -uo pipefail
-cd "$(dirname "$0")/../.."
-export PYTHONPATH=$PWD/src PHASELM_CACHE_DIR=$PWD/.devcache/phaselm
-OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT/tasks"
-py=${PY:-$(command -v python3)}
-[ -x .venv/bin/python ] && py=.venv/bin/python
+source "$(dirname "$0")/env.sh"
+mkdir -p "$OUT/tasks"
 NPROC=${NPROC:-8}; LIMIT=${LIMIT:-540}
 MODELS=${MODELS:-gpt,mamba,phasegpt_all,pma,pma_lam0}
 args="--task mqar --mixture --models $MODELS --widths 256,512 --seeds 1 --steps 4000 --eval-interval 1000 --device cuda"
