@@ -110,3 +110,17 @@ def test_flex_attention_equals_sdpa_for_the_pma_modulation():
 def test_max_position_embeddings_is_the_context_length(kind):
     config = build(kind).config
     assert config.max_position_embeddings == config.block_size == 32
+
+
+def test_flex_attention_without_a_mask_equals_sdpa_and_training_on_the_cpu_is_one_line():
+    """Without an attention mask the causal BlockMask is broadcast over the batch (a batch-1 mask
+    for a batch of 2 indexed out of bounds inside the kernel); FlexAttention has no CPU backward, so
+    a training forward on the CPU is refused before the kernel, naming the fix."""
+    model = build("gpt")
+    ids = batch()[0]
+    with torch.no_grad():
+        reference = model(ids).logits
+        flex = with_implementation(model, "flex_attention")
+        torch.testing.assert_close(flex(ids).logits, reference, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="no backward on the CPU.*train with 'sdpa'"):
+        flex.train()(ids, labels=ids)

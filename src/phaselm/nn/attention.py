@@ -183,6 +183,9 @@ def attention_mask_for(implementation: str, inputs: LayerInputs, q: torch.Tensor
     if implementation == "flex_attention":
         from torch.nn.attention.flex_attention import create_block_mask
 
+        if mask.shape[0] == 1:  # one mask for every row: a BlockMask broadcast over the batch (B=None)
+            return create_block_mask(lambda b, h, i, j: mask[0, 0, i, j], None, None, q.shape[-2], k.shape[-2],
+                                     device=q.device)
         return create_block_mask(lambda b, h, i, j: mask[b, 0, i, j], mask.shape[0], None, q.shape[-2], k.shape[-2],
                                  device=q.device)
     return mask
@@ -201,6 +204,9 @@ def attend(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if inputs.cache is not None:
         k, v = inputs.cache.update(k, v, module.layer_idx)
     implementation = "eager" if inputs.output_attentions else inputs.attn_implementation
+    if implementation == "flex_attention" and q.device.type == "cpu" and torch.is_grad_enabled() and q.requires_grad:
+        raise ValueError("attn_implementation='flex_attention' has no backward on the CPU (FlexAttention); train with "
+                         "'sdpa' or 'eager', or on a GPU (inference under torch.no_grad() works)")
     function = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention)
     dv = v.shape[-1]
     if dv < q.shape[-1]:
