@@ -1,6 +1,7 @@
 """Decoding speed of phaselm's models with the cache (``model.generate``) against recomputing the
 whole context for every new token, eager (dynamic cache) and compiled (static cache), and phaselm's
-GPT against ``transformers.GPT2LMHeadModel`` of the same shapes, one run.
+GPT against ``transformers.GPT2LMHeadModel`` of the same shapes, one run (medians of ``--repeats``
+interleaved timings, default 3: on a shared CPU one timing varied by 25%).
 
     python benchmarks/generate_speed.py [--tokens 512] [--batches 1,8] [--device cpu] [--no-compile]
 
@@ -10,19 +11,21 @@ hybrid (4 Mamba + 2 PMA blocks, d_state 8); random weights (speed does not depen
 decodes ``--tokens`` new tokens after a 16-token prompt by sampling (top-k 40, the same seed for
 both ways; the recomputation samples with the same processors, so both do the same work per
 token). Prints tokens/s for every model and batch; the speed-up of the cache (target >= 10 for GPT
-and PhaseGPT, >= 5 for PMA) and GPT / GPT2LMHeadModel (target >= 0.9). Last line: ``ratio: X``,
+and PhaseGPT, >= 5 for PMA) and GPT / GPT2LMHeadModel (target >= 0.9), eager and compiled (the
+compiled ratio tells phaselm's share of the compiled path's time from transformers'). Last line: ``ratio: X``,
 the smallest cache speed-up of the eager path.
 
 Compiled path (issue 22 §2; unless ``--no-compile``): ``generate(..., cache_implementation="static",
 compile_config=...)`` with the decoding step compiled by ``torch.compile`` (inductor, ``fullgraph``,
 static shapes; transformers compiles only on accelerators unless ``compile_config._compile_all_devices``
-is set, as here). One untimed call compiles (its seconds are reported as ``compile_s``), the next is
+is set, as here). One untimed call compiles (its seconds are reported as ``compile_s``), the next ones are
 timed. Per model and batch: ``compiled_tok_s``, ``compiled_speedup`` (recompute time / compiled time,
 the target >= 10 at batch 1) and ``compile_gain`` (eager dynamic time / compiled static time).
 """
 
 
 import os
+import statistics
 
 import torch
 import torch._dynamo
@@ -67,7 +70,7 @@ def compiled(model, ids: torch.Tensor, tokens: int):
 
 
 def main():
-    ap = arg_parser(__doc__, repeats=1)
+    ap = arg_parser(__doc__, repeats=3)
     ap.add_argument("--tokens", type=int, default=512)
     ap.add_argument("--batches", default="1,8")
     ap.add_argument("--no-compile", action="store_true", help="skip the compiled static-cache path")
@@ -81,17 +84,23 @@ def main():
         model.to(args.device).eval()
         for b in batches:
             ids = torch.randint(0, 65, (b, PROMPT), generator=torch.Generator().manual_seed(b), device=args.device)
-            t_cache = seconds(lambda: cached(model, ids, args.tokens), args.device)
-            t_full = seconds(lambda: recompute(model, ids, args.tokens, torch.Generator(args.device).manual_seed(0)),
-                             args.device)
+            if not args.no_compile:  # the first compiled call compiles; it is timed once, apart
+                compile_s = seconds(lambda: compiled(model, ids, args.tokens), args.device)
+            times = {"cache": [], "full": [], "comp": []}
+            for _ in range(args.repeats):  # interleaved, so a burst of load hits every path alike
+                times["cache"].append(seconds(lambda: cached(model, ids, args.tokens), args.device))
+                times["full"].append(seconds(lambda: recompute(model, ids, args.tokens,
+                                                               torch.Generator(args.device).manual_seed(0)), args.device))
+                if not args.no_compile:
+                    times["comp"].append(seconds(lambda: compiled(model, ids, args.tokens), args.device))
+            t_cache, t_full = statistics.median(times["cache"]), statistics.median(times["full"])
             row = {"cached_tok_s": b * args.tokens / t_cache, "recompute_tok_s": b * args.tokens / t_full,
                    "speedup": t_full / t_cache}
             line = ""
             if not args.no_compile:
-                row["compile_s"] = seconds(lambda: compiled(model, ids, args.tokens), args.device)
-                t_comp = seconds(lambda: compiled(model, ids, args.tokens), args.device)
-                row.update(compiled_tok_s=b * args.tokens / t_comp, compiled_speedup=t_full / t_comp,
-                           compile_gain=t_cache / t_comp)
+                t_comp = statistics.median(times["comp"])
+                row.update(compile_s=compile_s, compiled_tok_s=b * args.tokens / t_comp,
+                           compiled_speedup=t_full / t_comp, compile_gain=t_cache / t_comp)
                 line = (f"; compiled static {row['compiled_tok_s']:8.1f} tok/s, speed-up {row['compiled_speedup']:.1f}x "
                         f"(compile buys {row['compile_gain']:.2f}x; first call {row['compile_s']:.0f} s)")
             res["runs"][f"{name}/batch{b}"] = row
@@ -104,12 +113,18 @@ def main():
                                     bos_token_id=None, eos_token_id=None)).to(args.device).eval()
     for b in batches:
         ids = torch.randint(0, 65, (b, PROMPT), generator=torch.Generator().manual_seed(b), device=args.device)
-        t_ours, t_hf = (seconds(lambda: cached(ours, ids, args.tokens), args.device),
-                           seconds(lambda: cached(hf, ids, args.tokens), args.device))
-        res["runs"][f"gpt_vs_gpt2/batch{b}"] = {"ours_tok_s": b * args.tokens / t_ours,
-                                                 "gpt2_tok_s": b * args.tokens / t_hf, "ratio": t_hf / t_ours}
-        print(f"GPT vs GPT2LMHeadModel batch {b}: {b * args.tokens / t_ours:.1f} vs {b * args.tokens / t_hf:.1f} tok/s, "
-              f"ratio {t_hf / t_ours:.2f}", flush=True)
+        ways = {"": cached} if args.no_compile else {"": cached, "compiled_": compiled}
+        for prefix, way in ways.items():
+            if prefix:  # compile both first
+                way(ours, ids, args.tokens), way(hf, ids, args.tokens)
+            t_ours, t_hf = (statistics.median(seconds(lambda: way(m, ids, args.tokens), args.device)
+                                              for _ in range(args.repeats)) for m in (ours, hf))
+            res["runs"].setdefault(f"gpt_vs_gpt2/batch{b}", {}).update({
+                f"{prefix}ours_tok_s": b * args.tokens / t_ours, f"{prefix}gpt2_tok_s": b * args.tokens / t_hf,
+                f"{prefix}ratio": t_hf / t_ours})
+            print(f"GPT vs GPT2LMHeadModel batch {b}{', compiled static' if prefix else ''}: "
+                  f"{b * args.tokens / t_ours:.1f} vs {b * args.tokens / t_hf:.1f} tok/s, ratio {t_hf / t_ours:.2f}",
+                  flush=True)
     res["load_average_1m"]["end"] = os.getloadavg()[0]
     print(f"load average (1 min): {res['load_average_1m']['start']:.2f} at start, {res['load_average_1m']['end']:.2f} at end "
           f"on {os.cpu_count()} CPUs", flush=True)

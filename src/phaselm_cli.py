@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue from the newest intact checkpoint in train.out_dir")
     again.add_argument("--overwrite", action="store_true",
                        help="delete the checkpoints and metrics of a run already in train.out_dir, then start")
+    tr.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                    help="data-parallel training on N processes of this machine: checks the run folder first (a "
+                         "refusal is one line, before any process starts), then launches torchrun --standalone")
     ev = sub.add_parser("eval", help="val/test perplexity of a checkpoint, and a few samples")
     ev.add_argument("checkpoint", help="a run folder (train.out_dir) or a checkpoints/step-* folder")
     ev.add_argument("--split", choices=["val", "test"], default="test")

@@ -412,3 +412,50 @@ def test_labels_loss_with_num_items_in_batch_sums_to_the_whole_batch_mean(kind):
     n = int((labels[:, 1:] != -100).sum())
     halves = sum(model(ids[i:i + 2], labels=labels[i:i + 2], num_items_in_batch=torch.tensor(n)).loss for i in (0, 2))
     torch.testing.assert_close(halves, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "phasegpt", "pma", "mamba"])
+def test_disk_offload_with_accelerate_gives_the_in_memory_logits_and_tokens(kind, tmp_path):
+    """``device_map="auto"`` with half the model's bytes of memory puts the later blocks on disk
+    (accelerate loads each module's weights in its forward hook): the same logits and greedy tokens
+    as the model in memory (every weight must be read inside the forward of the module that owns it)."""
+    model = tiny_phaselm(kind)
+    model.save_pretrained(tmp_path / "run")
+    half = sum(p.numel() * p.element_size() for p in model.parameters()) // 2
+    off = AutoModelForCausalLM.from_pretrained(tmp_path / "run", device_map="auto", max_memory={"cpu": half},
+                                               offload_folder=tmp_path / "offload").eval()
+    assert "disk" in set(off.hf_device_map.values())
+    ids = torch.randint(1, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(off(ids).logits, model(ids).logits)
+        assert torch.equal(off.generate(ids, max_new_tokens=5, do_sample=False),
+                           model.generate(ids, max_new_tokens=5, do_sample=False))
+
+
+@pytest.mark.parametrize("kind", ["gpt", "phasegpt", "pma", "mamba"])
+def test_activation_checkpointing_recomputes_each_block_and_gives_the_same_loss_and_gradients(kind):
+    """``activation_checkpointing_enable()`` (transformers' GradientCheckpointingLayer blocks): each
+    block runs again in the backward, and the loss and every gradient equal the run without it, with
+    dropout, phase noise, frequency jitter and the coherence regulariser on (the recomputation
+    restores the RNG state, so it draws the same noise)."""
+    extra = dict(dropout=0.1)
+    if kind in ("phasegpt", "pma"):
+        extra.update(phase_noise=0.05, freq_jitter=0.05, coherence_reg=0.1)
+    ids = torch.randint(1, 40, (2, 16), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for checkpointing in (False, True):
+        model = tiny_phaselm(kind, **extra).train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        calls = []
+        for block in model.model.blocks:
+            next(iter(block.children())).register_forward_hook(lambda *_: calls.append(1))
+        torch.manual_seed(5)
+        out = model(ids, labels=ids, use_cache=checkpointing)  # with checkpointing the cache is dropped
+        assert out.past_key_values is None  # (the recomputation would update it twice)
+        out.loss.backward()
+        assert len(calls) == len(model.model.blocks) * (2 if checkpointing else 1)
+        runs.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (loss, grads), (loss_ckpt, grads_ckpt) = runs
+    assert torch.equal(loss, loss_ckpt) and grads.keys() == grads_ckpt.keys()
+    assert all(torch.equal(grads[n], grads_ckpt[n]) for n in grads)

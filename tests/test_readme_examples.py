@@ -34,7 +34,6 @@ TINY_TRAIN = ["train.max_iters=4", "train.eval_interval=4", "train.eval_max_toke
 PARSE_ONLY = {
     "make demo": "creates .venv and installs packages; checked: the Makefile has the target",
     "make test": "runs the whole suite, this test included; checked: the Makefile has the target",
-    "torchrun": "two processes under torchrun; tests/test_training.py runs DDP training; parsed here",
     "phaselm report interventions": "a K / R sweep over four prompt kinds; tests/test_pma.py runs it on a tiny run; "
                                     "parsed here",
 }
@@ -145,7 +144,7 @@ def test_every_shell_example_runs(readme_dir):
 
 def test_parse_only_examples_say_why():
     parsed = [argv for argv in shell_commands() if parse_only_reason(argv)]
-    assert {Path(a[0]).name for a in parsed} <= {"make", "torchrun", "phaselm"} and len(parsed) >= 4
+    assert {Path(a[0]).name for a in parsed} <= {"make", "phaselm"} and len(parsed) >= 3
 
 
 def test_inline_commands_use_one_form_and_parse():

@@ -138,8 +138,9 @@ def test_mamba_block_is_causal_and_conv_matches_conv1d():
     y[:, 9:] = torch.randn(1, 11, 16)
     assert torch.allclose(m(x)[:, :9], m(y)[:, :9], atol=1e-6)
     u = torch.randn(2, 10, m.cfg.d_inner)
-    ref = m.conv1d(u.transpose(1, 2))[..., :10].transpose(1, 2)
-    assert torch.allclose(m.causal_conv(u), ref, atol=1e-6)
+    ref = torch.nn.Conv1d.forward(m.conv1d, u.transpose(1, 2))[..., :10].transpose(1, 2)  # torch's padded conv
+    assert torch.allclose(m.conv1d(u), ref, atol=1e-6)
+    assert torch.allclose(m.conv1d(u[:, 6:], past=u[:, :6]), ref[:, 6:], atol=1e-6)  # continued from earlier inputs
 
 
 def test_scan_runs_in_float32_under_bfloat16_inputs():

@@ -37,6 +37,30 @@ def test_ddp_into_a_folder_holding_a_run_is_one_line_on_every_rank(tmp_path):
     assert "Root Cause" in out.stderr and "exitcode  : 2" in out.stderr  # the first rank out exited with phaselm's status
 
 
+def test_nproc_per_node_trains_ddp_and_refuses_an_occupied_folder_in_one_line_before_launching(tmp_path):
+    """``phaselm train --nproc-per-node 2`` trains on two ranks (torchrun under the hood); into the
+    folder it then holds, the same command is one line and exit 2, with no process launched."""
+    import json
+
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(TINY)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "phaselm", "train", str(cfg), f"train.out_dir={tmp_path / 'run'}", "--nproc-per-node", "2"]
+    first = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert json.loads((tmp_path / "run" / "checkpoints" / "step-000002" / "state.json").read_text())["world_size"] == 2
+    again = subprocess.run(run, capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 2 and again.stdout == ""
+    lines = again.stderr.splitlines()
+    assert len(lines) == 1, again.stderr
+    assert lines[0].startswith(f"phaselm train: error: {tmp_path / 'run'} already holds a run (checkpoints, metrics.jsonl, ")
+    assert lines[0].endswith("pass --resume to continue it, --overwrite to delete it and start again, or choose "
+                             "another train.out_dir")
+    bad = subprocess.run(run[:-1] + ["3"], capture_output=True, text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and bad.stderr.splitlines() == [
+        "phaselm train: error: train.batch_size (4) must be divisible by --nproc-per-node (3)"]
+
+
 def test_a_char_run_from_before_the_special_tokens_resumes_with_its_own_vocabulary(tmp_path, monkeypatch):
     """A checkpoint whose char vocabulary has no end-of-text/unknown tokens (saved by an older
     phaselm) resumes with that vocabulary: same ids, same embedding rows, no shape error."""

@@ -216,6 +216,8 @@ def cmd_train(args) -> int:
     from phaselm.training.trainer import Trainer
 
     cfg = load_config(args.config, args.overrides)
+    if args.nproc_per_node is not None:
+        return _launch_ddp(args, cfg)
     summary = Trainer(cfg, resume=args.resume, overwrite=args.overwrite).train()
     if int(os.environ.get("RANK", 0)) == 0:
         val = summary["final_val"]
@@ -223,6 +225,31 @@ def cmd_train(args) -> int:
         print(f"trained to iteration {summary['iters']}: best val loss {summary['best_val_loss']:.4f}{tail}; "
               f"run folder {cfg.train.out_dir}")
     return 0
+
+
+def _launch_ddp(args, cfg) -> int:
+    """``phaselm train CONFIG --nproc-per-node N``: make every check a run makes before it starts here,
+    in one process (a refusal is one line and exit 2: under a bare torchrun the ranks agree on it, but
+    torchrun's launcher then adds its own failure report and exit 1), then run ``torchrun --standalone
+    --nproc_per_node N -m phaselm train CONFIG ...`` with the same arguments; its exit status is ours."""
+    from phaselm.training.trainer import RunFolder
+
+    n = args.nproc_per_node
+    if "RANK" in os.environ:
+        raise ValueError("--nproc-per-node launches torchrun itself; drop it when running under torchrun")
+    if n < 1:
+        raise ValueError(f"--nproc-per-node must be at least 1, got {n}")
+    if cfg.train.batch_size % n:
+        raise ValueError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by --nproc-per-node ({n})")
+    RunFolder(Path(cfg.train.out_dir)).check_launch(args.resume, args.overwrite)
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+            "-m", "phaselm", "train", args.config, *args.overrides]
+    argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+    import subprocess
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    return subprocess.run(argv).returncode
 
 
 def cmd_eval(args) -> int:

@@ -34,9 +34,12 @@ from transformers import DynamicCache, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.initialization import guard_torch_init_functions
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.utils import logging
 
 from phaselm.nn import oscillators as osc
 from phaselm.nn.attention import CausalSelfAttention, LayerInputs, static_length
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -148,7 +151,7 @@ class PhaseLMPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True  # static-cache decoding: one graph, no breaks (tests/test_static_compile.py)
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True  # the blocks are GradientCheckpointingLayers
     residual_suffixes: tuple[str, ...] = ("proj.weight",)
 
     def __init__(self, config, *inputs, initialise: bool = True, **kwargs):
@@ -287,6 +290,11 @@ class PhaseLMModel(PhaseLMPreTrainedModel):
         use_cache = c.use_cache if use_cache is None else use_cache
         output_attentions = c.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if self.training and (use_cache or past_key_values is not None) and any(
+                getattr(b, "gradient_checkpointing", False) for b in self.blocks):
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing in training (the "
+                                "recomputation would update the cache twice); setting use_cache=False")
+            use_cache, past_key_values = False, None
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=c)
         inputs = LayerInputs.build(b, t, ref.device, attention_mask, position_ids, past_key_values, output_attentions,

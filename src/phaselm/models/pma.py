@@ -31,6 +31,7 @@ import torch
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import PreTrainedConfig
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from phaselm.models.base import (
@@ -134,7 +135,7 @@ def create_tiny_config(**overrides) -> PMAConfig:
     return PMAConfig(**{**base, **overrides})
 
 
-class SSMBlock(nn.Module):
+class SSMBlock(GradientCheckpointingLayer):
     def __init__(self, cfg: PMAConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -154,7 +155,7 @@ class SSMBlock(nn.Module):
         return self.hook_resid_post(x + self.drop(y))
 
 
-class PMABlock(nn.Module):
+class PMABlock(GradientCheckpointingLayer):
     def __init__(self, cfg: PMAConfig, layer_idx: int):
         super().__init__()
         self.norm_1 = nn.RMSNorm(cfg.n_embd)

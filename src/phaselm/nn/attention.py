@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from phaselm.nn import oscillators as osc
@@ -297,8 +298,10 @@ class MLP(nn.Module):
         return self.dropout(self.proj(F.gelu(self.fc(x))))
 
 
-class Block(nn.Module):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x))."""
+class Block(GradientCheckpointingLayer):
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x)). With the model's
+    ``gradient_checkpointing_enable()`` its forward is recomputed in the backward (transformers'
+    ``GradientCheckpointingLayer``; the RNG state is restored, so phase noise and dropout repeat)."""
 
     def __init__(self, n_embd: int, attn: nn.Module, dropout: float = 0.0, bias: bool = False):
         super().__init__()

@@ -250,6 +250,33 @@ def selective_scan_from(u, delta, A, B, C, D, h0: torch.Tensor | None = None) ->
 
 
 # ---------------------------------------------------------------------------------------------- block
+class CausalConv1d(nn.Conv1d):
+    """Mamba's depthwise causal convolution over time, ``weight [E, 1, k]``, ``bias [E]`` (the
+    parameters and initialisation of ``nn.Conv1d(E, E, k, groups=E, padding=k − 1)``).
+
+    ``forward(x [B, L, E], past [B, P, E] | None)`` → ``[B, L, E]``: out_t = bias + Σ_i w_i ⊙ x_{t−k+1+i},
+    as k shifted multiply-adds (the same result as the padded ``nn.Conv1d`` cropped to L, whose CPU
+    backward is orders of magnitude slower); ``past`` holds earlier inputs (zeros if None). The weights
+    are read inside this module's own forward, so hooks on it (accelerate's offload, PEFT) run.
+    """
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__(channels, channels, kernel_size=kernel, groups=channels, padding=kernel - 1)
+
+    def forward(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
+        k, length = self.kernel_size[0], x.shape[1]
+        if past is not None and past.shape[1]:
+            past = past[:, -(k - 1):] if k > 1 else past[:, :0]
+            xp = torch.cat([F.pad(past, (0, 0, k - 1 - past.shape[1], 0)), x], dim=1)
+        else:
+            xp = F.pad(x, (0, 0, k - 1, 0))
+        w = self.weight[:, 0, :]  # [E, k]
+        out = self.bias + xp[:, :length] * w[:, 0]
+        for i in range(1, k):
+            out = out + xp[:, i: i + length] * w[:, i]
+        return out
+
+
 class MambaMixer(nn.Module):
     """The Mamba mixer: ``x [B, L, d_model]`` → ``[B, L, d_model]`` (see the module docstring)."""
 
@@ -258,7 +285,7 @@ class MambaMixer(nn.Module):
         self.cfg = cfg
         e, n, r = cfg.d_inner, cfg.d_state, cfg.dt_rank
         self.in_proj = nn.Linear(cfg.d_model, 2 * e, bias=cfg.bias)
-        self.conv1d = nn.Conv1d(e, e, kernel_size=cfg.d_conv, groups=e, padding=cfg.d_conv - 1)
+        self.conv1d = CausalConv1d(e, cfg.d_conv)
         self.x_proj = nn.Linear(e, r + 2 * n, bias=False)
         self.dt_proj = nn.Linear(r, e, bias=True)
         self.out_proj = nn.Linear(e, cfg.d_model, bias=cfg.bias)
@@ -293,22 +320,6 @@ class MambaMixer(nn.Module):
         if "weight" in names:
             self.dt_proj.weight.copy_(weight)
 
-    def causal_conv(self, x: torch.Tensor, past: torch.Tensor | None = None) -> torch.Tensor:
-        """Depthwise causal conv1d of ``x [B, L, E]``: out_t = bias + Σ_i w_i ⊙ x_{t−k+1+i}, as k
-        shifted multiply-adds (the same result as ``self.conv1d`` cropped to L, whose CPU backward
-        is orders of magnitude slower). ``past [B, P, E]``: earlier inputs (zeros if None)."""
-        k, length = self.cfg.d_conv, x.shape[1]
-        if past is not None and past.shape[1]:
-            past = past[:, -(k - 1):] if k > 1 else past[:, :0]
-            xp = torch.cat([F.pad(past, (0, 0, k - 1 - past.shape[1], 0)), x], dim=1)
-        else:
-            xp = F.pad(x, (0, 0, k - 1, 0))
-        w = self.conv1d.weight[:, 0, :]  # [E, k]
-        out = self.conv1d.bias + xp[:, :length] * w[:, 0]
-        for i in range(1, k):
-            out = out + xp[:, i: i + length] * w[:, i]
-        return out
-
     def forward(self, x: torch.Tensor, cache=None, layer_idx: int = 0, valid: torch.Tensor | None = None) -> torch.Tensor:
         """``x [B, L, d_model]`` → ``[B, L, d_model]``; with a transformers ``cache``, continue from
         (and update) layer ``layer_idx``'s conv and SSM state; ``valid [B, L]`` marks real tokens."""
@@ -317,12 +328,12 @@ class MambaMixer(nn.Module):
         if valid is not None:
             x_in = x_in * valid[..., None].to(x_in.dtype)
         if cache is None:
-            u = F.silu(self.causal_conv(x_in))
+            u = F.silu(self.conv1d(x_in))
         else:
             # the cached conv inputs followed by the new ones, [B, E, past + L] (the cache keeps the last d_conv)
             full = cache.update_conv_state(x_in.transpose(1, 2), layer_idx, conv_kernel_size=cfg.d_conv)
             past = full[..., : full.shape[-1] - x_in.shape[1]].transpose(1, 2)
-            u = F.silu(self.causal_conv(x_in, past))
+            u = F.silu(self.conv1d(x_in, past))
         if valid is not None:
             u = u * valid[..., None].to(u.dtype)
         dt_raw, B, C = self.x_proj(u).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)

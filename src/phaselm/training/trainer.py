@@ -109,12 +109,7 @@ class RunFolder:
             try:
                 fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             except FileExistsError:
-                owner = self._owner()
-                if owner is not None:
-                    pid, owner_host = owner
-                    raise TrainingError(f"train.out_dir {self.path} is in use by another run (pid {pid} on "
-                                        f"{owner_host}, lock file {self.lock_path}); wait for it to finish, or "
-                                        "choose another train.out_dir") from None
+                self.check_free()
                 print(f"phaselm: taking over the stale lock {self.lock_path} (its process is gone)", file=sys.stderr)
                 self.lock_path.unlink(missing_ok=True)
                 continue
@@ -123,6 +118,35 @@ class RunFolder:
             self.locked = True
             return
         raise TrainingError(f"could not take the lock {self.lock_path}; remove it if no run uses {self.path}")
+
+    def check_free(self) -> None:
+        """Refuse if a live process holds ``out_dir/lock``."""
+        owner = self._owner()
+        if owner is not None:
+            pid, owner_host = owner
+            raise TrainingError(f"train.out_dir {self.path} is in use by another run (pid {pid} on {owner_host}, "
+                                f"lock file {self.lock_path}); wait for it to finish, or choose another train.out_dir")
+
+    def refusal(self, resume: bool, overwrite: bool) -> str | None:
+        """Why a run cannot start here, in one line (None: it can): ``--resume`` without a checkpoint,
+        or an earlier run in the folder without ``--resume`` or ``--overwrite``."""
+        if resume and not ckpt.step_folders(self.path):
+            return f"--resume: no checkpoint in {self.path}; start without --resume"
+        earlier = [] if resume or overwrite else self.holds_run()
+        if earlier:
+            return (f"{self.path} already holds a run ({', '.join(earlier)}); pass --resume to continue it, "
+                    "--overwrite to delete it and start again, or choose another train.out_dir")
+        return None
+
+    def check_launch(self, resume: bool, overwrite: bool) -> None:
+        """Every check a run makes before it starts, without taking the lock (``phaselm train
+        --nproc-per-node`` calls it before any rank exists)."""
+        problem = self.refusal(resume, overwrite)
+        if problem is not None:
+            raise TrainingError(problem)
+        self.prepare()
+        if self.lock_path.exists():
+            self.check_free()
 
     def _owner(self) -> tuple[int, str] | None:
         """``(pid, host)`` of a live lock owner, None for a stale or unreadable lock."""
@@ -459,18 +483,18 @@ class Trainer:
         self.raw_model = build_model(cfg, self.tokenizer.vocab_size).to(self.device)
         self.optimizer = torch.optim.AdamW(
             optimizer_groups(self.raw_model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), fused=self.device.type == "cuda")
-        if self.resume and not ckpt.step_folders(self.out):
-            raise TrainingError(f"--resume: no checkpoint in {self.out}; start without --resume")
         self.run_folder = RunFolder(self.out)
         problem = None
-        if self.rank == 0:
-            try:
-                self.run_folder.prepare()
-                self.run_folder.acquire()
-            except TrainingError as err:
-                problem = str(err)
-        self._agree(problem)
         try:
+            if self.rank == 0:
+                problem = self.run_folder.refusal(self.resume, self.overwrite)  # before anything is written
+                try:
+                    if problem is None:
+                        self.run_folder.prepare()
+                        self.run_folder.acquire()
+                except TrainingError as err:
+                    problem = str(err)
+            self._agree(problem)
             return self._train()
         finally:
             self.run_folder.release()
@@ -479,13 +503,8 @@ class Trainer:
         """Check the run folder against resume/overwrite; restore a checkpoint; return ``(start_iter, best)``."""
         cfg, start_iter, best = self.cfg, 0, float("inf")
         self.initial_val_loss = None
-        if not self.resume:
-            earlier = self.run_folder.holds_run() if self.rank == 0 else []
-            self._agree(f"{self.out} already holds a run ({', '.join(earlier)}); pass --resume to continue it, "
-                        "--overwrite to delete it and start again, or choose another train.out_dir"
-                        if earlier and not self.overwrite else None)
-            if earlier:
-                self.run_folder.clear()
+        if self.overwrite and self.rank == 0:  # an earlier run without --overwrite was refused in train()
+            self.run_folder.clear()
         if self.rank == 0:
             ckpt.remove_temporaries(self.out)
         if not self.resume:
