@@ -459,3 +459,19 @@ def test_activation_checkpointing_recomputes_each_block_and_gives_the_same_loss_
     (loss, grads), (loss_ckpt, grads_ckpt) = runs
     assert torch.equal(loss, loss_ckpt) and grads.keys() == grads_ckpt.keys()
     assert all(torch.equal(grads[n], grads_ckpt[n]) for n in grads)
+
+
+@pytest.mark.parametrize("kind", ["gpt", "phasegpt", "pma", "mamba"])
+def test_torch_export_and_jit_trace_record_the_model(kind):
+    """``torch.export.export`` and ``torch.jit.trace`` record every model (Mamba's scan as its
+    sequential loop: the in-place fast scan cannot be recorded), and the recording gives the eager
+    logits on new input."""
+    model = tiny_phaselm(kind)
+    ids = torch.randint(1, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    other = torch.randint(1, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        exported = torch.export.export(model, (ids,)).module()
+        traced = torch.jit.trace(model, (ids,), strict=False)
+        ref = model(other).logits
+        assert torch.allclose(exported(other).logits, ref, atol=1e-6)
+        assert torch.allclose(traced(other)["logits"], ref, atol=1e-6)

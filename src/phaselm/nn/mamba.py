@@ -205,6 +205,13 @@ def _sequential_scan(dt, dtu, A, B, C, h0=None):
     return torch.stack(ys) if h0 is None else (torch.stack(ys), h)
 
 
+def _tracing() -> bool:
+    """Whether ``torch.export`` or ``torch.jit.trace`` is recording: they cannot record the in-place
+    (``out=``) writes of :class:`_SelectiveScan`, so the scan is then recorded as the sequential loop
+    (the same recurrence, one step per time step; ``torch.compile`` keeps the fast scan)."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
 def _time_first(u, delta, A, B, C, D):
     """float32 copies; Δ, Δu, B, C time first and contiguous (``[L, Bt, ·]``)."""
     u, delta, A, B, C, D = (t.float() for t in (u, delta, A, B, C, D))
@@ -223,6 +230,8 @@ def selective_scan(u, delta, A, B, C, D, scan: str = "parallel") -> torch.Tensor
     """
     if scan == "auto":
         scan = "cuda" if (_mamba_cuda_scan is not None and u.is_cuda) else "parallel"
+    if scan == "parallel" and _tracing():
+        scan = "sequential"
     if scan == "cuda":
         if _mamba_cuda_scan is None or not u.is_cuda:
             raise RuntimeError("scan='cuda' needs the mamba_ssm package and CUDA tensors; use scan='parallel'")
@@ -244,7 +253,7 @@ def selective_scan_from(u, delta, A, B, C, D, h0: torch.Tensor | None = None) ->
         u, dt, dtu, A, bt, ct, D = _time_first(u, delta, A, B, C, D)
         if h0 is None:
             h0 = dt.new_zeros(dt.shape[1:] + A.shape[-1:])
-        scan = _sequential_scan if dt.shape[0] == 1 else _SelectiveScan.apply
+        scan = _sequential_scan if dt.shape[0] == 1 or _tracing() else _SelectiveScan.apply
         y, h = scan(dt, dtu, A, bt, ct, h0.float())
         return y.transpose(0, 1) + u * D, h
 
