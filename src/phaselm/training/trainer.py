@@ -500,7 +500,8 @@ class Trainer:
             self.run_folder.release()
 
     def _start(self, batch_gen: torch.Generator) -> tuple[int, float]:
-        """Check the run folder against resume/overwrite; restore a checkpoint; return ``(start_iter, best)``."""
+        """Clear an earlier run on ``--overwrite`` (the refusals came in :meth:`train`); restore a
+        checkpoint on ``--resume``; return ``(start_iter, best)``."""
         cfg, start_iter, best = self.cfg, 0, float("inf")
         self.initial_val_loss = None
         if self.overwrite and self.rank == 0:  # an earlier run without --overwrite was refused in train()
