@@ -461,6 +461,8 @@ def test_activation_checkpointing_recomputes_each_block_and_gives_the_same_loss_
     assert all(torch.equal(grads[n], grads_ckpt[n]) for n in grads)
 
 
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore:`torch.jit.trace:DeprecationWarning",
+                            "ignore:The tensor attributes:UserWarning")  # the recorded metrics (docs/conformance.md)
 @pytest.mark.parametrize("kind", ["gpt", "phasegpt", "pma", "mamba"])
 def test_torch_export_and_jit_trace_record_the_model(kind):
     """``torch.export.export`` and ``torch.jit.trace`` record every model (Mamba's scan as its
