@@ -1,7 +1,8 @@
 """Decoding speed of phaselm's models with the cache (``model.generate``) against recomputing the
 whole context for every new token, eager (dynamic cache) and compiled (static cache), and phaselm's
 GPT against ``transformers.GPT2LMHeadModel`` of the same shapes, one run (medians of ``--repeats``
-interleaved timings, default 3: on a shared CPU one timing varied by 25%).
+timings, default 3, interleaved across the decoding paths of a model: on a shared CPU one timing
+varied by 25%).
 
     python benchmarks/generate_speed.py [--tokens 512] [--batches 1,8] [--device cpu] [--no-compile]
 

@@ -232,6 +232,8 @@ def _launch_ddp(args, cfg) -> int:
     in one process (a refusal is one line and exit 2: under a bare torchrun the ranks agree on it, but
     torchrun's launcher then adds its own failure report and exit 1), then run ``torchrun --standalone
     --nproc_per_node N -m phaselm train CONFIG ...`` with the same arguments; its exit status is ours."""
+    import subprocess
+
     from phaselm.training.trainer import RunFolder
 
     n = args.nproc_per_node
@@ -245,8 +247,6 @@ def _launch_ddp(args, cfg) -> int:
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
             "-m", "phaselm", "train", args.config, *args.overrides]
     argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
-    import subprocess
-
     sys.stdout.flush()
     sys.stderr.flush()
     return subprocess.run(argv).returncode

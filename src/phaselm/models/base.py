@@ -291,7 +291,7 @@ class PhaseLMModel(PhaseLMPreTrainedModel):
         output_attentions = c.output_attentions if output_attentions is None else output_attentions
         output_hidden_states = c.output_hidden_states if output_hidden_states is None else output_hidden_states
         if self.training and (use_cache or past_key_values is not None) and any(
-                getattr(b, "gradient_checkpointing", False) for b in self.blocks):
+                b.gradient_checkpointing for b in self.blocks):
             logger.warning_once("use_cache=True is incompatible with gradient checkpointing in training (the "
                                 "recomputation would update the cache twice); setting use_cache=False")
             use_cache, past_key_values = False, None

@@ -145,8 +145,7 @@ class RunFolder:
         if problem is not None:
             raise TrainingError(problem)
         self.prepare()
-        if self.lock_path.exists():
-            self.check_free()
+        self.check_free()
 
     def _owner(self) -> tuple[int, str] | None:
         """``(pid, host)`` of a live lock owner, None for a stale or unreadable lock."""
