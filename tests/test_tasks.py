@@ -217,7 +217,7 @@ def test_bench_tasks_end_to_end_and_report_rerenders_identically(uninterrupted):
     out = uninterrupted / "out"
     names = ["report.md", "summary.json", "accuracy_vs_difficulty.png", "accuracy_vs_width.png"]
     before = {n: (out / n).read_bytes() for n in names}
-    assert "## Paired differences" in before["report.md"].decode() and "| mamba | gpt | 2 |" in before["report.md"].decode()
+    assert "## Paired differences" in before["report.md"].decode() and "| mamba | gpt | L256 | 2 |" in before["report.md"].decode()
     subprocess.run([sys.executable, "-m", "phaselm", "report", "tasks", str(out)], check=True, capture_output=True)
     assert {n: (out / n).read_bytes() for n in names} == before
 
@@ -350,6 +350,29 @@ def test_bench_on_the_mixture_tests_one_model_per_seed_on_every_difficulty(tmp_p
     main, sweep = load(tmp_path / "out")
     assert {r["difficulty"] for r in main} == {"L64-kv4", "L128-kv8"} and len(sweep) == 1
     assert "mixture of L64-kv4, L128-kv8" in markdown(main, sweep)[0]
+
+
+def test_paired_comparisons_count_one_pair_per_trained_model():
+    """A mixture run is one model tested on every difficulty: the overall comparison pairs each
+    seed's mean over the difficulties (n = seeds, not seeds × difficulties), each difficulty its own."""
+    from phaselm.evaluation.tasks_report import markdown
+
+    proto = {"num_test": 2000, "steps": 4, "batch_size": 8, "training": "mixture of L64-kv4, L128-kv8",
+             "num_train": 50}
+    acc = {("gpt", "L64-kv4"): [0.9, 0.8, 0.7], ("gpt", "L128-kv8"): [0.5, 0.4, 0.6],
+           ("phasegpt_all", "L64-kv4"): [0.95, 0.8, 0.72], ("phasegpt_all", "L128-kv8"): [0.45, 0.5, 0.6]}
+    main = [{"task": "mqar", "protocol": proto, "model": m, "width": 64, "difficulty": d, "seed": s + 1, "lr": 3e-3,
+             "sweep": False, "params": 1000, "test": {"accuracy": a}, "train_seconds": 1.0, "commit": "c",
+             "command": "x", "machine": "m", "cpu": "c", "torch": "t"}
+            for (m, d), accs in acc.items() for s, a in enumerate(accs)]
+    text, summary = markdown(main, [])
+    c = summary["phasegpt_all"]
+    assert c["baseline"] == "gpt" and c["overall"]["n"] == 3
+    assert [c["by_difficulty"][d]["n"] for d in ("L64-kv4", "L128-kv8")] == [3, 3]
+    per_seed = [np.mean([acc["phasegpt_all", d][s] - acc["gpt", d][s] for d in ("L64-kv4", "L128-kv8")]) for s in range(3)]
+    assert c["overall"]["mean"] == pytest.approx(np.mean(per_seed))
+    assert c["by_difficulty"]["L64-kv4"]["mean"] == pytest.approx(np.mean([0.05, 0.0, 0.02]))
+    assert "| phasegpt_all | gpt | all | 3 |" in text and "| phasegpt_all | gpt | L128-kv8 | 3 |" in text
 
 
 @pytest.mark.parametrize("kw, message", [

@@ -9,6 +9,9 @@ t-interval. A model is compared with its baseline (``BASELINE``) *paired by seed
 shares with it (same difficulty, width and seed, so the same data order): the mean paired
 difference, a percentile bootstrap 95% CI over the pairs (seeded, so re-rendering is identical) and
 the minimum detectable effect at 80% power and α = 0.05, (t₀.₉₇₅ + t₀.₈₀)·sd/√n of the differences.
+The unit of a pair is one trained model (a width and a seed): each difficulty gets its own
+comparison, and the overall one pairs each model's mean accuracy over the difficulties, so a
+mixture run, one model tested on every difficulty, counts once, not once per difficulty.
 """
 
 from __future__ import annotations
@@ -48,11 +51,19 @@ def mde(diffs: list[float]) -> float | None:
     return (_T95.get(n - 1, 1.96) + _T80.get(n - 1, 0.842)) * sd / math.sqrt(n)
 
 
-def paired(main: list[dict], model: str, base: str, where=lambda r: True) -> list[float]:
-    """Test-accuracy differences ``model − base`` of the runs sharing (difficulty, width, seed)."""
+def paired(main: list[dict], model: str, base: str) -> dict[tuple[str, int, int], float]:
+    """Test-accuracy differences ``model − base`` keyed by the (difficulty, width, seed) both ran."""
     ref = {(r["difficulty"], r["width"], r["seed"]): r["test"]["accuracy"] for r in main if r["model"] == base}
-    return [r["test"]["accuracy"] - ref[k] for r in main if r["model"] == model and where(r)
-            and (k := (r["difficulty"], r["width"], r["seed"])) in ref]
+    return {k: r["test"]["accuracy"] - ref[k] for r in main if r["model"] == model
+            and (k := (r["difficulty"], r["width"], r["seed"])) in ref}
+
+
+def pooled(diffs: dict[tuple[str, int, int], float], difficulties: list[str]) -> list[float]:
+    """One difference per trained model (width, seed) that has every difficulty in ``difficulties``:
+    the mean over the difficulties (the overall comparison's pairs)."""
+    units = sorted({(w, s) for _, w, s in diffs})
+    return [float(np.mean([diffs[d, w, s] for d in difficulties])) for w, s in units
+            if all((d, w, s) in diffs for d in difficulties)]
 
 
 def comparison(diffs: list[float]) -> dict:
@@ -113,19 +124,27 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
             lines.append(f"| {m} | " + " | ".join(_cell(c) if c else "–" for c in cells) + f" | {widest:,} |")
         lines.append("")
     lines += ["## Paired differences (test accuracy, percentage points)", "",
-              "Each model against its baseline, paired by (difficulty, width, seed); bootstrap 95% CI over the pairs; "
-              "MDE: the smallest mean difference these pairs detect with 80% power.", "",
-              "| model | baseline | pairs | mean Δ | 95% CI | MDE | verdict |", "|---|---|---|---|---|---|---|"]
+              "Each model against its baseline, paired by seed (one pair per trained model: a width and a seed), per "
+              "difficulty and over all of them (each model's mean over the difficulties); bootstrap 95% CI over the "
+              "pairs; MDE: the smallest mean difference these pairs detect with 80% power.", "",
+              "| model | baseline | difficulty | pairs | mean Δ | 95% CI | MDE | verdict |",
+              "|---|---|---|---|---|---|---|---|"]
     summary = {}
     for m in models:
         base = BASELINE.get(m)
         if base is None or base not in models:
             continue
-        c = comparison(paired(main, m, base))
-        summary[m] = {"baseline": base, **c}
-        if c["n"]:
-            lines.append(f"| {m} | {base} | {c['n']} | {_pct(c['mean'], True)} | [{_pct(c['ci95'][0], True)}, "
-                         f"{_pct(c['ci95'][1], True)}] | {_pct(c['mde'])} | {_verdict(c)} |")
+        diffs = paired(main, m, base)
+        rows = {d: comparison([v for (dd, _, _), v in diffs.items() if dd == d]) for d in difficulties}
+        if len(difficulties) > 1:
+            rows["all"] = comparison(pooled(diffs, difficulties))
+        summary[m] = {"baseline": base, "by_difficulty": {d: c for d, c in rows.items() if d != "all"},
+                      "overall": rows.get("all", rows[difficulties[0]])}
+        for d, c in rows.items():
+            if c["n"]:
+                lines.append(f"| {m} | {base} | {d} | {c['n']} | {_pct(c['mean'], True)} | "
+                             f"[{_pct(c['ci95'][0], True)}, {_pct(c['ci95'][1], True)}] | {_pct(c['mde'])} | "
+                             f"{_verdict(c)} |")
     if sweep:
         lrs = sorted({r["lr"] for r in sweep})
         lines += ["", f"## Learning-rate sweep ({sweep[0]['difficulty']}, seed 1; val accuracy %)",
