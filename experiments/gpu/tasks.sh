@@ -1,22 +1,32 @@
 #!/usr/bin/env bash
-# One device call for issue 24 item 4 (the synthetic-task suite at widths 256 and 512, where
-# Zoology's curves separate): MQAR on the mixture of difficulties (docs/tasks.md, amendment 2),
-# NPROC shards sharing the one GPU, each a `phaselm bench tasks --shard I/NPROC` process. Finished
-# runs come back as JSON under $OUT/tasks/mqar/runs; on the same warm machine a later call resumes
-# interrupted runs from their checkpoints (runs/tasks/gpu). Stops itself after LIMIT seconds.
-#   run(command="experiments/gpu/tasks.sh", timeout_s=590)          # no data to carry: tasks are generated
+# One device call for the synthetic-task suite: MQAR on the mixture of difficulties (docs/tasks.md,
+# amendment 2), NPROC shards sharing the one GPU, each a `phaselm bench tasks --shard I/NPROC` process.
+#   STAGE=wide (default; issue 24 item 4): widths 256 and 512, where Zoology's curves separate,
+#     MODELS (default gpt,mamba,phasegpt_all,pma,pma_lam0), seed 1; out results/tasks/mqar_gpu.
+#   STAGE=w64 (issue 21): the CPU's width-64 grid (amendment 3: every model, its sweep, seeds 1-3,
+#     the CPU's protocol, so the two are comparable), 16 shards; out results/tasks/mqar_gpu_w64.
+# Finished runs come back as JSON under $OUT/tasks/mqar/runs; commit them into the out folder and
+# the next call skips them (--resume), even on a fresh machine; on the same warm machine interrupted
+# runs also resume from their checkpoints (runs/tasks/gpu). Stops itself after LIMIT seconds.
+#   run(command="STAGE=w64 experiments/gpu/tasks.sh", timeout_s=590)   # no data to carry: tasks are generated
 # SMOKE=1 checks the script on CPU in a minute.
 source "$(dirname "$0")/env.sh"
 mkdir -p "$OUT/tasks"
-NPROC=${NPROC:-8}; LIMIT=${LIMIT:-540}
-MODELS=${MODELS:-gpt,mamba,phasegpt_all,pma,pma_lam0}
-args="--task mqar --mixture --models $MODELS --widths 256,512 --seeds 1 --steps 4000 --eval-interval 1000 --device cuda"
+LIMIT=${LIMIT:-540}
+if [ "${STAGE:-wide}" = w64 ]; then
+  NPROC=${NPROC:-16}; out=results/tasks/mqar_gpu_w64
+  args="--task mqar --mixture --widths 64 --seeds 3 --steps 4000 --eval-interval 500 --device cuda"
+else
+  NPROC=${NPROC:-8}; out=results/tasks/mqar_gpu
+  MODELS=${MODELS:-gpt,mamba,phasegpt_all,pma,pma_lam0}
+  args="--task mqar --mixture --models $MODELS --widths 256,512 --seeds 1 --steps 4000 --eval-interval 1000 --device cuda"
+fi
 if [ "${SMOKE:-0}" = 1 ]; then
   NPROC=2; LIMIT=120
   args="--task mqar --mixture --models gpt,mamba --widths 16 --seeds 1 --steps 4 --eval-interval 2 --batch-size 8 \
         --num-train 50 --num-test 16 --lrs 3e-3 --vocab-size 256 --difficulties L64-kv4,L128-kv8 --device cpu"
 fi
-out=results/tasks/mqar_gpu; [ "${SMOKE:-0}" = 1 ] && out=/tmp/tasks-smoke
+[ "${SMOKE:-0}" = 1 ] && out=/tmp/tasks-smoke
 log="$OUT/tasks/bench.log"
 { date; nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null; } >> "$log" 2>&1
 for i in $(seq 0 $((NPROC - 1))); do
