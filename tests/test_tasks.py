@@ -375,6 +375,18 @@ def test_paired_comparisons_count_one_pair_per_trained_model():
     assert "| phasegpt_all | gpt | all | 3 |" in text and "| phasegpt_all | gpt | L128-kv8 | 3 |" in text
 
 
+def test_a_verdict_at_three_seeds_needs_the_t_interval_to_exclude_zero():
+    """Three pairs of +1, +2, +3 points: the percentile bootstrap stays above 0, the paired t-interval
+    (mean 2 ± 4.30·1/√3) does not, so no verdict; ten pairs of the same spread are a verdict."""
+    from phaselm.evaluation.tasks_report import _verdict, comparison
+
+    c = comparison([0.01, 0.02, 0.03])
+    assert c["ci95"][0] > 0 and c["t95"] == pytest.approx([0.02 - 4.303 * 0.01 / 3 ** 0.5, 0.02 + 4.303 * 0.01 / 3 ** 0.5], abs=1e-4)
+    assert _verdict(c).startswith("no difference detected")
+    assert _verdict(comparison([0.01, 0.02, 0.03] * 3 + [0.02])) == "helps"
+    assert _verdict(comparison([-0.01, -0.02, -0.03] * 3 + [-0.02])) == "hurts"
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"device": "tpu"}, "--device must be cpu, cuda, cuda:N or auto"),
     ({"mixture": True, "sweep_difficulty": "L64-kv4"}, "--sweep-difficulty does not apply to --mixture"),

@@ -11,7 +11,10 @@ difference, a percentile bootstrap 95% CI over the pairs (seeded, so re-renderin
 the minimum detectable effect at 80% power and α = 0.05, (t₀.₉₇₅ + t₀.₈₀)·sd/√n of the differences.
 The unit of a pair is one trained model (a width and a seed): each difficulty gets its own
 comparison, and the overall one pairs each model's mean accuracy over the difficulties, so a
-mixture run, one model tested on every difficulty, counts once, not once per difficulty.
+mixture run, one model tested on every difficulty, counts once, not once per difficulty. With a few
+pairs the percentile bootstrap is too narrow (three pairs give about the range of the three), so
+each comparison also carries the paired t-interval, and a verdict ("helps", "hurts") needs both to
+exclude zero: at three seeds the t-interval decides, as it does for the MDE.
 """
 
 from __future__ import annotations
@@ -67,10 +70,14 @@ def pooled(diffs: dict[tuple[str, int, int], float], difficulties: list[str]) ->
 
 
 def comparison(diffs: list[float]) -> dict:
+    """Mean paired difference, its percentile bootstrap 95% CI (``ci95``), its 95% t-interval
+    (``t95``; None below two pairs) and the MDE."""
     if not diffs:
         return {"n": 0}
     lo, hi = bootstrap_ci(diffs, seed=0)
-    return {"n": len(diffs), "mean": float(np.mean(diffs)), "ci95": [lo, hi], "mde": mde(diffs)}
+    mean, half = mean_ci(diffs)
+    return {"n": len(diffs), "mean": float(mean), "ci95": [lo, hi],
+            "t95": None if half is None else [float(mean - half), float(mean + half)], "mde": mde(diffs)}
 
 
 def _pct(x: float | None, sign: bool = False) -> str:
@@ -89,10 +96,10 @@ def _cell(runs: list[dict]) -> str:
 def _verdict(c: dict) -> str:
     if c["n"] < 2:
         return "too few pairs"
-    lo, hi = c["ci95"]
-    if lo > 0:
+    (lo, hi), (t_lo, t_hi) = c["ci95"], c["t95"]
+    if min(lo, t_lo) > 0:
         return "helps"
-    if hi < 0:
+    if max(hi, t_hi) < 0:
         return "hurts"
     return f"no difference detected (could detect ≥ {_pct(c['mde'])} pts)" if c["mde"] is not None else "too few pairs"
 
@@ -125,10 +132,11 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
         lines.append("")
     lines += ["## Paired differences (test accuracy, percentage points)", "",
               "Each model against its baseline, paired by seed (one pair per trained model: a width and a seed), per "
-              "difficulty and over all of them (each model's mean over the difficulties); bootstrap 95% CI over the "
-              "pairs; MDE: the smallest mean difference these pairs detect with 80% power.", "",
-              "| model | baseline | difficulty | pairs | mean Δ | 95% CI | MDE | verdict |",
-              "|---|---|---|---|---|---|---|---|"]
+              "difficulty and over all of them (each model's mean over the difficulties); percentile bootstrap and "
+              "paired t 95% intervals over the pairs (a verdict needs both to exclude 0); MDE: the smallest mean "
+              "difference these pairs detect with 80% power.", "",
+              "| model | baseline | difficulty | pairs | mean Δ | bootstrap 95% | t 95% | MDE | verdict |",
+              "|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for m in models:
         base = BASELINE.get(m)
@@ -142,8 +150,9 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
                       "overall": rows.get("all", rows[difficulties[0]])}
         for d, c in rows.items():
             if c["n"]:
+                t95 = "–" if c["t95"] is None else f"[{_pct(c['t95'][0], True)}, {_pct(c['t95'][1], True)}]"
                 lines.append(f"| {m} | {base} | {d} | {c['n']} | {_pct(c['mean'], True)} | "
-                             f"[{_pct(c['ci95'][0], True)}, {_pct(c['ci95'][1], True)}] | {_pct(c['mde'])} | "
+                             f"[{_pct(c['ci95'][0], True)}, {_pct(c['ci95'][1], True)}] | {t95} | {_pct(c['mde'])} | "
                              f"{_verdict(c)} |")
     if sweep:
         lrs = sorted({r["lr"] for r in sweep})
