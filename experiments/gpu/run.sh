@@ -10,6 +10,10 @@
 # SMOKE=1 shrinks every part (CPU check of the script itself).
 source "$(dirname "$0")/env.sh"
 log="$OUT/gpu.log"
+# every part gets at most its own cap and never more than what is left of LIMIT seconds (the call's
+# limit, less a margin to bring $OUT back), so the last parts are cut short, not the whole call
+LIMIT=${LIMIT:-560}
+cap() { local left=$((LIMIT - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 1 ? left : 1)) || echo "$1"; }
 device=cuda; iters=""; steps=""; reps=3
 if [ "${SMOKE:-0}" = 1 ]; then
   device=cpu; iters="train.max_iters=4 train.eval_interval=2 train.eval_max_tokens=2048 train.batch_size=4 train.device=cpu"
@@ -19,7 +23,7 @@ fi
 
 run_dir=runs/gpu/nanogpt
 resume=""; [ -d $run_dir/checkpoints ] && resume=--resume
-timeout 330 $py -m phaselm train configs/gpt/shakespeare_char_nanogpt.yaml train.out_dir=$run_dir $iters $resume >> "$log" 2>&1
+timeout $(cap 330) $py -m phaselm train configs/gpt/shakespeare_char_nanogpt.yaml train.out_dir=$run_dir $iters $resume >> "$log" 2>&1
 echo "train exit $?" >> "$log"
 $py -m phaselm report run $run_dir "$OUT/nanogpt" --command "phaselm train configs/gpt/shakespeare_char_nanogpt.yaml" >> "$log" 2>&1 \
   && mv "$OUT/nanogpt/summary.json" "$OUT/nanogpt_summary.json" && rmdir "$OUT/nanogpt"
@@ -28,7 +32,7 @@ tail -n 3 $run_dir/metrics.jsonl >> "$log" 2>/dev/null
 c_iters="train.max_iters=60 train.eval_interval=1000 train.log_interval=10"
 [ "${SMOKE:-0}" = 1 ] && c_iters="$iters train.max_iters=3"
 rm -rf runs/gpu/compiled
-timeout 150 $py -m phaselm train configs/gpt/shakespeare_char_nanogpt.yaml train.out_dir=runs/gpu/compiled train.compile=true $c_iters >> "$log" 2>&1
+timeout $(cap 150) $py -m phaselm train configs/gpt/shakespeare_char_nanogpt.yaml train.out_dir=runs/gpu/compiled train.compile=true $c_iters >> "$log" 2>&1
 echo "compile run exit $?; its last train rows:" >> "$log"
 grep '"train"' runs/gpu/compiled/metrics.jsonl 2>/dev/null | tail -n 2 >> "$log"
 
@@ -36,7 +40,7 @@ mkdir -p "$OUT/json"
 for b in phase_attention_speed pma_speed ssm_speed train_speed; do
   echo "== $b" >> "$log"
   extra="--repeats $reps"; [ $b = train_speed ] && [ "${SMOKE:-0}" = 1 ] && extra="$extra --steps 2"
-  timeout 90 $py benchmarks/$b.py --device $device $extra --json "$OUT/json/$b.json" >> "$log" 2>&1
+  timeout $(cap 90) $py benchmarks/$b.py --device $device $extra --json "$OUT/json/$b.json" >> "$log" 2>&1
   echo "exit $?" >> "$log"
 done
 $py - "$OUT" <<'PY' >> "$log" 2>&1
