@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The MQAR suite on the 2-core CPU (docs/tasks.md, amendment 3): the validity anchor (GPT and Mamba at
-# widths 32/64/128, seed 1, with the learning-rate sweep), then the phase comparisons at width 64, in
-# the order the verdicts need them. The work is a list of cells (model, widths, seeds); each cell is
-# one `phaselm bench tasks` process (its sweep, then its seeds). Start one worker per core:
+# widths 32/64/128, seed 1, with the learning-rate sweep), GPT seeds 2-3 at width 64, the budget probe,
+# then (once the budget is settled) the phase comparisons at width 64. The work is a list of cells;
+# each cell is one `phaselm bench tasks` process (its sweep, then its seeds). One worker per core:
 #   setsid nohup experiments/tasks_cpu.sh > runs/tasks/worker0.log 2>&1 &
 #   setsid nohup experiments/tasks_cpu.sh > runs/tasks/worker1.log 2>&1 &
 # Every worker walks the same list and takes the first cell no live worker holds (a claim is a
@@ -12,9 +12,18 @@
 # so after a stop the same two commands go on where the work stopped. DRY=1 prints the cells only.
 set -u
 cd "$(dirname "$0")/.."
-CELLS=("gpt 64,128,32 1" "mamba 64 1" "mamba 32 1" "mamba 128 1" "gpt 64 3" "phasegpt_all 64 3"
-       "phasegpt_single 64 3" "pma_lam0 64 3" "pma 64 3" "mamba 64 3" "phasegpt_frozen 64 3"
-       "phasegpt_nobias 64 3" "pma_frozen 64 3")
+# a cell: its name, then the arguments of its `bench tasks` run (added to the common ones below; a
+# repeated option such as --steps or --out overrides the common one)
+CELLS=("gpt-w64_128_32-s1|--models gpt --widths 64,128,32 --seeds 1"
+       "mamba-w64-s1|--models mamba --widths 64 --seeds 1"
+       "mamba-w32-s1|--models mamba --widths 32 --seeds 1"
+       "mamba-w128-s1|--models mamba --widths 128 --seeds 1"
+       "gpt-w64-s3|--models gpt --widths 64 --seeds 3"
+       # the budget probe (the GPT at width 64 left the plateau at seed 1 only in 4,000 steps; see
+       # results/tasks/README.md): the same runs for 12,000 steps, in their own folders
+       "budget-gpt-w64-s3|--models gpt --widths 64 --seeds 3 --lrs 3e-3 --steps 12000 --out results/tasks/mqar_budget --work runs/tasks/mqar_budget")
+# The phase cells (PhaseGPT both placements, PMA with and without λ, Mamba seeds 2-3, the controls, all at
+# width 64) wait for the training budget that the probe decides (docs/tasks.md, amendment 3).
 claims=runs/tasks/claims
 mkdir -p "$claims"
 
@@ -27,14 +36,14 @@ claim() {  # claim "$name": 0 if this worker now holds it
 }
 
 for cell in "${CELLS[@]}"; do
-  read -r model widths seeds <<< "$cell"
-  name="$model-w${widths//,/_}-s$seeds"
+  name=${cell%%|*}; args=${cell#*|}
   [ -e "$claims/$name/done" ] && continue
   claim "$name" || continue
   if [ "${DRY:-0}" = 1 ]; then echo "cell $name"; rm -r "$claims/$name"; continue; fi
   echo "$(date -u +%FT%TZ) worker $$: $name" >&2
-  if OMP_NUM_THREADS=1 .venv/bin/phaselm bench tasks --task mqar --mixture --models "$model" --widths "$widths" \
-      --seeds "$seeds" --steps 4000 --eval-interval 500 --out results/tasks/mqar --resume > "runs/tasks/$name.log" 2>&1; then
+  # shellcheck disable=SC2086  # $args is a list of options
+  if OMP_NUM_THREADS=1 .venv/bin/phaselm bench tasks --task mqar --mixture --steps 4000 --eval-interval 500 \
+      --out results/tasks/mqar --resume $args > "runs/tasks/$name.log" 2>&1; then
     touch "$claims/$name/done"
   else
     echo "$(date -u +%FT%TZ) worker $$: $name failed, see runs/tasks/$name.log" >&2
