@@ -12,6 +12,7 @@
 # so after a stop the same two commands go on where the work stopped. DRY=1 prints the cells only.
 set -u
 cd "$(dirname "$0")/.."
+PROBE="--lrs 3e-3 --steps 12000 --out results/tasks/mqar_budget --work runs/tasks/mqar_budget"  # the budget probe's settings
 # a cell: its name, then the arguments of its `bench tasks` run (added to the common ones below; a
 # repeated option such as --steps or --out overrides the common one)
 CELLS=("gpt-w64_128_32-s1|--models gpt --widths 64,128,32 --seeds 1"
@@ -21,8 +22,8 @@ CELLS=("gpt-w64_128_32-s1|--models gpt --widths 64,128,32 --seeds 1"
        "gpt-w64-s3|--models gpt --widths 64 --seeds 3"
        # the budget probe (the GPT at width 64 left the plateau at seed 1 only in 4,000 steps; see
        # results/tasks/README.md): the same runs for 12,000 steps, in their own folders
-       "budget-gpt-w64-s3|--models gpt --widths 64 --seeds 3 --lrs 3e-3 --steps 12000 --out results/tasks/mqar_budget --work runs/tasks/mqar_budget"
-       "budget-mamba-w64-s1|--models mamba --widths 64 --seeds 1 --lrs 3e-3 --steps 12000 --out results/tasks/mqar_budget --work runs/tasks/mqar_budget")
+       "budget-gpt-w64-s3|--models gpt --widths 64 --seeds 3 $PROBE"
+       "budget-mamba-w64-s1|--models mamba --widths 64 --seeds 1 $PROBE")
 # The phase cells (PhaseGPT both placements, PMA with and without λ, Mamba seeds 2-3, the controls, all at
 # width 64) wait for the training budget that the probe decides (docs/tasks.md, amendment 3).
 claims=runs/tasks/claims
