@@ -272,6 +272,22 @@ def test_resume_refuses_a_run_trained_at_another_rate_than_the_sweep_chooses(uni
     assert out.returncode == 2 and "another learning rate" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+def test_a_sweep_gains_a_rate_without_retraining_the_runs_it_has(uninterrupted, tmp_path):
+    import shutil
+
+    shutil.copytree(uninterrupted, tmp_path / "e")
+    runs = tmp_path / "e" / "out" / "runs"
+    before = {p.name: p.read_bytes() for p in runs.glob("*.json")}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(bench(tmp_path, "e", "--resume", "--lrs", "1e-4,3e-3,1e-2"), check=True, capture_output=True, env=env)
+    after = {p.name: p.read_bytes() for p in runs.glob("*.json")}
+    assert {n: after[n] for n in before} == before  # nothing retrained: 1e-4 learns less in 6 steps than the chosen rate
+    assert sorted(set(after) - set(before)) == [f"L256__{m}__w16__seed1_lr0.0001.json" for m in ("gpt", "mamba")]
+    out = subprocess.run(bench(tmp_path, "e", "--resume", "--lrs", "3e-3"), capture_output=True, text=True, env=env)
+    assert out.returncode == 2 and "--lrs must include 0.0001,0.01" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
 def test_a_checkpoint_of_other_training_settings_is_started_again_not_continued(tmp_path):
     from phaselm.evaluation.tasks_bench import _same_training
     from phaselm.training.config import load_config

@@ -244,6 +244,10 @@ def main_runs(cfg: TasksConfig) -> list[Run]:
             for s in range(1, cfg.seeds + 1)]
 
 
+def _rates(lrs) -> str:
+    return ",".join(f"{lr:g}" for lr in lrs)
+
+
 def choose_lr(results: list[dict]) -> float:
     """The sweep rule: highest val accuracy, then lower val loss, then smaller learning rate."""
     best = min(results, key=lambda r: (-r["val"]["accuracy"], r["val"]["loss"], r["lr"]))
@@ -291,19 +295,27 @@ class TasksBench:
     def check_start(self) -> None:
         """Refuse to mix with an earlier run's files unless ``--resume``; refuse a changed protocol. A
         shard of a sharded launch cannot tell its sibling shards' fresh results from an earlier run's,
-        so it always continues what is there (the protocol must still match)."""
+        so it always continues what is there (the protocol must still match). The list of swept
+        rates may grow (``--lrs`` must include the earlier runs' rates): each run records its own
+        rate, and a main run trained at a rate the larger sweep does not choose is refused
+        (:meth:`train`), so a sweep can gain a rate without retraining what it already has."""
         self.runs_dir.mkdir(parents=True, exist_ok=True)
         existing = sorted(self.runs_dir.glob("*.json"))
         if existing and not self.resume and self.shard[1] == 1:
             raise ValueError(f"{self.runs_dir} holds {len(existing)} run results of an earlier run; pass --resume to "
                              "continue it, or choose another --out")
+        mine, swept = self.protocol(), set()
         for path in existing:
             saved = {"training": "per difficulty", **json.loads(path.read_text())["protocol"]}
-            mine = self.protocol()
-            if saved != mine:
-                key = next(k for k in mine if saved.get(k) != mine[k])
+            key = next((k for k in mine if k != "lrs" and saved.get(k) != mine[k]), None)
+            if key is not None:
                 raise ValueError(f"--resume: {path.name} was made with {key}={saved.get(key)!r}, this run has "
                                  f"{mine[key]!r}; use the same settings or another --out")
+            swept |= set(saved["lrs"])
+        dropped = sorted(swept - set(mine["lrs"]))
+        if dropped:
+            raise ValueError(f"--resume: {self.runs_dir} holds a sweep over --lrs {_rates(sorted(swept))}; --lrs must "
+                             f"include {_rates(dropped)} (a sweep can gain rates, not lose them), or choose another --out")
 
     def protocol(self) -> dict:
         """What every run of this grid shares (a resumed run must match it)."""
