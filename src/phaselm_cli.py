@@ -180,6 +180,9 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--eval-interval", type=int, default=500)
     bt.add_argument("--vocab-size", type=int, default=None, help="the task's vocabulary (default: the task's own)")
     bt.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (several shards may share one GPU)")
+    bt.add_argument("--short-conv", type=int, default=3,
+                    help="kernel of the causal convolution in front of the GPT family's attention (Zoology's recall "
+                         "models: 3; 0: none, as the MQAR runs before amendment 4 of docs/tasks.md)")
     bt.add_argument("--out", default=None, help="default: results/tasks/TASK")
     bt.add_argument("--work", default=None, help="run folders (checkpoints), default: runs/tasks/TASK")
     bt.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")

@@ -76,7 +76,8 @@ TINY_V = 40
 
 
 def tiny_phaselm(kind: str, seed: int = 0, n_ssm: int = 2, sharpen: bool = False, **extra):
-    """A tiny phaselm model in eval mode: ``gpt`` (2 layers), ``phasegpt`` (3 layers, phase layers 1
+    """A tiny phaselm model in eval mode: ``gpt`` (2 layers), ``gpt_conv`` (the same with a short
+    convolution of kernel 3 in front of attention), ``phasegpt`` (3 layers, phase layers 1
     and 2, 4 oscillators), ``pma`` (``n_ssm`` Mamba blocks, then PMA blocks, 3 layers) or ``mamba``
     (2 Mamba blocks only); vocabulary 40, context 32, 2 heads of width 8. The phase projections are
     spread (N(0, 1)) so the oscillators matter; ``sharpen`` scales the head ×4 so greedy choices are
@@ -85,8 +86,8 @@ def tiny_phaselm(kind: str, seed: int = 0, n_ssm: int = 2, sharpen: bool = False
 
     torch.manual_seed(seed)
     sizes = dict(vocab_size=TINY_V, block_size=32, n_head=2, n_embd=16, **extra)
-    if kind == "gpt":
-        model = phaselm.GPTForCausalLM(phaselm.GPTConfig(n_layer=2, **sizes))
+    if kind in ("gpt", "gpt_conv"):
+        model = phaselm.GPTForCausalLM(phaselm.GPTConfig(n_layer=2, short_conv=3 if kind == "gpt_conv" else 0, **sizes))
     elif kind == "phasegpt":
         model = phaselm.PhaseGPTForCausalLM(phaselm.PhaseGPTConfig(n_layer=3, phase_layers=[1, 2], n_osc=4, **sizes))
     elif kind == "pma":

@@ -23,7 +23,7 @@ from tests.conftest import tiny_phaselm
 from phaselm.nn.hooks import run_with_cache
 
 V = 40
-KINDS = ["gpt", "phasegpt", "pma"]
+KINDS = ["gpt", "gpt_conv", "phasegpt", "pma"]
 
 
 def build(kind: str, seed: int = 0, **extra):
@@ -199,9 +199,9 @@ def test_attentions_equal_the_pattern_recomputed_from_the_definition(kind):
             _, cache = run_with_cache(model, ids, names_filter=lambda n: n == f"blocks.{i}.pma.hook_pattern")
             expected = cache[f"blocks.{i}.pma.hook_pattern"]
         elif i in model.phase_layers():  # the coherence bias β·c_ij from the [T, T, N] definition
-            expected = block.attn.explicit_scores(block.ln_1(x)).softmax(-1)
+            expected = block.attn.explicit_scores(block.attention_input(x)).softmax(-1)
         else:
-            expected = _gpt_pattern(block.attn, block.ln_1(x))
+            expected = _gpt_pattern(block.attn, block.attention_input(x))
         assert torch.allclose(att, expected, atol=1e-6)
     assert torch.allclose(out.logits, model(ids).logits, atol=1e-5)  # the eager path computes the same
 
@@ -285,7 +285,7 @@ def test_pma_forward_names_position_ids_and_logits_to_keep():
 
 
 # ---------------------------------------------------------------------------------------------- cache
-@pytest.mark.parametrize("kind", ["phasegpt", "pma"])
+@pytest.mark.parametrize("kind", ["gpt_conv", "phasegpt", "pma"])
 def test_a_chunked_forward_equals_the_full_forward_wherever_the_padding_is(kind):
     """Padding in the prefill (row 0, left), at the start of a continuation chunk after real tokens
     (row 0, positions 4-5: the running Kuramoto sums must count the real tokens, not the position id
@@ -314,8 +314,9 @@ def test_assisted_decoding_is_refused_before_generating_on_stateful_models(kind)
     assert not calls
 
 
-def test_assisted_decoding_and_prompt_lookup_equal_greedy_on_the_gpt():
-    model, draft = build("gpt"), build("gpt", seed=1)
+@pytest.mark.parametrize("kind", ["gpt", "gpt_conv"])  # a short convolution's state is cut back (transformers' crop)
+def test_assisted_decoding_and_prompt_lookup_equal_greedy_on_the_gpt(kind):
+    model, draft = build(kind), build(kind, seed=1)
     ids = torch.tensor([[1, 2, 3, 4, 1, 2, 3, 4, 1, 2]])
     greedy = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(model.generate(ids, prompt_lookup_num_tokens=3, max_new_tokens=8, do_sample=False), greedy)
@@ -369,7 +370,7 @@ def test_phasegpt_phases_are_public_and_are_the_phases_the_layer_used():
     theta = model.get_phases()
     assert theta.shape == (2, 2, 10, 4)  # [batch, heads, seq_len, num_osc]
     block = model.blocks[2]
-    assert torch.equal(theta, block.attn.phases(block.ln_1(out.hidden_states[2])))
+    assert torch.equal(theta, block.attn.phases(block.attention_input(out.hidden_states[2])))
     assert model.get_phases(1).shape == (2, 2, 10, 4)
     with pytest.raises(ValueError, match="not a phase layer"):
         model.get_phases(0)

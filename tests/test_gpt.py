@@ -53,3 +53,16 @@ def test_config_errors_name_the_key():
         GPTConfig(n_embd=30, n_head=4)
     with pytest.raises(ValueError, match="block_size"):
         tiny()(torch.zeros(1, 40, dtype=torch.long))
+
+
+def test_the_short_convolution_is_the_causal_padded_conv1d_in_front_of_attention():
+    import torch.nn.functional as F
+
+    model = tiny(short_conv=3)
+    block, x = model.model.blocks[0], torch.randn(2, 10, 32)
+    h = block.ln_1(x)
+    reference = F.conv1d(F.pad(h.transpose(1, 2), (2, 0)), block.conv.weight, block.conv.bias, groups=32).transpose(1, 2)
+    assert torch.allclose(block.attention_input(x), reference, atol=1e-6)
+    assert model.config.layer_types == ["hybrid", "hybrid"]  # KV + the conv state in the cache
+    with pytest.raises(StrictDataclassError, match="short_conv"):
+        GPTConfig(short_conv=-1)

@@ -19,11 +19,12 @@ V = 40
 def build(kind: str, seed: int = 0, heads: int = 2):
     torch.manual_seed(seed)
     sizes = dict(vocab_size=V, block_size=48, n_head=heads, n_embd=16)
-    if kind == "gpt":
-        model = phaselm.GPTForCausalLM(phaselm.GPTConfig(n_layer=2, **sizes))
+    if kind in ("gpt", "gpt_conv"):
+        model = phaselm.GPTForCausalLM(phaselm.GPTConfig(n_layer=2, short_conv=3 if kind == "gpt_conv" else 0, **sizes))
     elif kind.startswith("phasegpt"):
         model = phaselm.PhaseGPTForCausalLM(phaselm.PhaseGPTConfig(
-            n_layer=3, phase_layers=[1, 2], n_osc=4, integrator="rk4" if kind.endswith("rk4") else "euler", **sizes))
+            n_layer=3, phase_layers=[1, 2], n_osc=4, integrator="rk4" if kind.endswith("rk4") else "euler",
+            short_conv=4 if kind.endswith("conv") else 0, **sizes))
     else:
         layout = {"pma": dict(n_layer=3, n_ssm=2), "pma_interleaved": dict(n_layer=4, n_ssm=2, layout="interleaved"),
                   "mamba": dict(n_layer=2, n_ssm=2), "pma_no_ssm": dict(n_layer=2, n_ssm=0)}[kind]
@@ -34,7 +35,7 @@ def build(kind: str, seed: int = 0, heads: int = 2):
     return model.eval()
 
 
-KINDS = ["gpt", "phasegpt", "phasegpt_rk4", "pma", "pma_interleaved", "mamba", "pma_no_ssm"]
+KINDS = ["gpt", "gpt_conv", "phasegpt", "phasegpt_rk4", "phasegpt_conv", "pma", "pma_interleaved", "mamba", "pma_no_ssm"]
 
 
 def decode_stepwise(model, ids, mask, prefill):
@@ -66,7 +67,7 @@ def test_cached_decoding_equals_the_full_forward_with_left_padding(kind):
         assert (decode_stepwise(model, ids[:1], torch.ones_like(ids[:1]), prefill=1) - plain).abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("kind", ["gpt", "phasegpt", "pma"])
+@pytest.mark.parametrize("kind", ["gpt", "gpt_conv", "phasegpt", "pma"])
 def test_save_and_load_are_bit_exact_through_the_auto_classes(kind, tmp_path):
     model = build(kind)
     tok = get_tokenizer("char", "ROMEO: hello, world\n")
@@ -82,7 +83,7 @@ def test_save_and_load_are_bit_exact_through_the_auto_classes(kind, tmp_path):
     assert get_tokenizer(str(tmp_path)).to_json() == tok.to_json()
 
 
-@pytest.mark.parametrize("kind", ["gpt", "phasegpt", "pma", "mamba"])
+@pytest.mark.parametrize("kind", ["gpt", "gpt_conv", "phasegpt", "pma", "mamba"])
 def test_generate_runs_with_the_usual_options_and_greedy_equals_recomputing(kind):
     model = build(kind)
     ids = torch.randint(1, V, (2, 7), generator=torch.Generator().manual_seed(2))
@@ -126,11 +127,12 @@ def test_phase_and_ssm_matrices_are_tagged_and_not_decayed(kind, tagged):
     assert all(names[id(p)].endswith(".weight") for p in decay["params"])  # only weight matrices decay
 
 
-@pytest.mark.parametrize("kind", ["phasegpt", "pma", "pma_interleaved"])
-def test_phase_slip_runs_on_phasegpt_and_pma_and_noise_zero_is_plain_sampling(kind):
+@pytest.mark.parametrize("kind", ["phasegpt", "pma", "pma_interleaved", "gpt_conv"])
+def test_phase_slip_runs_on_phaselm_models_and_noise_zero_is_plain_sampling(kind):
     model = build(kind, heads=4)  # 4 heads: see the closing note of the session on 2-head models
     tok = get_tokenizer("char", "".join(chr(65 + i) for i in range(V))).tok
-    heads = [(layer, 1) for layer in model.phase_layers()]  # value vectors of the phase layers' attention
+    # value vectors of the phase layers' attention (every layer's for the GPT, whose cache also holds conv states)
+    heads = [(layer, 1) for layer in (model.phase_layers() or range(model.config.n_layer))]
     common = dict(max_new_tokens=12, seed=3, temperature=1.0, return_details=True)
     clean = phaselm.Sampler(model, tok).generate("ABCDEF", **common).token_ids
     same = phaselm.PhaseSlipSampler(model, tok, noise_scale=0.0, heads=heads).generate("ABCDEF", **common)

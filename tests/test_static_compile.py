@@ -16,7 +16,7 @@ import phaselm
 from tests.conftest import tiny_phaselm
 
 V = 40
-KINDS = ["gpt", "phasegpt", "pma"]
+KINDS = ["gpt", "gpt_conv", "phasegpt", "pma"]
 PROMPT, NEW = 6, 7
 
 

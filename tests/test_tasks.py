@@ -255,10 +255,13 @@ def test_suite_models_match_parameter_counts_within_10_percent():
 
     for width in (32, 64, 128):
         for vocab in (16, 8192):
-            gpt = count_params(model_section("gpt", width, 256, vocab), vocab)
-            for m in MODELS:
-                n = count_params(model_section(m, width, 256, vocab), vocab)
-                assert abs(n / gpt - 1) <= 0.10, (m, width, vocab, n, gpt)
+            for conv in (0, 3):
+                gpt = count_params(model_section("gpt", width, 256, vocab, conv), vocab)
+                for m in MODELS:
+                    n = count_params(model_section(m, width, 256, vocab, conv), vocab)
+                    assert abs(n / gpt - 1) <= 0.10, (m, width, vocab, conv, n, gpt)
+            # the Mamba stacks are sized against the GPT without the convolution: their runs do not depend on it
+            assert model_section("mamba", width, 256, vocab, 3) == model_section("mamba", width, 256, vocab, 0)
 
 
 def test_resume_refuses_a_run_trained_at_another_rate_than_the_sweep_chooses(uninterrupted, tmp_path):
@@ -270,6 +273,22 @@ def test_resume_refuses_a_run_trained_at_another_rate_than_the_sweep_chooses(uni
     path.write_text(json.dumps({**record, "lr": 0.5}))
     out = subprocess.run(bench(tmp_path, "d", "--resume"), capture_output=True, text=True)
     assert out.returncode == 2 and "another learning rate" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_resume_refuses_runs_of_another_model_configuration(uninterrupted, tmp_path):
+    import shutil
+
+    shutil.copytree(uninterrupted, tmp_path / "f")
+    gpt = json.loads(next((tmp_path / "f" / "out" / "runs").glob("*gpt*seed2.json")).read_text())
+    assert gpt["model_config"]["short_conv"] == 3  # the default (docs/tasks.md, amendment 4)
+    out = subprocess.run(bench(tmp_path, "f", "--resume", "--short-conv", "0"), capture_output=True, text=True)
+    assert out.returncode == 2 and "another model configuration" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    # a run made before the field existed counts as made without the convolution
+    from phaselm.evaluation.tasks_bench import _same_model
+
+    old = {k: v for k, v in gpt["model_config"].items() if k != "short_conv"}
+    assert _same_model(old, {**old, "short_conv": 0}) and not _same_model(old, {**old, "short_conv": 3})
 
 
 def test_a_sweep_gains_a_rate_without_retraining_the_runs_it_has(uninterrupted, tmp_path):
@@ -407,6 +426,7 @@ def test_a_verdict_at_three_seeds_needs_the_t_interval_to_exclude_zero():
     ({"device": "tpu"}, "--device must be cpu, cuda, cuda:N or auto"),
     ({"mixture": True, "sweep_difficulty": "L64-kv4"}, "--sweep-difficulty does not apply to --mixture"),
     ({"difficulties": ["L32"]}, "'L32' is not a difficulty of mqar"),
+    ({"short_conv": -1}, "--short-conv must be >= 0"),
 ])
 def test_bench_settings_errors_are_one_line(kw, message):
     from phaselm.evaluation.tasks_bench import TasksConfig

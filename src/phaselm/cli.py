@@ -384,7 +384,7 @@ def cmd_bench_tasks(args) -> int:
                       sweep_difficulty=args.sweep_difficulty, steps=args.steps,
                       batch_size=args.batch_size, num_train=args.num_train, num_test=args.num_test,
                       eval_interval=args.eval_interval, vocab_size=args.vocab_size, mixture=args.mixture,
-                      device=args.device)
+                      device=args.device, short_conv=args.short_conv)
     shard = parse_shard(args.shard)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # under torchrun each process trains its own runs alone
         os.environ.pop(key, None)

@@ -61,6 +61,11 @@ BASELINE = {"phasegpt_all": "gpt", "phasegpt_single": "gpt", "phasegpt_frozen": 
 """What each model is compared with, paired by seed (phase on vs off within a family; controls vs the
 model they control)."""
 N_LAYER, N_HEAD, N_OSC = 2, 2, 16
+SHORT_CONV = 3
+"""The GPT family's short causal convolution in front of attention (docs/tasks.md, amendment 4:
+Zoology's recall models put one of kernel 3 there; the MQAR runs before it had none)."""
+ADDED_MODEL_FIELDS = {"short_conv": 0}
+"""Model config fields added after runs were committed, with the value those runs had."""
 MIX = "mix"
 """The difficulty label of a run trained on the mixture of the selected difficulties (``--mixture``)."""
 
@@ -82,6 +87,7 @@ class TasksConfig:
     vocab_size: int | None = None  # None: the task's default (MQAR 8192)
     mixture: bool = False  # one run per (model, width, seed) on the mixture of the difficulties, tested on each
     device: str = "cpu"  # train.device of every run (cpu | cuda | cuda:N | auto); recorded in each run's JSON
+    short_conv: int = SHORT_CONV  # kernel of the GPT family's convolution in front of attention (0: none)
 
     def validate(self) -> "TasksConfig":
         if self.task not in DIFFICULTIES:
@@ -93,6 +99,8 @@ class TasksConfig:
         known = [label for label, _ in DIFFICULTIES[self.task]]
         if self.difficulties is not None and (bad := [d for d in self.difficulties if d not in known]):
             raise ValueError(f"--difficulties: {bad[0]!r} is not a difficulty of {self.task} (known: {', '.join(known)})")
+        if self.short_conv < 0:
+            raise ValueError(f"--short-conv must be >= 0 (a kernel size; 0: none), got {self.short_conv}")
         if self.mixture and self.sweep_difficulty is not None:
             raise ValueError("--sweep-difficulty does not apply to --mixture (the sweep trains on the mixture too)")
         if self.sweep_difficulty is not None and self.sweep_difficulty not in self.difficulty_labels():
@@ -160,8 +168,8 @@ class TasksConfig:
                 "data_seed": 0}
 
 
-def _gpt_section(model: str, width: int, block: int) -> dict:
-    base = {"block_size": block, "n_layer": N_LAYER, "n_head": N_HEAD, "n_embd": width}
+def _gpt_section(model: str, width: int, block: int, short_conv: int = 0) -> dict:
+    base = {"block_size": block, "n_layer": N_LAYER, "n_head": N_HEAD, "n_embd": width, "short_conv": short_conv}
     if model == "gpt":
         return {"type": "gpt", **base}
     phase = {"type": "phasegpt", **base, "n_osc": N_OSC,
@@ -199,14 +207,16 @@ def matched_params(model) -> int:
     return sum(p.numel() for p in model.parameters()) - (wpe.weight.numel() if wpe is not None else 0)
 
 
-def model_section(model: str, width: int, block: int, vocab_size: int) -> dict:
+def model_section(model: str, width: int, block: int, vocab_size: int, short_conv: int = 0) -> dict:
     """The ``model:`` section of ``model`` at ``width`` (``block`` = the task's length). GPT-family
-    models have N_LAYER blocks of N_HEAD heads. Mamba stacks (``pma*``, ``mamba``; d_state 16) take
-    the number of Mamba blocks (1..8) whose parameter count (:func:`matched_params`) is closest to the GPT's with
-    Mamba's usual expansion 2; only where no depth comes within 10% another expansion (1..4) is
-    allowed, the closest count winning."""
+    models have N_LAYER blocks of N_HEAD heads (and a causal convolution of kernel ``short_conv`` in
+    front of each attention). Mamba stacks (``pma*``, ``mamba``; d_state 16) take the number of
+    Mamba blocks (1..8) whose parameter count (:func:`matched_params`) is closest to the GPT's
+    without the convolution (its (k + 1)·width weights a block change no choice) with Mamba's
+    usual expansion 2; only where no depth comes within 10% another expansion (1..4) is allowed,
+    the closest count winning."""
     if not model.startswith(("pma", "mamba")):
-        return _gpt_section(model, width, block)
+        return _gpt_section(model, width, block, short_conv)
     target = count_params(_gpt_section("gpt", width, block), vocab_size)
 
     def rank(option):
@@ -254,14 +264,21 @@ def choose_lr(results: list[dict]) -> float:
     return best["lr"]
 
 
+def _same_model(saved: dict, mine: dict) -> bool:
+    """Whether a run's recorded ``model`` section is ``mine`` (a field the run predates counts as
+    the value runs had before it existed, :data:`ADDED_MODEL_FIELDS`)."""
+    return set(saved) <= set(mine) and all(saved.get(k, ADDED_MODEL_FIELDS.get(k)) == v for k, v in mine.items())
+
+
 def _same_training(folder: Path, cfg) -> bool:
-    """Whether the newest checkpoint in ``folder`` was trained with ``cfg``'s training settings (a
-    checkpoint of another learning rate, say, is started again, not continued). A damaged
+    """Whether the newest checkpoint in ``folder`` was trained with ``cfg``'s training settings and
+    model (a checkpoint of another learning rate, say, is started again, not continued). A damaged
     checkpoint counts as the same: the trainer's ``--resume`` falls back past it."""
     from phaselm.training import checkpoint as ckpt
 
     try:
-        return ckpt.read_state(ckpt.step_folders(folder)[0])["config"]["train"] == cfg.to_dict()["train"]
+        saved, mine = ckpt.read_state(ckpt.step_folders(folder)[0])["config"], cfg.to_dict()
+        return saved["train"] == mine["train"] and _same_model(saved["model"], mine["model"])
     except (ckpt.CheckpointError, OSError, KeyError, ValueError):
         return True
 
@@ -380,7 +397,7 @@ class TasksBench:
         block = max(part["seq_len"] for part in data.get("mixture") or [data])
         return from_dict({
             "data": data,
-            "model": {**model_section(run.model, run.width, block, vocab), "vocab_size": vocab},
+            "model": {**model_section(run.model, run.width, block, vocab, c.short_conv), "vocab_size": vocab},
             "train": {"out_dir": str(self.work / run.run_id.replace("/", "__")), "max_iters": c.steps,
                       "batch_size": c.batch_size, "lr": lr, "min_lr": lr / 10, "warmup_iters": min(100, c.steps // 10),
                       "weight_decay": 0.1, "beta2": 0.99, "eval_interval": c.eval_interval,
@@ -397,17 +414,21 @@ class TasksBench:
 
         path = self.result_path(run)
         lr = run.lr if lr is None else lr
+        cfg = self.run_config(run, lr)
         if path.exists():
-            if json.loads(path.read_text())["lr"] != lr:
+            record = json.loads(path.read_text())
+            if record["lr"] != lr:
                 raise ValueError(f"{path} was trained at another learning rate than the sweep chooses ({lr:g}); "
                                  "delete it to retrain it at the chosen rate")
+            if not _same_model(record["model_config"], cfg.to_dict()["model"]):
+                raise ValueError(f"{path} was trained with another model configuration than this run's (e.g. "
+                                 "--short-conv); use the settings it was made with, or another --out")
             return path
         same = Run(run.difficulty, run.model, run.width, run.seed, lr, sweep=True)
         if not run.sweep and self.result_path(same).exists() and same in sweep_runs(self.cfg):
             record = json.loads(self.result_path(same).read_text())
             atomic_write(path, json.dumps({**record, "run": run.run_id, "sweep": False, "reused": same.run_id}, indent=1) + "\n")
             return path
-        cfg = self.run_config(run, lr)
         folder = Path(cfg.train.out_dir)
         from phaselm.training import checkpoint as ckpt
 

@@ -26,7 +26,9 @@ from phaselm.nn.attention import Block, CausalSelfAttention, LayerInputs
 class GPTConfig(CacheLayout, PreTrainedConfig):
     """The GPT baseline: ``n_layer`` blocks of ``n_head`` heads, width ``n_embd``, context
     ``block_size`` tokens, vocabulary ``vocab_size``; ``dropout`` in [0, 1); ``bias`` in the
-    linear layers and LayerNorms; ``use_cache``: forward's default for ``use_cache``."""
+    linear layers and LayerNorms; ``short_conv`` k > 0: a causal depthwise convolution of kernel k
+    in front of every block's attention (:class:`~phaselm.nn.attention.Block`; Zoology's recall
+    models use k = 3; 0: none); ``use_cache``: forward's default for ``use_cache``."""
 
     model_type = "phaselm_gpt"
     attribute_map = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head",
@@ -39,6 +41,7 @@ class GPTConfig(CacheLayout, PreTrainedConfig):
     n_embd: int = 384
     dropout: float | int = 0.0
     bias: bool = False
+    short_conv: int = 0
     tie_word_embeddings: bool = True
     use_cache: bool = False
     initializer_range: float = 0.02  # σ of the N(0, σ²) Linear/Embedding initialisation
@@ -50,10 +53,14 @@ class GPTConfig(CacheLayout, PreTrainedConfig):
             raise ValueError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
         if not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.short_conv < 0:
+            raise ValueError(f"short_conv must be >= 0 (a kernel size; 0: no convolution), got {self.short_conv}")
 
     def cache_layer_types(self) -> list[str] | None:
-        """Cache layer kinds: key/value caches only (None while the sizes are invalid)."""
-        return ["full_attention"] * self.n_layer if isinstance(self.n_layer, int) else None
+        """Cache layer kinds: key/value caches, "hybrid" (KV + the conv state) with ``short_conv``
+        (None while the sizes are invalid)."""
+        kind = "hybrid" if self.short_conv else "full_attention"
+        return [kind] * self.n_layer if isinstance(self.n_layer, int) else None
 
 
 class GPTModel(PhaseLMModel):
@@ -71,7 +78,7 @@ class GPTModel(PhaseLMModel):
         self.wte = nn.Embedding(c.vocab_size, c.n_embd)
         self.wpe = nn.Embedding(c.block_size, c.n_embd)
         self.drop = nn.Dropout(c.dropout)
-        self.blocks = nn.ModuleList([Block(c.n_embd, self.make_attention(i), c.dropout, c.bias)
+        self.blocks = nn.ModuleList([Block(c.n_embd, self.make_attention(i), c.dropout, c.bias, c.short_conv, i)
                                      for i in range(c.n_layer)])
         self.ln_f = nn.LayerNorm(c.n_embd, bias=c.bias)
         self.post_init()

@@ -55,10 +55,11 @@ class PhaseGPTConfig(GPTConfig, KuramotoSettings, CoherenceRegulariser):
             raise ValueError(f"n_osc must be >= 1, got {self.n_osc}")
 
     def cache_layer_types(self) -> list[str] | None:
-        """Cache layer kinds: "hybrid" (KV + Kuramoto state) for phase layers (None while invalid)."""
+        """Cache layer kinds: "hybrid" (KV + Kuramoto state, + the conv state with ``short_conv``)
+        for phase layers, and for every layer with ``short_conv`` (None while invalid)."""
         if not isinstance(self.n_layer, int) or not isinstance(self.phase_layers, list):
             return None
-        return ["hybrid" if i in self.phase_layers else "full_attention" for i in range(self.n_layer)]
+        return ["hybrid" if i in self.phase_layers or self.short_conv else "full_attention" for i in range(self.n_layer)]
 
 
 class PhaseGPTModel(GPTModel):

@@ -34,6 +34,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from phaselm.nn import oscillators as osc
+from phaselm.nn.mamba import CausalConv1d
 
 # ---------------------------------------------------------------------------------------------- inputs
 @dataclass
@@ -299,18 +300,31 @@ class MLP(nn.Module):
 
 
 class Block(GradientCheckpointingLayer):
-    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x)). With the model's
+    """Pre-LN transformer block: x + attn(LN(x)), then x + MLP(LN(x)). With ``short_conv`` = k > 0
+    the attention reads a causal depthwise convolution of its input, x + attn(conv_k(LN(x))) (Mamba's
+    :class:`~phaselm.nn.mamba.CausalConv1d`; the short convolution Zoology's recall models put in
+    front of attention, which hands each position its predecessors' features), whose last k inputs
+    the cache keeps as layer ``layer_idx``'s conv state. With the model's
     ``gradient_checkpointing_enable()`` its forward is recomputed in the backward (transformers'
     ``GradientCheckpointingLayer``; the RNG state is restored, so phase noise and dropout repeat)."""
 
-    def __init__(self, n_embd: int, attn: nn.Module, dropout: float = 0.0, bias: bool = False):
+    def __init__(self, n_embd: int, attn: nn.Module, dropout: float = 0.0, bias: bool = False,
+                 short_conv: int = 0, layer_idx: int = 0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(n_embd, bias=bias)
+        self.conv = CausalConv1d(n_embd, short_conv) if short_conv else None
+        self.layer_idx = layer_idx
         self.attn = attn
         self.ln_2 = nn.LayerNorm(n_embd, bias=bias)
         self.mlp = MLP(n_embd, dropout, bias)
 
+    def attention_input(self, x: torch.Tensor, inputs: LayerInputs = PLAIN) -> torch.Tensor:
+        """What the attention reads, LN(x) or conv_k(LN(x)) ``[B, T, C]`` (updating the cache's conv state)."""
+        h = self.ln_1(x)
+        return h if self.conv is None else self.conv.step(h, inputs.cache, self.layer_idx, inputs.valid)
+
     def forward(self, x, **inputs):
         """``x [B, T, C]``; ``inputs``: the fields of :class:`LayerInputs` (none: plain causal)."""
-        x = x + self.attn(self.ln_1(x), LayerInputs(**inputs))
+        inputs = LayerInputs(**inputs)
+        x = x + self.attn(self.attention_input(x, inputs), inputs)
         return x + self.mlp(self.ln_2(x))

@@ -285,6 +285,18 @@ class CausalConv1d(nn.Conv1d):
             out = out + xp[:, i: i + length] * w[:, i]
         return out
 
+    def step(self, x: torch.Tensor, cache=None, layer_idx: int = 0, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`forward` of ``x [B, L, E]`` with padding (``valid [B, L]`` = 0) zeroed first, so it
+        leaves no trace in later outputs; with a transformers ``cache``, continuing from (and
+        updating) layer ``layer_idx``'s conv state, its last k inputs ``[B, E, k]``."""
+        if valid is not None:
+            x = x * valid[..., None].to(x.dtype)
+        if cache is None:
+            return self(x)
+        # the cached inputs followed by the new ones, [B, E, past + L] (the cache keeps the last k)
+        full = cache.update_conv_state(x.transpose(1, 2), layer_idx, conv_kernel_size=self.kernel_size[0])
+        return self(x, full[..., : full.shape[-1] - x.shape[1]].transpose(1, 2))
+
 
 class MambaMixer(nn.Module):
     """The Mamba mixer: ``x [B, L, d_model]`` → ``[B, L, d_model]`` (see the module docstring)."""
@@ -334,15 +346,7 @@ class MambaMixer(nn.Module):
         (and update) layer ``layer_idx``'s conv and SSM state; ``valid [B, L]`` marks real tokens."""
         cfg = self.cfg
         x_in, z = self.in_proj(x).chunk(2, dim=-1)  # [B, L, E]
-        if valid is not None:
-            x_in = x_in * valid[..., None].to(x_in.dtype)
-        if cache is None:
-            u = F.silu(self.conv1d(x_in))
-        else:
-            # the cached conv inputs followed by the new ones, [B, E, past + L] (the cache keeps the last d_conv)
-            full = cache.update_conv_state(x_in.transpose(1, 2), layer_idx, conv_kernel_size=cfg.d_conv)
-            past = full[..., : full.shape[-1] - x_in.shape[1]].transpose(1, 2)
-            u = F.silu(self.conv1d(x_in, past))
+        u = F.silu(self.conv1d.step(x_in, cache, layer_idx, valid))
         if valid is not None:
             u = u * valid[..., None].to(u.dtype)
         dt_raw, B, C = self.x_proj(u).split([cfg.dt_rank, cfg.d_state, cfg.d_state], dim=-1)
