@@ -1,31 +1,40 @@
 #!/usr/bin/env bash
-# The MQAR suite on the 2-core CPU (docs/tasks.md, amendment 3): the validity anchor (GPT and Mamba at
-# widths 32/64/128, seed 1, with the learning-rate sweep), GPT seeds 2-3 at width 64, the budget probe,
-# then (once the budget is settled) the phase comparisons at width 64. The work is a list of cells;
-# each cell is one `phaselm bench tasks` process (its sweep, then its seeds). One worker per core:
+# The MQAR suite on the 2-core CPU (docs/tasks.md, amendments 3 and 4): the validity anchor (GPT and
+# Mamba at widths 32/64/128, seed 1, with the learning-rate sweep, 4,000 steps), then the phase
+# comparisons at width 64, pair by pair. Since amendment 4 the GPT family has a short convolution in
+# front of attention (`--short-conv 3`, the default) and its runs go to results/tasks/mqar_conv; the
+# runs before it (no convolution) stay in results/tasks/mqar, and the Mamba runs, whose models it does
+# not change, are shared. The work is a list of cells; each cell is one `phaselm bench tasks` process
+# (its sweep, then its seeds). One worker per core:
 #   setsid nohup experiments/tasks_cpu.sh > runs/tasks/worker0.log 2>&1 &
 #   setsid nohup experiments/tasks_cpu.sh > runs/tasks/worker1.log 2>&1 &
 # Every worker walks the same list and takes the first cell no live worker holds (a claim is a
 # folder made atomically, runs/tasks/claims/<cell>, holding the worker's PID; a dead worker's claim
 # is taken over), so the two never train the same run and no core waits for the other. Resumable:
-# finished runs are skipped and an interrupted one continues from its checkpoint (runs/tasks/mqar),
+# finished runs are skipped and an interrupted one continues from its checkpoint (runs/tasks/...),
 # so after a stop the same two commands go on where the work stopped. DRY=1 prints the cells only.
 set -u
 cd "$(dirname "$0")/.."
-PROBE="--lrs 3e-3 --steps 12000 --out results/tasks/mqar_budget --work runs/tasks/mqar_budget"  # the budget probe's settings
+CONV="--out results/tasks/mqar_conv --work runs/tasks/mqar_conv"  # amendment 4: the GPT family with its convolution
 # a cell: its name, then the arguments of its `bench tasks` run (added to the common ones below; a
 # repeated option such as --steps or --out overrides the common one)
 CELLS=("gpt-w64_128_32-s1|--models gpt --widths 64,128,32 --seeds 1"
        "mamba-w64-s1|--models mamba --widths 64 --seeds 1"
        "mamba-w32-s1|--models mamba --widths 32 --seeds 1"
-       "mamba-w128-s1|--models mamba --widths 128 --seeds 1"
        "gpt-w64-s3|--models gpt --widths 64 --seeds 3"
-       # the budget probe (the GPT at width 64 left the plateau at seed 1 only in 4,000 steps; see
-       # results/tasks/README.md): the same runs for 12,000 steps, in their own folders
-       "budget-gpt-w64-s3|--models gpt --widths 64 --seeds 3 $PROBE"
-       "budget-mamba-w64-s1|--models mamba --widths 64 --seeds 1 $PROBE")
-# The phase cells (PhaseGPT both placements, PMA with and without λ, Mamba seeds 2-3, the controls, all at
-# width 64) wait for the training budget that the probe decides (docs/tasks.md, amendment 3).
+       "mamba-w128-s1|--models mamba --widths 128 --seeds 1"
+       # amendment 4: the anchor's attention half again, with the convolution, then the phase pairs at width 64
+       "conv-gpt-w64-s3|--models gpt --widths 64 --seeds 3 $CONV"
+       "conv-gpt-w32-s1|--models gpt --widths 32 --seeds 1 $CONV"
+       "conv-gpt-w128-s1|--models gpt --widths 128 --seeds 1 $CONV"
+       "conv-phasegpt_single-w64-s3|--models phasegpt_single --widths 64 --seeds 3 $CONV"
+       "conv-phasegpt_all-w64-s3|--models phasegpt_all --widths 64 --seeds 3 $CONV"
+       "conv-mamba-w64-s3|--models mamba --widths 64 --seeds 3 $CONV"
+       "conv-pma-w64-s3|--models pma --widths 64 --seeds 3 $CONV"
+       "conv-pma_lam0-w64-s3|--models pma_lam0 --widths 64 --seeds 3 $CONV")
+# Then the controls (phases frozen, coherence bias removed) for an effect that shows. The shared
+# Mamba runs are copied from results/tasks/mqar/runs (*__mamba__*) into results/tasks/mqar_conv/runs
+# (the width-128 ones once mamba-w128-s1 is done), so their sweeps are not trained again.
 claims=runs/tasks/claims
 mkdir -p "$claims"
 
