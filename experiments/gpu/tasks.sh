@@ -4,7 +4,8 @@
 #   STAGE=wide (default; issue 24 item 4): widths 256 and 512, where Zoology's curves separate,
 #     MODELS (default gpt,mamba,phasegpt_all,pma,pma_lam0), seed 1; out results/tasks/mqar_gpu.
 #   STAGE=w64 (issue 21): the CPU's width-64 grid (amendment 3: every model, its sweep, seeds 1-3,
-#     the CPU's protocol, so the two are comparable), 16 shards; out results/tasks/mqar_gpu_w64.
+#     the CPU's protocol and its GPT family with the short convolution of amendment 4, so the two are
+#     comparable), 16 shards; out results/tasks/mqar_gpu_w64.
 #     STEPS (default 4000) and WIDTHS (default 64) change the budget and the widths; a changed budget
 #     needs another out folder (OUT_DIR=...), since a folder's runs share one protocol.
 # Finished runs come back as JSON under $OUT/tasks/mqar/runs; commit them into the out folder and
