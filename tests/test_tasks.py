@@ -407,7 +407,8 @@ def test_paired_comparisons_count_one_pair_per_trained_model():
     per_seed = [np.mean([acc["phasegpt_all", d][s] - acc["gpt", d][s] for d in ("L64-kv4", "L128-kv8")]) for s in range(3)]
     assert c["overall"]["mean"] == pytest.approx(np.mean(per_seed))
     assert c["by_difficulty"]["L64-kv4"]["mean"] == pytest.approx(np.mean([0.05, 0.0, 0.02]))
-    assert "| phasegpt_all | gpt | all | 3 |" in text and "| phasegpt_all | gpt | L128-kv8 | 3 |" in text
+    assert "| phasegpt_all | gpt | all | 3 | 65.00 |" in text and "| phasegpt_all | gpt | L128-kv8 | 3 | 50.00 |" in text
+    assert c["overall"]["baseline"] == pytest.approx(0.65) and c["by_difficulty"]["L64-kv4"]["baseline"] == pytest.approx(0.8)
 
 
 def test_a_verdict_at_three_seeds_needs_the_t_interval_to_exclude_zero():
@@ -420,6 +421,33 @@ def test_a_verdict_at_three_seeds_needs_the_t_interval_to_exclude_zero():
     assert _verdict(c).startswith("no difference detected")
     assert _verdict(comparison([0.01, 0.02, 0.03] * 3 + [0.02])) == "helps"
     assert _verdict(comparison([-0.01, -0.02, -0.03] * 3 + [-0.02])) == "hurts"
+
+
+def test_report_of_a_folder_without_test_results_is_a_one_line_error(tmp_path):
+    """An empty runs folder, or one holding only mixture training runs (no per-difficulty test files),
+    is refused in one line that names what is missing, not an IndexError."""
+    from phaselm.evaluation.tasks_report import load
+
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ValueError, match="holds no run results"):
+        load(tmp_path)
+    (tmp_path / "runs" / "mix__gpt__w64__seed1.json").write_text(json.dumps(
+        {"difficulty": "mix", "model": "gpt", "width": 64, "seed": 1, "lr": 3e-3, "sweep": False}))
+    with pytest.raises(ValueError, match="mixture runs without their per-difficulty test files"):
+        load(tmp_path)
+
+
+def test_a_verdict_against_a_baseline_at_the_ceiling_says_only_a_loss_could_show():
+    """A baseline at 99.99% leaves 0.01 points for a gain: "no difference" there is not "does not
+    help", and the verdict says so; below the ceiling it does not."""
+    from phaselm.evaluation.tasks_report import CEILING, _verdict, comparison
+
+    diffs = [0.0001, -0.0001, 0.0]
+    at_top = _verdict(comparison(diffs, [0.9999, 1.0, 0.9998]))
+    assert at_top.startswith("no difference detected") and "at the ceiling (99.99%), so only a loss could show" in at_top
+    assert "ceiling" not in _verdict(comparison(diffs, [CEILING - 0.01] * 3))
+    assert "ceiling" not in _verdict(comparison(diffs))
+    assert _verdict(comparison([-0.01, -0.02, -0.03] * 3 + [-0.02], [0.999] * 10)) == "hurts"
 
 
 @pytest.mark.parametrize("kw, message", [

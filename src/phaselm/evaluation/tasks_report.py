@@ -30,6 +30,10 @@ from phaselm.evaluation.tasks_bench import BASELINE, DIFFICULTIES, MIX, MODELS, 
 from phaselm.evaluation.text_metrics import bootstrap_ci
 from phaselm.utils import atomic_write, pyplot, save_figure
 
+CEILING = 0.99
+"""A baseline at or above this mean accuracy leaves under 1 point of room: a comparison against it can
+show a loss, not a gain, and its verdict says so."""
+
 _T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8: 0.889, 9: 0.883, 10: 0.879}
 """One-sided 80% Student t quantiles by degrees of freedom (beyond 10: the normal 0.842)."""
 
@@ -42,6 +46,9 @@ def load(out: str | Path) -> tuple[list[dict], list[dict]]:
     key = lambda r: (r["difficulty"], r["model"], r["width"], r["seed"], r["lr"])  # noqa: E731
     main = sorted((r for r in runs if not r["sweep"] and r["difficulty"] != MIX), key=key)  # MIX: split per difficulty
     sweep = sorted((r for r in runs if r["sweep"]), key=key)
+    if not main and not sweep:
+        raise ValueError(f"{out}/runs holds mixture runs without their per-difficulty test files "
+                         "(<difficulty>__<model>__w<width>__seed<s>.json); phaselm bench tasks --mixture writes both")
     return main, sweep
 
 
@@ -54,11 +61,15 @@ def mde(diffs: list[float]) -> float | None:
     return (_T95.get(n - 1, 1.96) + _T80.get(n - 1, 0.842)) * sd / math.sqrt(n)
 
 
+def accuracies(main: list[dict], model: str) -> dict[tuple[str, int, int], float]:
+    """Test accuracy of ``model`` keyed by (difficulty, width, seed)."""
+    return {(r["difficulty"], r["width"], r["seed"]): r["test"]["accuracy"] for r in main if r["model"] == model}
+
+
 def paired(main: list[dict], model: str, base: str) -> dict[tuple[str, int, int], float]:
     """Test-accuracy differences ``model − base`` keyed by the (difficulty, width, seed) both ran."""
-    ref = {(r["difficulty"], r["width"], r["seed"]): r["test"]["accuracy"] for r in main if r["model"] == base}
-    return {k: r["test"]["accuracy"] - ref[k] for r in main if r["model"] == model
-            and (k := (r["difficulty"], r["width"], r["seed"])) in ref}
+    ref = accuracies(main, base)
+    return {k: acc - ref[k] for k, acc in accuracies(main, model).items() if k in ref}
 
 
 def pooled(diffs: dict[tuple[str, int, int], float], difficulties: list[str]) -> list[float]:
@@ -69,15 +80,17 @@ def pooled(diffs: dict[tuple[str, int, int], float], difficulties: list[str]) ->
             if all((d, w, s) in diffs for d in difficulties)]
 
 
-def comparison(diffs: list[float]) -> dict:
+def comparison(diffs: list[float], base: list[float] | None = None) -> dict:
     """Mean paired difference, its percentile bootstrap 95% CI (``ci95``), its 95% t-interval
-    (``t95``; None below two pairs) and the MDE."""
+    (``t95``; None below two pairs) and the MDE; with ``base`` (the baseline's accuracies in the same
+    pairs) also the baseline's mean accuracy (``baseline``): 1 − baseline bounds any gain."""
     if not diffs:
         return {"n": 0}
     lo, hi = bootstrap_ci(diffs, seed=0)
     mean, half = mean_ci(diffs)
-    return {"n": len(diffs), "mean": float(mean), "ci95": [lo, hi],
-            "t95": None if half is None else [float(mean - half), float(mean + half)], "mde": mde(diffs)}
+    out = {"n": len(diffs), "mean": float(mean), "ci95": [lo, hi],
+           "t95": None if half is None else [float(mean - half), float(mean + half)], "mde": mde(diffs)}
+    return out if base is None else {**out, "baseline": float(np.mean(base))}
 
 
 def _pct(x: float | None, sign: bool = False) -> str:
@@ -101,7 +114,10 @@ def _verdict(c: dict) -> str:
         return "helps"
     if max(hi, t_hi) < 0:
         return "hurts"
-    return f"no difference detected (could detect ≥ {_pct(c['mde'])} pts)" if c["mde"] is not None else "too few pairs"
+    text = f"no difference detected (could detect ≥ {_pct(c['mde'])} pts)"
+    if c.get("baseline", 0.0) >= CEILING:  # a gain of more than 1 − baseline is impossible
+        text += f"; the baseline is at the ceiling ({c['baseline'] * 100:.2f}%), so only a loss could show"
+    return text
 
 
 def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
@@ -134,24 +150,27 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
               "Each model against its baseline, paired by seed (one pair per trained model: a width and a seed), per "
               "difficulty and over all of them (each model's mean over the difficulties); percentile bootstrap and "
               "paired t 95% intervals over the pairs (a verdict needs both to exclude 0); MDE: the smallest mean "
-              "difference these pairs detect with 80% power.", "",
-              "| model | baseline | difficulty | pairs | mean Δ | bootstrap 95% | t 95% | MDE | verdict |",
-              "|---|---|---|---|---|---|---|---|---|"]
+              "difference these pairs detect with 80% power; baseline %: the baseline's mean accuracy in these pairs "
+              "(at ≥ 99% only a loss could show).", "",
+              "| model | baseline | difficulty | pairs | baseline % | mean Δ | bootstrap 95% | t 95% | MDE | verdict |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     summary = {}
     for m in models:
         base = BASELINE.get(m)
         if base is None or base not in models:
             continue
-        diffs = paired(main, m, base)
-        rows = {d: comparison([v for (dd, _, _), v in diffs.items() if dd == d]) for d in difficulties}
+        diffs, ref = paired(main, m, base), accuracies(main, base)
+        ref = {k: v for k, v in ref.items() if k in diffs}  # the baseline in the pairs only
+        rows = {d: comparison([v for (dd, _, _), v in diffs.items() if dd == d],
+                              [v for (dd, _, _), v in ref.items() if dd == d]) for d in difficulties}
         if len(difficulties) > 1:
-            rows["all"] = comparison(pooled(diffs, difficulties))
+            rows["all"] = comparison(pooled(diffs, difficulties), pooled(ref, difficulties))
         summary[m] = {"baseline": base, "by_difficulty": {d: c for d, c in rows.items() if d != "all"},
                       "overall": rows.get("all", rows[difficulties[0]])}
         for d, c in rows.items():
             if c["n"]:
                 t95 = "–" if c["t95"] is None else f"[{_pct(c['t95'][0], True)}, {_pct(c['t95'][1], True)}]"
-                lines.append(f"| {m} | {base} | {d} | {c['n']} | {_pct(c['mean'], True)} | "
+                lines.append(f"| {m} | {base} | {d} | {c['n']} | {c['baseline'] * 100:.2f} | {_pct(c['mean'], True)} | "
                              f"[{_pct(c['ci95'][0], True)}, {_pct(c['ci95'][1], True)}] | {t95} | {_pct(c['mde'])} | "
                              f"{_verdict(c)} |")
     if sweep:
