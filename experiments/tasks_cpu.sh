@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The MQAR suite on the 2-core CPU (docs/tasks.md, amendments 3-5): the validity anchor (GPT and
-# Mamba at widths 32/64/128, seed 1, with the learning-rate sweep, 4,000 steps), then the phase
-# comparisons, pair by pair. Since amendment 4 the GPT family has a short convolution in front of
-# attention (`--short-conv 3`, the default) and its runs go to results/tasks/mqar_conv; the runs
-# before it (no convolution) stay in results/tasks/mqar, and the Mamba runs, whose models it does not
-# change, are shared (copied from results/tasks/mqar/runs, *__mamba__*, into results/tasks/mqar_conv/runs,
+# The synthetic-task suite on the 2-core CPU (docs/tasks.md, amendments 3-5): the MQAR validity anchor
+# (GPT and Mamba at widths 32/64/128, seed 1, with the learning-rate sweep, 4,000 steps), then the phase
+# comparisons, pair by pair (MQAR; fuzzy recall for the GPT family, amendment 5). Since amendment 4
+# the GPT family has a short convolution in front of attention (`--short-conv 3`, the default) and
+# its MQAR runs go to results/tasks/mqar_conv; the runs before it (no convolution) stay in
+# results/tasks/mqar, and the Mamba runs, whose models it does not change, are shared (copied from results/tasks/mqar/runs, *__mamba__*, into results/tasks/mqar_conv/runs,
 # so their sweeps are not trained again). The work is the list of cells in experiments/tasks_cpu.cells;
 # each cell is one `phaselm bench tasks` process (its sweep, then its seeds). One worker per core:
 #   setsid nohup experiments/tasks_cpu.sh > runs/tasks/worker0.log 2>&1 &
@@ -17,7 +17,9 @@
 # DRY=1 prints the cells still to run.
 set -u
 cd "$(dirname "$0")/.."
-CONV="--out results/tasks/mqar_conv --work runs/tasks/mqar_conv"  # amendment 4: the GPT family with its convolution
+MQAR="--task mqar --mixture --out results/tasks/mqar"  # amendment 2: Zoology's mixture (no convolution)
+CONV="--task mqar --mixture --out results/tasks/mqar_conv --work runs/tasks/mqar_conv"  # amendment 4: with it
+FUZZY="--task fuzzy_recall --difficulties L128 --out results/tasks/fuzzy_recall"  # amendment 5
 claims=runs/tasks/claims
 mkdir -p "$claims"
 
@@ -44,11 +46,11 @@ next_cell() {  # print the first cell of the list that this worker can claim now
 
 [ "${DRY:-0}" = 1 ] && { next_cell; exit 0; }
 while cell=$(next_cell); do
-  name=${cell%%|*}; args=${cell#*|}; args=${args//\$CONV/$CONV}
+  name=${cell%%|*}; args=${cell#*|}; args=${args//\$MQAR/$MQAR}; args=${args//\$CONV/$CONV}; args=${args//\$FUZZY/$FUZZY}
   echo "$(date -u +%FT%TZ) worker $$: $name" >&2
   # shellcheck disable=SC2086  # $args is a list of options
-  if OMP_NUM_THREADS=1 .venv/bin/phaselm bench tasks --task mqar --mixture --steps 4000 --eval-interval 500 \
-      --out results/tasks/mqar --resume $args > "runs/tasks/$name.log" 2>&1; then
+  if OMP_NUM_THREADS=1 .venv/bin/phaselm bench tasks --steps 4000 --eval-interval 500 --resume $args \
+      > "runs/tasks/$name.log" 2>&1; then
     touch "$claims/$name/done"
   else
     echo "$(date -u +%FT%TZ) worker $$: $name failed, see runs/tasks/$name.log" >&2
