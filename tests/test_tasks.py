@@ -92,6 +92,35 @@ def test_fuzzy_recall_held_out_keys_have_the_largest_size():
         assert first_value == task.k_motif  # the first key is k_motif tokens long
 
 
+@pytest.mark.parametrize("held_out", [False, True])
+def test_fuzzy_recall_answers_are_determined_by_the_context(held_out):
+    """An oracle that parses the sequence (a key is a run of tokens from the first half of the
+    vocabulary, its value the run from the second half that follows) and looks the key up among the
+    motifs before answers every target: the task caps no model below 100%."""
+    task = make_task("fuzzy_recall", seq_len=128)
+    x, y = task.generate(200, np.random.default_rng(1), held_out=held_out)
+    pad, half = task.vocab_size - 1, (task.vocab_size - 1) // 2
+    for row, target in zip(x.tolist(), y.tolist()):
+        memory, oracle, i = {}, {}, 0
+        while i < len(row):
+            if row[i] == pad:
+                i += 1
+                continue
+            j = i
+            while j < len(row) and row[j] < half:
+                j += 1
+            k = j
+            while k < len(row) and half <= row[k] < pad:
+                k += 1
+            key, value = tuple(row[i:j]), row[j:k]
+            if key in memory:  # the value's tokens are the targets at the positions before them
+                oracle.update({j - 1 + n: v for n, v in enumerate(memory[key])})
+            memory.setdefault(key, value)
+            i = k
+        answers = {p: t for p, t in enumerate(target) if t >= 0}
+        assert answers and oracle == answers
+
+
 @pytest.mark.parametrize("name", sorted(TASKS))
 def test_generators_are_deterministic_and_held_out_sets_never_overlap_training(name):
     task = make_task(name, **({"seq_len": 64, "num_kv_pairs": 4, "vocab_size": 128} if name == "mqar" else
