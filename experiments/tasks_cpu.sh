@@ -4,9 +4,10 @@
 # comparisons, pair by pair (MQAR; fuzzy recall for the GPT family, amendment 5). Since amendment 4
 # the GPT family has a short convolution in front of attention (`--short-conv 3`, the default) and
 # its MQAR runs go to results/tasks/mqar_conv; the runs before it (no convolution) stay in
-# results/tasks/mqar, and the Mamba runs, whose models it does not change, are shared (copied from results/tasks/mqar/runs, *__mamba__*, into results/tasks/mqar_conv/runs,
-# so their sweeps are not trained again). The work is the list of cells in experiments/tasks_cpu.cells;
-# each cell is one `phaselm bench tasks` process (its sweep, then its seeds). One worker per core:
+# results/tasks/mqar, and the Mamba runs, whose models it does not change, are shared (copied from
+# results/tasks/mqar/runs, *__mamba__*, into results/tasks/mqar_conv/runs, so their sweeps are not
+# trained again). The work is the list of cells in experiments/tasks_cpu.cells; each cell is one
+# `phaselm bench tasks` process (its sweep, then its seeds). One worker per core:
 #   setsid nohup experiments/tasks_cpu.sh > runs/tasks/worker0.log 2>&1 &
 #   setsid nohup experiments/tasks_cpu.sh > runs/tasks/worker1.log 2>&1 &
 # Before each cell a worker re-reads the list and takes the first cell no live worker holds (a claim
@@ -26,7 +27,6 @@ mkdir -p "$claims"
 claim() {  # claim "$name": 0 if this worker now holds it
   local dir="$claims/$1"
   if mkdir "$dir" 2>/dev/null; then echo $$ > "$dir/pid"; return 0; fi
-  [ -e "$dir/done" ] && return 1
   local pid; pid=$(cat "$dir/pid" 2>/dev/null)
   if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then return 1; fi
   echo $$ > "$dir/pid"  # the holder is gone (a stopped session): take its cell over

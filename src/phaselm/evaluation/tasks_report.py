@@ -159,8 +159,8 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
         base = BASELINE.get(m)
         if base is None or base not in models:
             continue
-        diffs, ref = paired(main, m, base), accuracies(main, base)
-        ref = {k: v for k, v in ref.items() if k in diffs}  # the baseline in the pairs only
+        diffs = paired(main, m, base)
+        ref = {k: v for k, v in accuracies(main, base).items() if k in diffs}  # the baseline in the pairs only
         rows = {d: comparison([v for (dd, _, _), v in diffs.items() if dd == d],
                               [v for (dd, _, _), v in ref.items() if dd == d]) for d in difficulties}
         if len(difficulties) > 1:
