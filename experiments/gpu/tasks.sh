@@ -6,8 +6,10 @@
 #   STAGE=w64 (issue 21): the CPU's width-64 grid (amendment 3: every model, its sweep, seeds 1-3,
 #     the CPU's protocol and its GPT family with the short convolution of amendment 4, so the two are
 #     comparable), 16 shards; out results/tasks/mqar_gpu_w64.
-#     STEPS (default 4000) and WIDTHS (default 64) change the budget and the widths; a changed budget
-#     needs another out folder (OUT_DIR=...), since a folder's runs share one protocol.
+#     STEPS (default 4000), WIDTHS (default 64) and MODELS (default all) change the budget, the widths
+#     and the models; a changed budget needs another out folder (OUT_DIR=...), since a folder's runs
+#     share one protocol. Amendment 6's Mamba family at 12,000 steps, once the budget probe holds:
+#     STAGE=w64 STEPS=12000 MODELS=mamba,pma,pma_lam0,pma_frozen OUT_DIR=results/tasks/mqar_gpu_w64_12k
 # Finished runs come back as JSON under $OUT/tasks/mqar/runs; commit them into the out folder and
 # the next call skips them (--resume), even on a fresh machine; on the same warm machine interrupted
 # runs also resume from their checkpoints (runs/tasks/gpu). Stops itself after LIMIT seconds.
@@ -18,7 +20,7 @@ mkdir -p "$OUT/tasks"
 LIMIT=${LIMIT:-540}
 if [ "${STAGE:-wide}" = w64 ]; then
   NPROC=${NPROC:-16}; out=${OUT_DIR:-results/tasks/mqar_gpu_w64}
-  args="--task mqar --mixture --widths ${WIDTHS:-64} --seeds 3 --steps ${STEPS:-4000} --eval-interval 500 --device cuda"
+  args="--task mqar --mixture ${MODELS:+--models $MODELS} --widths ${WIDTHS:-64} --seeds 3 --steps ${STEPS:-4000} --eval-interval 500 --device cuda"
 else
   NPROC=${NPROC:-8}; out=results/tasks/mqar_gpu
   MODELS=${MODELS:-gpt,mamba,phasegpt_all,pma,pma_lam0}
