@@ -160,8 +160,8 @@ def build_parser() -> argparse.ArgumentParser:
     bl.add_argument("--analyse-only", action="store_true", help="only rebuild results.json/report.md/loops.png")
     bt = bench.add_parser("tasks", help="synthetic tasks (MQAR, selective copying, fuzzy/noisy recall): where could phase help?",
                           description="Trains every model of the suite (learning-rate sweep, then seeds) and writes "
-                                      "OUT/runs/*.json, report.md, summary.json, accuracy_vs_difficulty.png and "
-                                      "accuracy_vs_width.png (docs/tasks.md).")
+                                      "OUT/runs/*.json, report.md, summary.json, accuracy_vs_difficulty.png, "
+                                      "accuracy_vs_width.png and accuracy_by_seed.png (docs/tasks.md).")
     bt.add_argument("--task", required=True, choices=["mqar", "selective_copy", "fuzzy_recall", "noisy_recall"])
     bt.add_argument("--models", default=None, help="comma-separated subset (default: all; see docs/tasks.md)")
     bt.add_argument("--widths", default="32,64,128", help="model widths, comma-separated")

@@ -244,7 +244,7 @@ def test_bench_tasks_end_to_end_and_report_rerenders_identically(uninterrupted):
         lo, hi = r["test"]["wilson95"]
         assert lo <= r["test"]["accuracy"] <= hi and r["test"]["answers"] == 32 * 16
     out = uninterrupted / "out"
-    names = ["report.md", "summary.json", "accuracy_vs_difficulty.png", "accuracy_vs_width.png"]
+    names = ["report.md", "summary.json", "accuracy_vs_difficulty.png", "accuracy_vs_width.png", "accuracy_by_seed.png"]
     before = {n: (out / n).read_bytes() for n in names}
     assert "## Paired differences" in before["report.md"].decode() and "| mamba | gpt | L256 | 2 |" in before["report.md"].decode()
     subprocess.run([sys.executable, "-m", "phaselm", "report", "tasks", str(out)], check=True, capture_output=True)

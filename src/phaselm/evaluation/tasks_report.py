@@ -1,6 +1,6 @@
-"""Report of a ``phaselm bench tasks`` run: ``report.md``, ``accuracy_vs_difficulty.png`` and
-``accuracy_vs_width.png``, rendered from ``OUT/runs/*.json`` only (``phaselm report tasks OUT``
-re-renders them byte for byte).
+"""Report of a ``phaselm bench tasks`` run: ``report.md``, ``accuracy_vs_difficulty.png``,
+``accuracy_vs_width.png`` and ``accuracy_by_seed.png`` (every run, with the pairs a comparison uses),
+rendered from ``OUT/runs/*.json`` only (``phaselm report tasks OUT`` re-renders them byte for byte).
 
 Statistics. Accuracy is the fraction of the test set's answer tokens predicted right (argmax); each
 run carries its Wilson 95% interval (answer tokens of one example are not independent, so it is a
@@ -227,8 +227,46 @@ def _plot(main: list[dict], across: str, panels: str, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _plot_seeds(main: list[dict], path: Path) -> None:
+    """One panel per difficulty, one column per (width, model): each run's test accuracy with its
+    Wilson 95% interval, coloured by seed, and the runs of one seed and width joined, as the paired
+    comparisons pair them. Where seeds disagree (one left on a plateau) this shows what a mean hides."""
+    plt = pyplot()
+    task = main[0]["task"]
+    order = [d for d, _ in DIFFICULTIES[task]]
+    difficulties = sorted({r["difficulty"] for r in main}, key=order.index)
+    columns = sorted({(r["width"], r["model"]) for r in main}, key=lambda c: (c[0], MODELS.index(c[1])))
+    seeds = sorted({r["seed"] for r in main})
+    fig, axes = plt.subplots(1, len(difficulties), figsize=(max(4.6, 0.8 * len(columns) + 1.6) * len(difficulties), 3.8),
+                             squeeze=False, sharey=True)
+    for ax, d in zip(axes[0], difficulties):
+        for k, s in enumerate(seeds):
+            for w in sorted({c[0] for c in columns}):
+                pts = [(columns.index((w, r["model"])) + 0.08 * (k - (len(seeds) - 1) / 2), r["test"])
+                       for r in main if r["difficulty"] == d and r["seed"] == s and r["width"] == w]
+                pts.sort(key=lambda p: p[0])
+                if not pts:
+                    continue
+                x = [p[0] for p in pts]
+                acc = [p[1]["accuracy"] for p in pts]
+                err = [[max(0.0, a - t["wilson95"][0]) for a, (_, t) in zip(acc, pts)],  # ≥ 0: float rounding at 0 and 1
+                       [max(0.0, t["wilson95"][1] - a) for a, (_, t) in zip(acc, pts)]]
+                ax.errorbar(x, acc, yerr=err, color=f"C{k}", marker="o", ms=4, capsize=2, lw=0.8, alpha=0.8,
+                            label=f"seed {s}" if w == columns[0][0] else None)
+        ax.set_xticks(range(len(columns)), [f"{m}\nw{w}" for w, m in columns], fontsize=7)
+        ax.set_xlim(-0.5, len(columns) - 0.5)
+        ax.set_title(f"difficulty {d}")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test accuracy (each run, Wilson 95%)")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{task}: every run (a line joins one seed's runs at one width)", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def render(out: str | Path) -> list[Path]:
-    """Write ``report.md``, ``summary.json`` and the two plots of the bench folder ``out``."""
+    """Write ``report.md``, ``summary.json`` and the three plots of the bench folder ``out``."""
     out = Path(out)
     main, sweep = load(out)
     text, summary = markdown(main, sweep)
@@ -240,4 +278,6 @@ def render(out: str | Path) -> list[Path]:
                                      ("width", "difficulty", "accuracy_vs_width.png")):
             _plot(main, across, panels, out / name)
             paths.append(out / name)
+        _plot_seeds(main, out / "accuracy_by_seed.png")
+        paths.append(out / "accuracy_by_seed.png")
     return paths
