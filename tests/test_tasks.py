@@ -293,6 +293,18 @@ def test_suite_models_match_parameter_counts_within_10_percent():
             assert model_section("mamba", width, 256, vocab, 3) == model_section("mamba", width, 256, vocab, 0)
 
 
+def test_each_control_differs_from_the_model_it_controls_in_its_one_setting():
+    from phaselm.evaluation.tasks_bench import BASELINE, model_section
+
+    off = {"frozen": {"kuramoto_steps": 0}, "nobias": {"coherence_init": 0.0, "coherence_trainable": False}}
+    for control in ("phasegpt_frozen", "phasegpt_nobias", "phasegpt_single_frozen", "phasegpt_single_nobias"):
+        model = BASELINE[control]
+        section, base = model_section(control, 64, 128, 16, 3), model_section(model, 64, 128, 16, 3)
+        assert section == {**base, **off[control.rsplit("_", 1)[1]]}, control
+    assert model_section("phasegpt_single", 64, 128, 16, 3)["phase_layers"] == [1]
+    assert model_section("phasegpt_all", 64, 128, 16, 3)["phase_layers"] == [0, 1]
+
+
 def test_resume_refuses_a_run_trained_at_another_rate_than_the_sweep_chooses(uninterrupted, tmp_path):
     import shutil
 

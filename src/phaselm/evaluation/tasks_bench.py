@@ -26,7 +26,8 @@ Models (``MODELS``): ``gpt``; ``phasegpt_all`` (phase coupling in every attentio
 ``phasegpt_single`` (the published placement: one phase layer, here the last); ``pma`` (Mamba blocks,
 then one PMA block); ``pma_lam0`` (λ = 0: the phase modulation off); ``mamba`` (Mamba blocks only);
 the oscillator controls ``phasegpt_frozen`` / ``pma_frozen`` (no Kuramoto steps: phases stay at
-their initial values θ⁰ = π·tanh(Wx)) and ``phasegpt_nobias`` (coherence bias β fixed at 0). Mamba
+their initial values θ⁰ = π·tanh(Wx)) and ``phasegpt_nobias`` (coherence bias β fixed at 0), and the
+same two for the single placement (``phasegpt_single_frozen``, ``phasegpt_single_nobias``). Mamba
 stacks get the number of Mamba blocks whose parameter count is closest to the GPT's at that width
 (:func:`model_section`), so counts match within 10% (tested).
 """
@@ -53,10 +54,11 @@ DIFFICULTIES = {
 NUM_TRAIN = {"mqar": 100_000, "selective_copy": 12_800, "fuzzy_recall": 12_800, "noisy_recall": 12_800}
 """Training examples per difficulty: Zoology's 100,000 for MQAR (with MAD's 12,800 a 2-layer GPT memorises
 the training set and stalls near 24% held-out accuracy), MAD's 12,800 for its tasks."""
-MODELS = ("gpt", "phasegpt_all", "phasegpt_single", "phasegpt_frozen", "phasegpt_nobias", "pma", "pma_lam0",
-          "pma_frozen", "mamba")
+MODELS = ("gpt", "phasegpt_all", "phasegpt_single", "phasegpt_frozen", "phasegpt_nobias", "phasegpt_single_frozen",
+          "phasegpt_single_nobias", "pma", "pma_lam0", "pma_frozen", "mamba")
 BASELINE = {"phasegpt_all": "gpt", "phasegpt_single": "gpt", "phasegpt_frozen": "phasegpt_all",
-            "phasegpt_nobias": "phasegpt_all", "pma": "pma_lam0", "pma_frozen": "pma", "mamba": "gpt",
+            "phasegpt_nobias": "phasegpt_all", "phasegpt_single_frozen": "phasegpt_single",
+            "phasegpt_single_nobias": "phasegpt_single", "pma": "pma_lam0", "pma_frozen": "pma", "mamba": "gpt",
             "pma_lam0": "mamba"}
 """What each model is compared with, paired by seed (phase on vs off within a family; controls vs the
 model they control)."""
@@ -173,10 +175,10 @@ def _gpt_section(model: str, width: int, block: int, short_conv: int = 0) -> dic
     if model == "gpt":
         return {"type": "gpt", **base}
     phase = {"type": "phasegpt", **base, "n_osc": N_OSC,
-             "phase_layers": [N_LAYER - 1] if model == "phasegpt_single" else list(range(N_LAYER))}
-    if model == "phasegpt_frozen":
+             "phase_layers": [N_LAYER - 1] if model.startswith("phasegpt_single") else list(range(N_LAYER))}
+    if model.endswith("_frozen"):
         phase["kuramoto_steps"] = 0
-    if model == "phasegpt_nobias":
+    if model.endswith("_nobias"):
         phase.update(coherence_init=0.0, coherence_trainable=False)
     return phase
 
