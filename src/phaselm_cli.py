@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     ri.add_argument("--device", default="cpu")
     rt = rep.add_parser("tasks", help="re-render report.md, summary.json and the plots of a phaselm bench tasks folder")
     rt.add_argument("folder", help="the --out folder of phaselm bench tasks")
+    rt.add_argument("--seeds", help="A-B: only seeds A..B (a confirmatory analysis on fresh seeds), written to "
+                                    "report_seedsA-B.md and summary_seedsA-B.json")
     rs = rep.add_parser("sampling", help="re-render report.md, frontier.png and comparisons.png from a sampling benchmark's results.json")
     rs.add_argument("folder", nargs="?", default="results/sampling")
     return parser

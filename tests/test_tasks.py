@@ -251,6 +251,31 @@ def test_bench_tasks_end_to_end_and_report_rerenders_identically(uninterrupted):
     assert {n: (out / n).read_bytes() for n in names} == before
 
 
+def test_report_of_some_seeds_equals_the_report_of_a_folder_holding_only_them(uninterrupted, tmp_path):
+    import shutil
+
+    from phaselm.evaluation.tasks_report import parse_seeds, render
+
+    shutil.copytree(uninterrupted / "out", tmp_path / "only2")
+    for path in (tmp_path / "only2" / "runs").glob("*seed1.json"):  # main runs of seed 1 (sweep runs end in _lr...)
+        path.unlink()
+    render(tmp_path / "only2")
+    full = tmp_path / "full"
+    shutil.copytree(uninterrupted / "out", full)
+    before = (full / "report.md").read_bytes()
+    paths = render(full, parse_seeds("2-2"))
+    assert [p.name for p in paths] == ["report_seeds2-2.md", "summary_seeds2-2.json"]
+    assert (full / "report.md").read_bytes() == before  # the folder's own report untouched
+    text = paths[0].read_text().replace("(Seeds 2–2 only.)\n\n", "")
+    assert text == (tmp_path / "only2" / "report.md").read_text()
+    assert json.loads(paths[1].read_text())["comparisons"] == json.loads((tmp_path / "only2" / "summary.json").read_text())["comparisons"]
+    for bad in ("4", "13-4", "0-3", "a-b"):
+        with pytest.raises(ValueError, match="--seeds must be a range"):
+            parse_seeds(bad)
+    with pytest.raises(ValueError, match="no test results of seeds 7-9"):
+        render(full, parse_seeds("7-9"))
+
+
 def test_bench_tasks_refuses_an_earlier_run_without_resume(uninterrupted, tmp_path):
     out = subprocess.run(bench(uninterrupted.parent, "a"), capture_output=True, text=True)
     assert out.returncode == 2 and "pass --resume" in out.stderr and len(out.stderr.strip().splitlines()) == 1

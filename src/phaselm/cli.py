@@ -511,9 +511,10 @@ def cmd_report(args) -> int:
         result = run_interventions(args.runs, args.out, args.prompts, str(torch_device(args.device)), command)
         print(json.dumps(result["summary"], indent=1))
     elif args.report == "tasks":
-        from phaselm.evaluation.tasks_report import render
+        from phaselm.evaluation.tasks_report import parse_seeds, render
 
-        print("re-rendered " + ", ".join(str(p) for p in render(args.folder)))
+        seeds = parse_seeds(args.seeds) if args.seeds else None
+        print("re-rendered " + ", ".join(str(p) for p in render(args.folder, seeds)))
     else:  # sampling
         from phaselm.evaluation.sampling_report import rerender
 

@@ -265,10 +265,31 @@ def _plot_seeds(main: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
-def render(out: str | Path) -> list[Path]:
-    """Write ``report.md``, ``summary.json`` and the three plots of the bench folder ``out``."""
+def parse_seeds(text: str) -> range:
+    """``"4-13"`` -> seeds 4..13 (a confirmatory analysis on seeds fixed in advance, docs/tasks.md)."""
+    lo, sep, hi = text.partition("-")
+    if not (lo.isdigit() and hi.isdigit() and sep) or not 1 <= int(lo) <= int(hi):
+        raise ValueError(f"--seeds must be a range of seeds like 4-13, got {text!r}")
+    return range(int(lo), int(hi) + 1)
+
+
+def render(out: str | Path, seeds: range | None = None) -> list[Path]:
+    """Write ``report.md``, ``summary.json`` and the three plots of the bench folder ``out``. With
+    ``seeds``, only those seeds' runs (the sweep table stays whole): ``report_seeds<A>-<B>.md`` and
+    ``summary_seeds<A>-<B>.json``, the folder's own report untouched."""
     out = Path(out)
     main, sweep = load(out)
+    if seeds is not None:
+        main = [r for r in main if r["seed"] in seeds]
+        if not main:
+            raise ValueError(f"{out}/runs holds no test results of seeds {seeds.start}-{seeds.stop - 1}")
+        text, summary = markdown(main, sweep)
+        tag = f"seeds{seeds.start}-{seeds.stop - 1}"
+        paths = [out / f"report_{tag}.md", out / f"summary_{tag}.json"]
+        atomic_write(paths[0], text.replace("\n## ", f"\n(Seeds {seeds.start}–{seeds.stop - 1} only.)\n\n## ", 1))
+        atomic_write(paths[1], json.dumps({"task": main[0]["task"], "seeds": list(seeds), "comparisons": summary},
+                                          indent=1) + "\n")
+        return paths
     text, summary = markdown(main, sweep)
     paths = [out / "report.md", out / "summary.json"]
     atomic_write(paths[0], text)
