@@ -247,10 +247,10 @@ def _plot_seeds(main: list[dict], path: Path) -> None:
                 pts.sort(key=lambda p: p[0])
                 if not pts:
                     continue
-                x = [p[0] for p in pts]
-                acc = [p[1]["accuracy"] for p in pts]
-                err = [[max(0.0, a - t["wilson95"][0]) for a, (_, t) in zip(acc, pts)],  # ≥ 0: float rounding at 0 and 1
-                       [max(0.0, t["wilson95"][1] - a) for a, (_, t) in zip(acc, pts)]]
+                x, tests = zip(*pts)
+                acc = [t["accuracy"] for t in tests]
+                err = [[max(0.0, t["accuracy"] - t["wilson95"][0]) for t in tests],  # ≥ 0: float rounding at 0 and 1
+                       [max(0.0, t["wilson95"][1] - t["accuracy"]) for t in tests]]
                 ax.errorbar(x, acc, yerr=err, color=f"C{k}", marker="o", ms=4, capsize=2, lw=0.8, alpha=0.8,
                             label=f"seed {s}" if w == columns[0][0] else None)
         ax.set_xticks(range(len(columns)), [f"{m}\nw{w}" for w, m in columns], fontsize=7)
@@ -279,22 +279,19 @@ def render(out: str | Path, seeds: range | None = None) -> list[Path]:
     ``summary_seeds<A>-<B>.json``, the folder's own report untouched."""
     out = Path(out)
     main, sweep = load(out)
+    tag, note = "", {}
     if seeds is not None:
         main = [r for r in main if r["seed"] in seeds]
         if not main:
             raise ValueError(f"{out}/runs holds no test results of seeds {seeds.start}-{seeds.stop - 1}")
-        text, summary = markdown(main, sweep)
-        tag = f"seeds{seeds.start}-{seeds.stop - 1}"
-        paths = [out / f"report_{tag}.md", out / f"summary_{tag}.json"]
-        atomic_write(paths[0], text.replace("\n## ", f"\n(Seeds {seeds.start}–{seeds.stop - 1} only.)\n\n## ", 1))
-        atomic_write(paths[1], json.dumps({"task": main[0]["task"], "seeds": list(seeds), "comparisons": summary},
-                                          indent=1) + "\n")
-        return paths
+        tag, note = f"_seeds{seeds.start}-{seeds.stop - 1}", {"seeds": list(seeds)}
     text, summary = markdown(main, sweep)
-    paths = [out / "report.md", out / "summary.json"]
+    if note:
+        text = text.replace("\n## ", f"\n(Seeds {seeds.start}–{seeds.stop - 1} only.)\n\n## ", 1)
+    paths = [out / f"report{tag}.md", out / f"summary{tag}.json"]
     atomic_write(paths[0], text)
-    atomic_write(paths[1], json.dumps({"task": (main or sweep)[0]["task"], "comparisons": summary}, indent=1) + "\n")
-    if main:
+    atomic_write(paths[1], json.dumps({"task": (main or sweep)[0]["task"], **note, "comparisons": summary}, indent=1) + "\n")
+    if main and not note:  # the plots belong to the folder's own report
         for across, panels, name in (("difficulty", "width", "accuracy_vs_difficulty.png"),
                                      ("width", "difficulty", "accuracy_vs_width.png")):
             _plot(main, across, panels, out / name)
