@@ -18,7 +18,7 @@
 # DRY=1 prints the cells still to run.
 set -u
 cd "$(dirname "$0")/.."
-MQAR="--task mqar --mixture --out results/tasks/mqar"  # amendment 2: Zoology's mixture (no convolution)
+MQAR="--task mqar --mixture --short-conv 0 --out results/tasks/mqar"  # amendment 2: Zoology's mixture (no convolution)
 CONV="--task mqar --mixture --out results/tasks/mqar_conv --work runs/tasks/mqar_conv"  # amendment 4: with it
 FUZZY="--task fuzzy_recall --difficulties L128 --out results/tasks/fuzzy_recall"  # amendment 5
 claims=runs/tasks/claims

@@ -355,6 +355,28 @@ def test_resume_refuses_runs_of_another_model_configuration(uninterrupted, tmp_p
 
     old = {k: v for k, v in gpt["model_config"].items() if k != "short_conv"}
     assert _same_model(old, {**old, "short_conv": 0}) and not _same_model(old, {**old, "short_conv": 3})
+    old = {k: v for k, v in gpt["model_config"].items() if k != "initializer_range"}  # made before that field
+    assert _same_model(old, {**old, "initializer_range": 0.02}) and not _same_model(old, {**old, "initializer_range": 0.1})
+
+
+def test_every_committed_task_run_is_recognised_as_the_model_its_command_builds():
+    """A committed run's JSON is reused by ``--resume`` only if its recorded model section equals the
+    one the bench builds now from the run's own command; a field added to the configs later must not
+    make committed runs look like another model (their cells would fail instead of being skipped)."""
+    from pathlib import Path
+
+    from phaselm.evaluation.tasks_bench import _same_model, model_section
+    from phaselm.training.config import from_dict
+
+    root = Path(__file__).resolve().parents[1] / "results" / "tasks"
+    records = [json.loads(p.read_text()) for p in sorted(root.glob("*/runs/*.json"))]
+    assert records
+    for r in records:
+        saved = r["model_config"]
+        section = {**model_section(r["model"], r["width"], saved["block_size"], saved["vocab_size"],
+                                   saved.get("short_conv", 0)), "vocab_size": saved["vocab_size"]}
+        mine = from_dict({"data": r["data"], "model": section, "train": {}}).to_dict()["model"]
+        assert _same_model(r["model_config"], mine), r["run"]
 
 
 def test_a_sweep_gains_a_rate_without_retraining_the_runs_it_has(uninterrupted, tmp_path):

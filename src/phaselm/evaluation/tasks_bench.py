@@ -66,8 +66,11 @@ N_LAYER, N_HEAD, N_OSC = 2, 2, 16
 SHORT_CONV = 3
 """The GPT family's short causal convolution in front of attention (docs/tasks.md, amendment 4:
 Zoology's recall models put one of kernel 3 there; the MQAR runs before it had none)."""
-ADDED_MODEL_FIELDS = {"short_conv": 0}
-"""Model config fields added after runs were committed, with the value those runs had."""
+ADDED_MODEL_FIELDS = {"short_conv": 0, "initializer_range": 0.02}
+"""Model config fields added after runs were committed, with the value those runs had (the MQAR runs
+of results/tasks/mqar predate both)."""
+INFERENCE_FIELDS = {"use_cache"}
+"""Model config fields that change neither the weights nor the training (not compared)."""
 MIX = "mix"
 """The difficulty label of a run trained on the mixture of the selected difficulties (``--mixture``)."""
 
@@ -268,8 +271,10 @@ def choose_lr(results: list[dict]) -> float:
 
 def _same_model(saved: dict, mine: dict) -> bool:
     """Whether a run's recorded ``model`` section is ``mine`` (a field the run predates counts as
-    the value runs had before it existed, :data:`ADDED_MODEL_FIELDS`)."""
-    return set(saved) <= set(mine) and all(saved.get(k, ADDED_MODEL_FIELDS.get(k)) == v for k, v in mine.items())
+    the value runs had before it existed, :data:`ADDED_MODEL_FIELDS`; :data:`INFERENCE_FIELDS` are not
+    compared)."""
+    return set(saved) <= set(mine) and all(saved.get(k, ADDED_MODEL_FIELDS.get(k)) == v for k, v in mine.items()
+                                           if k not in INFERENCE_FIELDS)
 
 
 def _same_training(folder: Path, cfg) -> bool:
