@@ -304,6 +304,16 @@ def test_union_of_shards_equals_the_unsharded_run(uninterrupted, tmp_path):
     assert records(tmp_path / "c") == records(uninterrupted)
 
 
+def test_a_shard_without_main_runs_does_not_wait_for_the_sweep(tmp_path):
+    """Only a shard with main runs needs the chosen rates; one without (here shard 4 of 5: the grid has
+    4 sweep and 4 main runs) returns at once instead of waiting for the other shards' sweep runs (a
+    worker running shards one after another would otherwise wait forever)."""
+    out = subprocess.run(bench(tmp_path, "e", "--shard", "4/5"), capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0 and "has no runs of this grid" in out.stdout, out.stderr
+    assert not list((tmp_path / "e" / "out" / "runs").glob("*.json"))
+
+
 def test_suite_models_match_parameter_counts_within_10_percent():
     from phaselm.evaluation.tasks_bench import MODELS, count_params, model_section
 

@@ -393,6 +393,9 @@ def cmd_bench_tasks(args) -> int:
     bench = TasksBench(cfg, out, args.work or f"runs/tasks/{args.task}", launch + shlex.join(args.argv),
                        shard=shard, resume=args.resume)
     bench.run()
+    if not any(bench.runs_dir.glob("*.json")):  # a shard with no runs of its own (more shards than runs)
+        print(f"phaselm bench tasks: shard {shard[0]}/{shard[1]} has no runs of this grid; nothing to render")
+        return 0
     for path in render(out):  # every shard renders what exists; the last one to finish renders all of it
         print(f"wrote {path}")
     return 0

@@ -357,9 +357,10 @@ class TasksBench:
         self.check_start()
         for run in self.mine(sweep_runs(self.cfg)):
             self.train(run)
-        chosen = self.chosen_lrs(wait=True)
+        mine = self.mine(main_runs(self.cfg))
+        chosen = self.chosen_lrs(wait=True) if mine else {}  # a shard with no main runs need not wait
         done = []
-        for run in self.mine(main_runs(self.cfg)):
+        for run in mine:
             done.append(self.train(run, chosen[run.model, run.width]))
             if run.difficulty == MIX:
                 done += self.split_mixture(run)
