@@ -14,7 +14,9 @@
 # is a folder made atomically, runs/tasks/claims/<cell>, holding the worker's PID; a dead worker's
 # claim is taken over), so the two never train the same run and no core waits for the other.
 # Resumable: finished runs are skipped and an interrupted one continues from its checkpoint
-# (runs/tasks/...), so after a stop the same two commands go on where the work stopped.
+# (runs/tasks/...), so after a stop the same two commands go on where the work stopped. Finished runs
+# live on as their committed JSONs; checkpoints and claims live in runs/ (not committed), so on a new
+# checkout an interrupted run starts again and a cell must fit one stay of the machine to finish.
 # DRY=1 prints the cells still to run.
 set -u
 cd "$(dirname "$0")/.."
