@@ -302,6 +302,9 @@ def test_union_of_shards_equals_the_unsharded_run(uninterrupted, tmp_path):
     for p in procs:
         assert p.wait(timeout=300) == 0, p.stderr.read().decode()
     assert records(tmp_path / "c") == records(uninterrupted)
+    provenance = (tmp_path / "c" / "out" / "report.md").read_text().split("## Provenance")[1]
+    commands = [line for line in provenance.splitlines() if line.startswith("  - `")]
+    assert len(commands) == 1 and "--shard" not in commands[0]  # one grid, one command
 
 
 def test_a_shard_without_main_runs_does_not_wait_for_the_sweep(tmp_path):
@@ -482,7 +485,12 @@ def test_bench_on_the_mixture_tests_one_model_per_seed_on_every_difficulty(tmp_p
         assert r["test"]["accuracy"] == evaluate_answers(model, *part.test, torch.device("cpu"))["accuracy"]
     main, sweep = load(tmp_path / "out")
     assert {r["difficulty"] for r in main} == {"L64-kv4", "L128-kv8"} and len(sweep) == 1
-    assert "mixture of L64-kv4, L128-kv8" in markdown(main, sweep)[0]
+    text = markdown(main, sweep)[0]
+    assert "mixture of L64-kv4, L128-kv8" in text
+    # provenance counts a mixture run once, not once per difficulty it was tested on
+    seconds = runs[f"{MIX}__gpt__w16__seed1_lr0.003.json"]["train_seconds"] + mix["train_seconds"]
+    assert (f"- training time: {seconds / 3600:.2f} h over 2 trained runs (1 in the sweep; seed-1 runs that "
+            "reused a sweep run: 1)") in text and "  - `test` (3)" in text
 
 
 def test_paired_comparisons_count_one_pair_per_trained_model():

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -187,12 +188,28 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
                                                       for lr in lrs) + f" | {choose_lr(rs):g} |")
     runs = main or sweep
     commits = sorted({r["commit"] or "?" for r in runs})
-    lines += ["", "## Provenance", "", f"- command: `{runs[0]['command']}`", f"- commits: {', '.join(commits)}",
-              f"- machine: {runs[0]['machine']} ({runs[0]['cpu']}), torch {runs[0]['torch']}",
-              f"- training time: {sum(r['train_seconds'] for r in main + sweep if not r.get('reused')) / 3600:.2f} h "
-              f"over {sum(1 for r in main + sweep if not r.get('reused'))} trained runs ({len(sweep)} in the sweep, "
-              f"{sum(1 for r in main if r.get('reused'))} of them reused as seed-1 runs)", ""]
+    made: dict[str, dict] = {}  # one record per training: a mixture run's per-difficulty records share one
+    for r in main + sweep:
+        made.setdefault(r.get("trained_on") or r["run"], r)
+    trained = [r for r in made.values() if not r.get("reused")]
+    resumed = sum(1 for r in trained if r.get("resumed"))
+    commands = _counts(re.sub(r" --shard \S+", "", r["command"]) for r in made.values())
+    machines = _counts(f"{r['machine']} ({r['cpu']}), torch {r['torch']}" for r in made.values())
+    lines += ["", "## Provenance", "", "- commands (runs each; `--shard` left out):",
+              *(f"  - `{c}` ({n})" for c, n in commands), f"- commits: {', '.join(commits)}",
+              "- machines (runs each): " + "; ".join(f"{m} ({n})" for m, n in machines),
+              f"- training time: {sum(r['train_seconds'] for r in trained) / 3600:.2f} h over {len(trained)} trained "
+              f"runs ({len(sweep)} in the sweep; seed-1 runs that reused a sweep run: {len(made) - len(trained)})"
+              + (f"; {resumed} resumed runs count only their time after resuming" if resumed else ""), ""]
     return "\n".join(lines), summary
+
+
+def _counts(items) -> list[tuple[str, int]]:
+    """Each distinct item with how often it occurs, in order of first occurrence."""
+    counts: dict[str, int] = {}
+    for item in items:
+        counts[item] = counts.get(item, 0) + 1
+    return list(counts.items())
 
 
 def _plot(main: list[dict], across: str, panels: str, path: Path) -> None:
