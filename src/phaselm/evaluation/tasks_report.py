@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -193,23 +194,15 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
         made.setdefault(r.get("trained_on") or r["run"], r)
     trained = [r for r in made.values() if not r.get("reused")]
     resumed = sum(1 for r in trained if r.get("resumed"))
-    commands = _counts(re.sub(r" --shard \S+", "", r["command"]) for r in made.values())
-    machines = _counts(f"{r['machine']} ({r['cpu']}), torch {r['torch']}" for r in made.values())
+    commands = Counter(re.sub(r" --shard \S+", "", r["command"]) for r in made.values())  # in order of first use
+    machines = Counter(f"{r['machine']} ({r['cpu']}), torch {r['torch']}" for r in made.values())
     lines += ["", "## Provenance", "", "- commands (runs each; `--shard` left out):",
-              *(f"  - `{c}` ({n})" for c, n in commands), f"- commits: {', '.join(commits)}",
-              "- machines (runs each): " + "; ".join(f"{m} ({n})" for m, n in machines),
+              *(f"  - `{c}` ({n})" for c, n in commands.items()), f"- commits: {', '.join(commits)}",
+              "- machines (runs each): " + "; ".join(f"{m} ({n})" for m, n in machines.items()),
               f"- training time: {sum(r['train_seconds'] for r in trained) / 3600:.2f} h over {len(trained)} trained "
               f"runs ({len(sweep)} in the sweep; seed-1 runs that reused a sweep run: {len(made) - len(trained)})"
               + (f"; {resumed} resumed runs count only their time after resuming" if resumed else ""), ""]
     return "\n".join(lines), summary
-
-
-def _counts(items) -> list[tuple[str, int]]:
-    """Each distinct item with how often it occurs, in order of first occurrence."""
-    counts: dict[str, int] = {}
-    for item in items:
-        counts[item] = counts.get(item, 0) + 1
-    return list(counts.items())
 
 
 def _plot(main: list[dict], across: str, panels: str, path: Path) -> None:
