@@ -503,8 +503,8 @@ def test_paired_comparisons_count_one_pair_per_trained_model():
     acc = {("gpt", "L64-kv4"): [0.9, 0.8, 0.7], ("gpt", "L128-kv8"): [0.5, 0.4, 0.6],
            ("phasegpt_all", "L64-kv4"): [0.95, 0.8, 0.72], ("phasegpt_all", "L128-kv8"): [0.45, 0.5, 0.6]}
     main = [{"run": f"{d}/{m}/w64/seed{s + 1}", "task": "mqar", "protocol": proto, "model": m, "width": 64,
-             "difficulty": d, "seed": s + 1, "lr": 3e-3, "sweep": False, "params": 1000, "test": {"accuracy": a}, "train_seconds": 1.0, "commit": "c",
-             "command": "x", "machine": "m", "cpu": "c", "torch": "t"}
+             "difficulty": d, "seed": s + 1, "lr": 3e-3, "sweep": False, "params": 1000, "test": {"accuracy": a},
+             "train_seconds": 1.0, "commit": "c", "command": "x", "machine": "m", "cpu": "c", "torch": "t"}
             for (m, d), accs in acc.items() for s, a in enumerate(accs)]
     text, summary = markdown(main, [])
     c = summary["phasegpt_all"]
