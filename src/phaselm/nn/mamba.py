@@ -319,7 +319,7 @@ class MambaMixer(nn.Module):
         """A_log[e, n] = log(n + 1) (S4D-real: A = −(1, 2, …, N) in every channel) ``[E, N]``; D = 1 ``[E]``."""
         e, n = self.cfg.d_inner, self.cfg.d_state
         if name == "A_log":
-            return torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(e, 1)
+            return torch.log(torch.arange(1, n + 1, dtype=torch.float64)).float().repeat(e, 1)
         return torch.ones(e)
 
     @torch.no_grad()
@@ -332,11 +332,14 @@ class MambaMixer(nn.Module):
     def reset_dt_parameters(self, names: tuple[str, ...] = ("weight", "bias")) -> None:
         """Mamba's Δ initialisation: softplus(dt_proj bias) log-uniform in [dt_min, dt_max], weight
         U(±dt_rank^−½); call it again after a model-wide weight init (``names``: only these of
-        dt_proj's tensors; the draws are made either way)."""
+        dt_proj's tensors; the draws are made either way). The float32 draw is mapped in float64 and
+        rounded once: float32 exp/log/expm1 differ in the last bit between CPU vendors (MKL), so a
+        seed gives the same weights on every machine."""
         cfg, e = self.cfg, self.cfg.d_inner
-        dt = torch.exp(torch.rand(e) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        log_min, log_max = math.log(cfg.dt_min), math.log(cfg.dt_max)
+        dt = torch.exp(torch.rand(e).double() * (log_max - log_min) + log_min)  # [E], float64
         if "bias" in names:
-            self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+            self.dt_proj.bias.copy_((dt + torch.log(-torch.expm1(-dt))).float())  # inverse softplus
         weight = torch.empty_like(self.dt_proj.weight).uniform_(-cfg.dt_rank ** -0.5, cfg.dt_rank ** -0.5)
         if "weight" in names:
             self.dt_proj.weight.copy_(weight)
