@@ -10,6 +10,9 @@
 #     and the models; a changed budget needs another out folder (OUT_DIR=...), since a folder's runs
 #     share one protocol. Amendment 6's Mamba family at 12,000 steps, once the budget probe holds:
 #     STAGE=w64 STEPS=12000 MODELS=mamba,pma,pma_lam0,pma_frozen OUT_DIR=results/tasks/mqar_gpu_w64_12k
+#   STAGE=probe (amendments 6 and 12): that budget probe itself, Mamba at widths 32, 64 and 128, seed 1,
+#     lr 3e-3, 12,000 steps, the CPU's settings (too long for a CPU session); out
+#     results/tasks/mqar_mamba_budget. Run it first: the Mamba family's stages depend on it.
 # Finished runs come back as JSON under $OUT/tasks/mqar/runs; commit them into the out folder and
 # the next call skips them (--resume), even on a fresh machine; on the same warm machine interrupted
 # runs also resume from their checkpoints (runs/tasks/gpu). Stops itself after LIMIT seconds.
@@ -18,7 +21,10 @@
 source "$(dirname "$0")/env.sh"
 mkdir -p "$OUT/tasks"
 LIMIT=${LIMIT:-540}
-if [ "${STAGE:-wide}" = w64 ]; then
+if [ "${STAGE:-wide}" = probe ]; then
+  NPROC=${NPROC:-3}; out=results/tasks/mqar_mamba_budget
+  args="--task mqar --mixture --models mamba --widths 32,64,128 --seeds 1 --lrs 3e-3 --steps 12000 --eval-interval 500 --device cuda"
+elif [ "${STAGE:-wide}" = w64 ]; then
   NPROC=${NPROC:-16}; out=${OUT_DIR:-results/tasks/mqar_gpu_w64}
   args="--task mqar --mixture ${MODELS:+--models $MODELS} --widths ${WIDTHS:-64} --seeds 3 --steps ${STEPS:-4000} --eval-interval 500 --device cuda"
 else
