@@ -491,6 +491,9 @@ def test_bench_on_the_mixture_tests_one_model_per_seed_on_every_difficulty(tmp_p
     seconds = runs[f"{MIX}__gpt__w16__seed1_lr0.003.json"]["train_seconds"] + mix["train_seconds"]
     assert (f"- training time: {seconds / 3600:.2f} h over 2 trained runs (1 in the sweep; seed-1 runs that "
             "reused a sweep run: 1)") in text and "  - `test` (3)" in text
+    # the commits line names the commit of every training, a sweep run's too
+    sweep = [{**sweep[0], "commit": "sweeponly"}]
+    assert f"- commits: {', '.join(sorted({main[0]['commit'], 'sweeponly'}))}" in markdown(main, sweep)[0]
 
 
 def test_paired_comparisons_count_one_pair_per_trained_model():

@@ -187,12 +187,11 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
             by_lr = {r["lr"]: r for r in rs}
             lines.append(f"| {m} | {w} | " + " | ".join(_pct(by_lr[lr]["val"]["accuracy"]) if lr in by_lr else "–"
                                                       for lr in lrs) + f" | {choose_lr(rs):g} |")
-    runs = main or sweep
-    commits = sorted({r["commit"] or "?" for r in runs})
     made: dict[str, dict] = {}  # one record per training: a mixture run's per-difficulty records share one
     for r in main + sweep:
         made.setdefault(r.get("trained_on") or r["run"], r)
     trained = [r for r in made.values() if not r.get("reused")]
+    commits = sorted({r["commit"] or "?" for r in made.values()})
     resumed = sum(1 for r in trained if r.get("resumed"))
     commands = Counter(re.sub(r" --shard \S+", "", r["command"]) for r in made.values())  # in order of first use
     machines = Counter(f"{r['machine']} ({r['cpu']}), torch {r['torch']}" for r in made.values())
