@@ -333,8 +333,8 @@ class MambaMixer(nn.Module):
         """Mamba's Δ initialisation: softplus(dt_proj bias) log-uniform in [dt_min, dt_max], weight
         U(±dt_rank^−½); call it again after a model-wide weight init (``names``: only these of
         dt_proj's tensors; the draws are made either way). The float32 draw is mapped in float64 and
-        rounded once: float32 exp/log/expm1 differ in the last bit between CPU vendors (MKL), so a
-        seed gives the same weights on every machine."""
+        rounded once: in float32, exp/log/expm1 gave last-bit differences between an Intel and an AMD
+        CPU, so a seed now gives the same weights on both."""
         cfg, e = self.cfg, self.cfg.d_inner
         log_min, log_max = math.log(cfg.dt_min), math.log(cfg.dt_max)
         dt = torch.exp(torch.rand(e).double() * (log_max - log_min) + log_min)  # [E], float64
