@@ -95,16 +95,26 @@ def comparison(diffs: list[float], base: list[float] | None = None) -> dict:
     return out if base is None else {**out, "baseline": float(np.mean(base))}
 
 
-def _pct(x: float | None, sign: bool = False) -> str:
+def _digits(scale: float | None) -> int:
+    """Decimals (1 to 3) that give a percentage-point ``scale`` (a fraction: an MDE, an interval's half
+    width, the room left below 100%) two significant figures: near the ceiling a 0.06-point effect must
+    not print as +0.1 [+0.0, +0.1]."""
+    if scale is None or not math.isfinite(scale) or scale <= 0:
+        return 1
+    return min(3, max(1, 1 - math.floor(math.log10(scale * 100))))
+
+
+def _pct(x: float | None, sign: bool = False, digits: int = 1) -> str:
     if x is None or not math.isfinite(x):
         return "–"
-    return f"{x * 100:+.1f}" if sign else f"{x * 100:.1f}"
+    return f"{x * 100:{'+' if sign else ''}.{digits}f}"
 
 
 def _cell(runs: list[dict]) -> str:
     accs = [r["test"]["accuracy"] for r in runs]
     mean, half = mean_ci(accs)
-    text = _pct(mean) + ("" if half is None else f" ± {half * 100:.1f}")
+    k = _digits(max(half or 0.0, 1 - max(accs)))
+    text = _pct(mean, digits=k) + ("" if half is None else f" ± {half * 100:.{k}f}")
     return text + (" ⚠" if any(r.get("diverged") for r in runs) else "")
 
 
@@ -116,7 +126,7 @@ def _verdict(c: dict) -> str:
         return "helps"
     if max(hi, t_hi) < 0:
         return "hurts"
-    text = f"no difference detected (could detect ≥ {_pct(c['mde'])} pts)"
+    text = f"no difference detected (could detect ≥ {_pct(c['mde'], digits=_digits(c['mde']))} pts)"
     if c.get("baseline", 0.0) >= CEILING:  # a gain of more than 1 − baseline is impossible
         text += f"; the baseline is at the ceiling ({c['baseline'] * 100:.2f}%), so only a loss could show"
     return text
@@ -171,10 +181,11 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
                       "overall": rows.get("all", rows[difficulties[0]])}
         for d, c in rows.items():
             if c["n"]:
-                t95 = "–" if c["t95"] is None else f"[{_pct(c['t95'][0], True)}, {_pct(c['t95'][1], True)}]"
-                lines.append(f"| {m} | {base} | {d} | {c['n']} | {c['baseline'] * 100:.2f} | {_pct(c['mean'], True)} | "
-                             f"[{_pct(c['ci95'][0], True)}, {_pct(c['ci95'][1], True)}] | {t95} | {_pct(c['mde'])} | "
-                             f"{_verdict(c)} |")
+                k = _digits(c["mde"])
+                t95 = "–" if c["t95"] is None else f"[{_pct(c['t95'][0], True, k)}, {_pct(c['t95'][1], True, k)}]"
+                lines.append(f"| {m} | {base} | {d} | {c['n']} | {c['baseline'] * 100:.2f} | {_pct(c['mean'], True, k)} | "
+                             f"[{_pct(c['ci95'][0], True, k)}, {_pct(c['ci95'][1], True, k)}] | {t95} | "
+                             f"{_pct(c['mde'], digits=k)} | {_verdict(c)} |")
     if sweep:
         lrs = sorted({r["lr"] for r in sweep})
         lines += ["", f"## Learning-rate sweep ({sweep[0]['difficulty']}, seed 1; val accuracy %)",
@@ -185,7 +196,8 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
         for m, w in sorted({(r["model"], r["width"]) for r in sweep}, key=lambda c: (MODELS.index(c[0]), c[1])):
             rs = [r for r in sweep if r["model"] == m and r["width"] == w]
             by_lr = {r["lr"]: r for r in rs}
-            lines.append(f"| {m} | {w} | " + " | ".join(_pct(by_lr[lr]["val"]["accuracy"]) if lr in by_lr else "–"
+            lines.append(f"| {m} | {w} | " + " | ".join(_pct(a := by_lr[lr]["val"]["accuracy"], digits=_digits(1 - a))
+                                                      if lr in by_lr else "–"
                                                       for lr in lrs) + f" | {choose_lr(rs):g} |")
     made: dict[str, dict] = {}  # one record per training: a mixture run's per-difficulty records share one
     for r in main + sweep:
@@ -239,14 +251,18 @@ def _plot(main: list[dict], across: str, panels: str, path: Path) -> None:
 def _plot_seeds(main: list[dict], path: Path) -> None:
     """One panel per difficulty, one column per (width, model): each run's test accuracy with its
     Wilson 95% interval, coloured by seed, and the runs of one seed and width joined, as the paired
-    comparisons pair them. Where seeds disagree (one left on a plateau) this shows what a mean hides."""
+    comparisons pair them. Where seeds disagree (one left on a plateau) this shows what a mean hides.
+    At the ceiling (every run ≥ ``CEILING``, 99%) a 0–1 accuracy axis cannot show a difference of a few
+    errors in 10⁴, so the panels show the error rate 1 − a instead, on a symlog axis (linear below the
+    decade of the smallest upper error bound, so a run with no error sits at 0), with the interval [1 − hi, 1 − lo]."""
     plt = pyplot()
     task = main[0]["task"]
     order = [d for d, _ in DIFFICULTIES[task]]
     difficulties = sorted({r["difficulty"] for r in main}, key=order.index)
     columns = sorted({(r["width"], r["model"]) for r in main}, key=lambda c: (c[0], MODELS.index(c[1])))
     seeds = sorted({r["seed"] for r in main})
-    fig, axes = plt.subplots(1, len(difficulties), figsize=(max(4.6, 0.8 * len(columns) + 1.6) * len(difficulties), 3.8),
+    errors = min(r["test"]["accuracy"] for r in main) >= CEILING  # plot 1 − accuracy (see above)
+    fig, axes = plt.subplots(1, len(difficulties), figsize=(max(5.4, 0.8 * len(columns) + 1.6) * len(difficulties), 3.8),
                              squeeze=False, sharey=True)
     for ax, d in zip(axes[0], difficulties):
         for k, s in enumerate(seeds):
@@ -258,16 +274,24 @@ def _plot_seeds(main: list[dict], path: Path) -> None:
                     continue
                 x, tests = zip(*pts)
                 acc = [t["accuracy"] for t in tests]
-                err = [[max(0.0, t["accuracy"] - t["wilson95"][0]) for t in tests],  # ≥ 0: float rounding at 0 and 1
-                       [max(0.0, t["wilson95"][1] - t["accuracy"]) for t in tests]]
+                lo, hi = [t["wilson95"][0] for t in tests], [t["wilson95"][1] for t in tests]
+                if errors:
+                    acc, lo, hi = [1 - a for a in acc], [1 - h for h in hi], [1 - l for l in lo]
+                err = [[max(0.0, a - l) for a, l in zip(acc, lo)],  # ≥ 0: float rounding at 0 and 1
+                       [max(0.0, h - a) for a, h in zip(acc, hi)]]
                 ax.errorbar(x, acc, yerr=err, color=f"C{k}", marker="o", ms=4, capsize=2, lw=0.8, alpha=0.8,
                             label=f"seed {s}" if w == columns[0][0] else None)
         ax.set_xticks(range(len(columns)), [f"{m}\nw{w}" for w, m in columns], fontsize=7)
         ax.set_xlim(-0.5, len(columns) - 0.5)
         ax.set_title(f"difficulty {d}")
-        ax.set_ylim(-0.02, 1.02)
+        if errors:
+            upper = min(1 - r["test"]["wilson95"][0] for r in main)  # > 0: the Wilson interval never reaches 1
+            ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(upper)))
+            ax.set_ylim(bottom=0)
+        else:
+            ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("test accuracy (each run, Wilson 95%)")
+    axes[0][0].set_ylabel(f"test {'error rate, 1 − accuracy' if errors else 'accuracy'} (each run, Wilson 95%)")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.suptitle(f"{task}: every run (a line joins one seed's runs at one width)", fontsize=10)
     fig.tight_layout()
