@@ -12,7 +12,9 @@
 #   setsid nohup experiments/tasks_cpu.sh > runs/tasks/worker1.log 2>&1 &
 # Before each cell a worker re-reads the list and takes the first cell no live worker holds (a claim
 # is a folder made atomically, runs/tasks/claims/<cell>, holding the worker's PID; a dead worker's
-# claim is taken over), so the two never train the same run and no core waits for the other.
+# claim is taken over), so the two never train the same run and no core waits for the other. A cell
+# whose runs need a sweep another cell has not finished exits at once (`--no-wait`, status 75); the
+# worker gives it back and takes the next cell, and tries it again after its next finished cell.
 # Resumable: finished runs are skipped and an interrupted one continues from its checkpoint
 # (runs/tasks/...), so after a stop the same two commands go on where the work stopped. Finished runs
 # live on as their committed JSONs; checkpoints and claims live in runs/ (not committed), so on a new
@@ -34,12 +36,14 @@ claim() {  # claim "$name": 0 if this worker now holds it
   echo $$ > "$dir/pid"  # the holder is gone (a stopped session): take its cell over
 }
 
+deferred=" "  # cells whose runs wait for another cell's sweep (bench exit 75), skipped until a cell finishes
 next_cell() {  # print the first cell of the list that this worker can claim now
   local line name
   while IFS= read -r line; do
     case "$line" in ''|'#'*) continue ;; esac
     name=${line%%|*}
     [ -e "$claims/$name/done" ] && continue
+    case "$deferred" in *" $name "*) continue ;; esac
     if [ "${DRY:-0}" = 1 ]; then echo "cell $name"; continue; fi
     claim "$name" && { echo "$line"; return 0; }
   done < experiments/tasks_cpu.cells
@@ -47,13 +51,22 @@ next_cell() {  # print the first cell of the list that this worker can claim now
 }
 
 [ "${DRY:-0}" = 1 ] && { next_cell; exit 0; }
-while cell=$(next_cell); do
+while true; do
+  if ! cell=$(next_cell); then
+    [ "$deferred" = " " ] && break  # nothing left
+    sleep 60; deferred=" "; continue  # only cells that wait for a sweep: look again in a minute
+  fi
   name=${cell%%|*}; args=${cell#*|}; args=${args//\$MQAR/$MQAR}; args=${args//\$CONV/$CONV}; args=${args//\$FUZZY/$FUZZY}
   echo "$(date -u +%FT%TZ) worker $$: $name" >&2
   # shellcheck disable=SC2086  # $args is a list of options
-  if OMP_NUM_THREADS=1 .venv/bin/phaselm bench tasks --steps 4000 --eval-interval 500 --resume $args \
-      > "runs/tasks/$name.log" 2>&1; then
-    touch "$claims/$name/done"
+  OMP_NUM_THREADS=1 .venv/bin/phaselm bench tasks --steps 4000 --eval-interval 500 --resume --no-wait $args \
+      > "runs/tasks/$name.log" 2>&1
+  status=$?
+  if [ $status = 0 ]; then
+    touch "$claims/$name/done"; deferred=" "
+  elif [ $status = 75 ]; then  # its sweep is unfinished (another cell): give the cell back, take the next one
+    echo "$(date -u +%FT%TZ) worker $$: $name waits for its sweep; deferred" >&2
+    rm -rf "${claims:?}/$name"; deferred="$deferred$name "
   else
     echo "$(date -u +%FT%TZ) worker $$: $name failed, see runs/tasks/$name.log" >&2
     touch "$claims/$name/failed"  # its claim stays with this live worker, so the worker goes on to the next cell

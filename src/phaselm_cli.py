@@ -187,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     bt.add_argument("--work", default=None, help="run folders (checkpoints), default: runs/tasks/TASK")
     bt.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
     bt.add_argument("--shard", default=None, help="I/N: run the I-th of N slices (default: the torchrun rank)")
+    bt.add_argument("--no-wait", action="store_true",
+                    help="where this shard's runs need other shards' unfinished sweep runs, exit with status 75 "
+                         "(EX_TEMPFAIL) instead of waiting, so a job scheduler can run other work meanwhile")
     rep = sub.add_parser("report", help="rebuild tables, plots and summaries from runs and results").add_subparsers(
         dest="report", required=True)
     rr = rep.add_parser("run", help="summarise one training run: summary.json (final/best val, test, curves)")

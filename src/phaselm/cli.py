@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+EX_TEMPFAIL = 75
+"""Exit status of ``bench tasks --no-wait`` when its runs must wait for other shards (BSD sysexits)."""
 
 def run(args) -> int:
     """Run the parsed command ``args`` (from :func:`phaselm_cli.build_parser`); return the exit status."""
@@ -375,7 +377,7 @@ def cmd_bench_loops(args) -> int:
 def cmd_bench_tasks(args) -> int:
     import shlex
 
-    from phaselm.evaluation.tasks_bench import MODELS, TasksBench, TasksConfig, parse_shard
+    from phaselm.evaluation.tasks_bench import MODELS, SweepPending, TasksBench, TasksConfig, parse_shard
     from phaselm.evaluation.tasks_report import render
 
     cfg = TasksConfig(task=args.task, models=_names(args.models, "--models") if args.models else list(MODELS),
@@ -391,8 +393,12 @@ def cmd_bench_tasks(args) -> int:
     out = args.out or f"results/tasks/{args.task}"
     launch = f"torchrun --nproc_per_node {shard[1]} -m phaselm " if args.shard is None and shard[1] > 1 else "phaselm "
     bench = TasksBench(cfg, out, args.work or f"runs/tasks/{args.task}", launch + shlex.join(args.argv),
-                       shard=shard, resume=args.resume)
-    bench.run()
+                       shard=shard, resume=args.resume, wait=not args.no_wait)
+    try:
+        bench.run()
+    except SweepPending as e:
+        print(f"phaselm bench tasks: {e} (--no-wait: exit status {EX_TEMPFAIL})", file=sys.stderr)
+        return EX_TEMPFAIL
     if not any(bench.runs_dir.glob("*.json")):  # a shard with no runs of its own (more shards than runs)
         print(f"phaselm bench tasks: shard {shard[0]}/{shard[1]} has no runs of this grid; nothing to render")
         return 0

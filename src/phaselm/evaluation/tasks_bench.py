@@ -303,14 +303,20 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
+class SweepPending(RuntimeError):
+    """This shard's main runs need the chosen learning rates, and other shards' sweep runs are unfinished."""
+
+
 class TasksBench:
-    """Runs the grid of :class:`TasksConfig` into ``out`` (see the module docstring)."""
+    """Runs the grid of :class:`TasksConfig` into ``out`` (see the module docstring). ``wait=False``:
+    where this shard's main runs need sweep runs that other shards have not finished, raise
+    :class:`SweepPending` (before training any main run) instead of waiting for them."""
 
     def __init__(self, cfg: TasksConfig, out: str | Path, work: str | Path, command: str,
                  shard: tuple[int, int] = (0, 1), resume: bool = False, progress: bool = True,
-                 poll_seconds: float = 2.0):
+                 poll_seconds: float = 2.0, wait: bool = True):
         self.cfg, self.out, self.work, self.command = cfg.validate(), Path(out), Path(work), command
-        self.shard, self.resume, self.progress, self.poll = shard, resume, progress, poll_seconds
+        self.shard, self.resume, self.progress, self.poll, self.wait = shard, resume, progress, poll_seconds, wait
         self.runs_dir = self.out / "runs"
 
     def result_path(self, run: Run) -> Path:
@@ -358,7 +364,7 @@ class TasksBench:
         for run in self.mine(sweep_runs(self.cfg)):
             self.train(run)
         mine = self.mine(main_runs(self.cfg))
-        chosen = self.chosen_lrs(wait=True) if mine else {}  # a shard with no main runs need not wait
+        chosen = self.chosen_lrs(wait=self.wait) if mine else {}  # a shard with no main runs need not wait
         done = []
         for run in mine:
             done.append(self.train(run, chosen[run.model, run.width]))
@@ -380,14 +386,16 @@ class TasksBench:
         return paths
 
     def chosen_lrs(self, wait: bool = False) -> dict[tuple[str, int], float]:
-        """The swept learning rate of each (model, width) (waiting for other shards' sweep runs when ``wait``)."""
+        """The swept learning rate of each (model, width): waits for other shards' sweep runs when
+        ``wait``, else raises :class:`SweepPending` while any is missing."""
         runs = sweep_runs(self.cfg)
         while True:
             missing = [r for r in runs if not self.result_path(r).exists()]
             if not missing:
                 break
             if not wait:
-                raise ValueError(f"the sweep is incomplete ({len(missing)} runs missing, e.g. {missing[0].run_id})")
+                raise SweepPending(f"the sweep is incomplete ({len(missing)} runs missing, e.g. {missing[0].run_id}); "
+                                   "run this shard again once the other shards have finished their sweep runs")
             print(f"phaselm bench tasks: waiting for {len(missing)} sweep runs of other shards "
                   f"(e.g. {missing[0].run_id})", file=sys.stderr)
             time.sleep(self.poll)

@@ -205,9 +205,9 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
     trained = [r for r in made.values() if not r.get("reused")]
     commits = sorted({r["commit"] or "?" for r in made.values()})
     resumed = sum(1 for r in trained if r.get("resumed"))
-    commands = Counter(re.sub(r" --shard \S+", "", r["command"]) for r in made.values())  # in order of first use
+    commands = Counter(re.sub(r" --shard \S+| --no-wait", "", r["command"]) for r in made.values())  # in order of first use
     machines = Counter(f"{r['machine']} ({r['cpu']}), torch {r['torch']}" for r in made.values())
-    lines += ["", "## Provenance", "", "- commands (runs each; `--shard` left out):",
+    lines += ["", "## Provenance", "", "- commands (runs each; `--shard` and `--no-wait` left out):",
               *(f"  - `{c}` ({n})" for c, n in commands.items()), f"- commits: {', '.join(commits)}",
               "- machines (runs each): " + "; ".join(f"{m} ({n})" for m, n in machines.items()),
               f"- training time: {sum(r['train_seconds'] for r in trained) / 3600:.2f} h over {len(trained)} trained "
