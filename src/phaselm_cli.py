@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="kernel of the causal convolution in front of the GPT family's attention (Zoology's recall "
                          "models: 3; 0: none, as the MQAR runs before amendment 4 of docs/tasks.md)")
     bt.add_argument("--out", default=None, help="default: results/tasks/TASK")
-    bt.add_argument("--work", default=None, help="run folders (checkpoints), default: runs/tasks/TASK")
+    bt.add_argument("--work", default=None, help="run folders (checkpoints), default: runs/tasks/NAME, NAME the last "
+                    "part of --out (benches with different --out never share checkpoints)")
     bt.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
     bt.add_argument("--shard", default=None, help="I/N: run the I-th of N slices (default: the torchrun rank)")
     bt.add_argument("--no-wait", action="store_true",

@@ -337,6 +337,66 @@ def test_no_wait_exits_75_instead_of_waiting_for_other_shards_sweep_runs(uninter
     assert records(tmp_path / "f")[main] == records(uninterrupted)[main]
 
 
+def test_a_checkpoint_of_other_settings_in_work_is_refused_not_overwritten(uninterrupted, tmp_path):
+    """Two benches sharing a --work folder (here: another --out, other --steps) must not overwrite each
+    other's checkpoints (lost work): the second is refused with a one-line error and the folder stays
+    as it was. Without --work each bench gets runs/tasks/<last part of --out>, so they never share."""
+    import shutil
+
+    shutil.copytree(uninterrupted / "work", tmp_path / "shared")
+    before = {p: p.read_bytes() for p in (tmp_path / "shared").rglob("*") if p.is_file()}
+    out = subprocess.run(bench(tmp_path, "g", "--steps", "5", "--work", str(tmp_path / "shared")), capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 2 and "holds a checkpoint of other training settings" in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+    assert {p: p.read_bytes() for p in (tmp_path / "shared").rglob("*") if p.is_file()} == before
+    command = [sys.executable, "-m", "phaselm", "bench", "tasks", *TINY, "--models", "gpt", "--lrs", "3e-3",
+               "--seeds", "1", "--out", "results/o1"]
+    subprocess.run(command, check=True, capture_output=True, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert (tmp_path / "runs" / "tasks" / "o1").is_dir() and not (tmp_path / "runs" / "tasks" / "selective_copy").exists()
+
+
+def test_bench_tasks_refuses_bad_arguments_in_one_line(tmp_path):
+    cases = {("--models", ""): "--models is empty", ("--difficulties", ""): "--difficulties is empty",
+             ("--out", ""): "--out is empty", ("--work", " "): "--work is empty",
+             ("--lrs", "nan"): "--lrs must be finite positive", ("--lrs", "1e-3,inf"): "--lrs must be finite positive",
+             ("--mixture",): "--mixture trains on a mixture of at least two difficulties",
+             ("--out", str(tmp_path / "file")): "cannot create it"}
+    (tmp_path / "file").write_text("")
+    for extra, message in cases.items():
+        out = subprocess.run(bench(tmp_path, "h", *extra), capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and message in out.stderr, (extra, out.stderr)
+        assert len(out.stderr.strip().splitlines()) == 1, (extra, out.stderr)
+
+
+def test_report_refuses_foreign_truncated_and_mixed_run_files(uninterrupted, tmp_path):
+    import shutil
+
+    from phaselm.evaluation.tasks_report import parse_seeds, render
+
+    def folder(name):
+        shutil.copytree(uninterrupted / "out", tmp_path / name)
+        return tmp_path / name
+
+    (folder("stray") / "runs" / "summary.json").write_text('{"task": "selective_copy"}')
+    with pytest.raises(ValueError, match=r"summary.json is not a run result of phaselm bench tasks \(no 'run'\)"):
+        render(tmp_path / "stray")
+    path = next((folder("cut") / "runs").glob("*seed2.json"))
+    path.write_text(path.read_text()[:100])
+    with pytest.raises(ValueError, match="is not valid JSON .*truncated"):
+        render(tmp_path / "cut")
+    path = next((folder("mixed") / "runs").glob("*seed2.json"))
+    record = json.loads(path.read_text())
+    path.write_text(json.dumps({**record, "protocol": {**record["protocol"], "steps": 4000}}))
+    with pytest.raises(ValueError, match="mixes runs of different settings .*steps=6.*4000"):
+        render(tmp_path / "mixed")
+    with pytest.raises(ValueError, match=r"--seeds 1-5: .* has no test results of seed 3 \(seeds there: 1-2\)"):
+        render(folder("seeds"), parse_seeds("1-5"))
+    out = subprocess.run(bench(tmp_path, "stray", "--resume", "--out", str(tmp_path / "stray")), capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "is not a run result" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
 def test_suite_models_match_parameter_counts_within_10_percent():
     from phaselm.evaluation.tasks_bench import MODELS, count_params, model_section
 
@@ -561,7 +621,8 @@ def test_report_of_a_folder_without_test_results_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match="holds no run results"):
         load(tmp_path)
     (tmp_path / "runs" / "mix__gpt__w64__seed1.json").write_text(json.dumps(
-        {"difficulty": "mix", "model": "gpt", "width": 64, "seed": 1, "lr": 3e-3, "sweep": False}))
+        {"run": "mix/gpt/w64/seed1", "task": "mqar", "difficulty": "mix", "model": "gpt", "width": 64, "seed": 1,
+         "lr": 3e-3, "sweep": False, "protocol": {"task": "mqar"}, "val": {}, "test": {}}))
     with pytest.raises(ValueError, match="mixture runs without their per-difficulty test files"):
         load(tmp_path)
 

@@ -15,7 +15,7 @@
 #     results/tasks/mqar_mamba_budget. Run it first: the Mamba family's stages depend on it.
 # Finished runs come back as JSON under $OUT/tasks/mqar/runs; commit them into the out folder and
 # the next call skips them (--resume), even on a fresh machine; on the same warm machine interrupted
-# runs also resume from their checkpoints (runs/tasks/gpu). Stops itself after LIMIT seconds.
+# runs also resume from their checkpoints (runs/tasks/gpu/<out folder>: each stage its own). Stops itself after LIMIT seconds.
 #   run(command="STAGE=w64 experiments/gpu/tasks.sh", timeout_s=590)   # no data to carry: tasks are generated
 # SMOKE=1 checks the script on CPU in a minute.
 source "$(dirname "$0")/env.sh"
@@ -42,7 +42,7 @@ log="$OUT/tasks/bench.log"
 { date; nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null; } >> "$log" 2>&1
 for i in $(seq 0 $((NPROC - 1))); do
   OMP_NUM_THREADS=1 timeout -s TERM $LIMIT $py -m phaselm bench tasks $args --shard $i/$NPROC --out $out \
-    --work runs/tasks/gpu --resume >> "$OUT/tasks/shard$i.log" 2>&1 &
+    --work "runs/tasks/gpu/$(basename $out)" --resume >> "$OUT/tasks/shard$i.log" 2>&1 &
 done
 wait
 echo "shards done $(date)" >> "$log"

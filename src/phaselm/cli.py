@@ -380,9 +380,9 @@ def cmd_bench_tasks(args) -> int:
     from phaselm.evaluation.tasks_bench import MODELS, SweepPending, TasksBench, TasksConfig, parse_shard
     from phaselm.evaluation.tasks_report import render
 
-    cfg = TasksConfig(task=args.task, models=_names(args.models, "--models") if args.models else list(MODELS),
+    cfg = TasksConfig(task=args.task, models=_names(args.models, "--models") if args.models is not None else list(MODELS),
                       widths=_floats(args.widths, "--widths", int), seeds=args.seeds, lrs=_floats(args.lrs, "--lrs"),
-                      difficulties=_names(args.difficulties, "--difficulties") if args.difficulties else None,
+                      difficulties=_names(args.difficulties, "--difficulties") if args.difficulties is not None else None,
                       sweep_difficulty=args.sweep_difficulty, steps=args.steps,
                       batch_size=args.batch_size, num_train=args.num_train, num_test=args.num_test,
                       eval_interval=args.eval_interval, vocab_size=args.vocab_size, mixture=args.mixture,
@@ -390,9 +390,12 @@ def cmd_bench_tasks(args) -> int:
     shard = parse_shard(args.shard)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # under torchrun each process trains its own runs alone
         os.environ.pop(key, None)
+    for flag, value in (("--out", args.out), ("--work", args.work)):
+        if value is not None and not value.strip():
+            raise ValueError(f"{flag} is empty; give a folder, or leave {flag} out for its default")
     out = args.out or f"results/tasks/{args.task}"
     launch = f"torchrun --nproc_per_node {shard[1]} -m phaselm " if args.shard is None and shard[1] > 1 else "phaselm "
-    bench = TasksBench(cfg, out, args.work or f"runs/tasks/{args.task}", launch + shlex.join(args.argv),
+    bench = TasksBench(cfg, out, args.work or f"runs/tasks/{Path(out).name or args.task}", launch + shlex.join(args.argv),
                        shard=shard, resume=args.resume, wait=not args.no_wait)
     try:
         bench.run()
@@ -410,7 +413,7 @@ def cmd_bench_tasks(args) -> int:
 def _names(text: str, flag: str) -> list[str]:
     names = [v.strip() for v in text.split(",") if v.strip()]
     if not names:
-        raise ValueError(f"{flag} is empty; give comma-separated names")
+        raise ValueError(f"{flag} is empty; give comma-separated names, or leave {flag} out for its default")
     return names
 
 
@@ -522,7 +525,7 @@ def cmd_report(args) -> int:
     elif args.report == "tasks":
         from phaselm.evaluation.tasks_report import parse_seeds, render
 
-        seeds = parse_seeds(args.seeds) if args.seeds else None
+        seeds = parse_seeds(args.seeds) if args.seeds is not None else None
         print("re-rendered " + ", ".join(str(p) for p in render(args.folder, seeds)))
     else:  # sampling
         from phaselm.evaluation.sampling_report import rerender

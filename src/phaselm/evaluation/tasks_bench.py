@@ -35,6 +35,7 @@ stacks get the number of Mamba blocks whose parameter count is closest to the GP
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -106,6 +107,9 @@ class TasksConfig:
             raise ValueError(f"--difficulties: {bad[0]!r} is not a difficulty of {self.task} (known: {', '.join(known)})")
         if self.short_conv < 0:
             raise ValueError(f"--short-conv must be >= 0 (a kernel size; 0: none), got {self.short_conv}")
+        if self.mixture and self.difficulties is not None and len(self.difficulties) < 2:
+            raise ValueError("--mixture trains on a mixture of at least two difficulties; list more --difficulties, "
+                             "or drop --mixture")
         if self.mixture and self.sweep_difficulty is not None:
             raise ValueError("--sweep-difficulty does not apply to --mixture (the sweep trains on the mixture too)")
         if self.sweep_difficulty is not None and self.sweep_difficulty not in self.difficulty_labels():
@@ -113,8 +117,8 @@ class TasksConfig:
                              f"({', '.join(self.difficulty_labels())})")
         if not self.widths or min(self.widths) < N_HEAD * 4 or any(w % N_HEAD for w in self.widths):
             raise ValueError(f"--widths must be multiples of {N_HEAD} and >= {N_HEAD * 4}, got {self.widths}")
-        if not self.lrs or min(self.lrs) <= 0:
-            raise ValueError(f"--lrs must be positive learning rates, got {self.lrs}")
+        if not self.lrs or not all(0 < lr < math.inf for lr in self.lrs):
+            raise ValueError(f"--lrs must be finite positive learning rates, got {self.lrs}")
         if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
             raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if self.device.startswith("cuda"):
@@ -303,6 +307,25 @@ def parse_shard(text: str | None) -> tuple[int, int]:
     return i, n
 
 
+RUN_KEYS = ("run", "task", "difficulty", "model", "width", "seed", "lr", "sweep", "protocol", "val", "test")
+"""Keys every run file of :class:`TasksBench` holds (what the report and ``--resume`` read)."""
+
+
+def read_run(path: Path) -> dict:
+    """A run file of ``OUT/runs``, checked: a one-line ValueError naming the file if it is not valid
+    JSON (a truncated copy) or not a run result (another file put into ``runs/``)."""
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}; truncated?); "
+                         "restore it from git or delete it, then run again") from None
+    missing = [k for k in RUN_KEYS if k not in record] if isinstance(record, dict) else ["run"]
+    if missing:
+        raise ValueError(f"{path} is not a run result of phaselm bench tasks (no {missing[0]!r}); move it out of "
+                         f"{path.parent}")
+    return record
+
+
 class SweepPending(RuntimeError):
     """This shard's main runs need the chosen learning rates, and other shards' sweep runs are unfinished."""
 
@@ -329,14 +352,19 @@ class TasksBench:
         rates may grow (``--lrs`` must include the earlier runs' rates): each run records its own
         rate, and a main run trained at a rate the larger sweep does not choose is refused
         (:meth:`train`), so a sweep can gain a rate without retraining what it already has."""
-        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        for flag, folder in (("--out", self.runs_dir), ("--work", self.work)):
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise ValueError(f"{flag} {folder}: cannot create it ({err.strerror}); choose a writable folder "
+                                 f"for {flag}") from None
         existing = sorted(self.runs_dir.glob("*.json"))
         if existing and not self.resume and self.shard[1] == 1:
             raise ValueError(f"{self.runs_dir} holds {len(existing)} run results of an earlier run; pass --resume to "
                              "continue it, or choose another --out")
         mine, swept = self.protocol(), set()
         for path in existing:
-            saved = {"training": "per difficulty", **json.loads(path.read_text())["protocol"]}
+            saved = {"training": "per difficulty", **read_run(path)["protocol"]}
             key = next((k for k in mine if k != "lrs" and saved.get(k) != mine[k]), None)
             if key is not None:
                 raise ValueError(f"--resume: {path.name} was made with {key}={saved.get(key)!r}, this run has "
@@ -374,7 +402,7 @@ class TasksBench:
 
     def split_mixture(self, run: Run) -> list[Path]:
         """One result per difficulty of a mixture run: its test set's accuracy (same model, same seed)."""
-        record = json.loads(self.result_path(run).read_text())
+        record = read_run(self.result_path(run))
         paths = []
         for label, test in record["test_by_difficulty"].items():
             path = self.result_path(Run(label, run.model, run.width, run.seed, None))
@@ -388,7 +416,7 @@ class TasksBench:
     def chosen_lrs(self, wait: bool = False) -> dict[tuple[str, int], float]:
         """The swept learning rate of each (model, width): waits for other shards' sweep runs when
         ``wait``, else raises :class:`SweepPending` while any is missing."""
-        runs = sweep_runs(self.cfg)
+        runs, waiting_for = sweep_runs(self.cfg), None
         while True:
             missing = [r for r in runs if not self.result_path(r).exists()]
             if not missing:
@@ -396,12 +424,14 @@ class TasksBench:
             if not wait:
                 raise SweepPending(f"the sweep is incomplete ({len(missing)} runs missing, e.g. {missing[0].run_id}); "
                                    "run this shard again once the other shards have finished their sweep runs")
-            print(f"phaselm bench tasks: waiting for {len(missing)} sweep runs of other shards "
-                  f"(e.g. {missing[0].run_id})", file=sys.stderr)
+            if len(missing) != waiting_for:
+                waiting_for = len(missing)
+                print(f"phaselm bench tasks: waiting for {waiting_for} sweep runs of other shards (e.g. "
+                      f"{missing[0].run_id}); start those shards, or pass --no-wait", file=sys.stderr)
             time.sleep(self.poll)
         cells: dict[tuple[str, int], list[dict]] = {}
         for r in runs:
-            cells.setdefault((r.model, r.width), []).append(json.loads(self.result_path(r).read_text()))
+            cells.setdefault((r.model, r.width), []).append(read_run(self.result_path(r)))
         return {cell: choose_lr(rs) for cell, rs in cells.items()}
 
     def run_config(self, run: Run, lr: float):
@@ -432,7 +462,7 @@ class TasksBench:
         lr = run.lr if lr is None else lr
         cfg = self.run_config(run, lr)
         if path.exists():
-            record = json.loads(path.read_text())
+            record = read_run(path)
             if record["lr"] != lr:
                 raise ValueError(f"{path} was trained at another learning rate than the sweep chooses ({lr:g}); "
                                  "delete it to retrain it at the chosen rate")
@@ -442,13 +472,17 @@ class TasksBench:
             return path
         same = Run(run.difficulty, run.model, run.width, run.seed, lr, sweep=True)
         if not run.sweep and self.result_path(same).exists() and same in sweep_runs(self.cfg):
-            record = json.loads(self.result_path(same).read_text())
+            record = read_run(self.result_path(same))
             atomic_write(path, json.dumps({**record, "run": run.run_id, "sweep": False, "reused": same.run_id}, indent=1) + "\n")
             return path
         folder = Path(cfg.train.out_dir)
         from phaselm.training import checkpoint as ckpt
 
-        resume = folder.exists() and bool(ckpt.step_folders(folder)) and _same_training(folder, cfg)
+        resume = folder.exists() and bool(ckpt.step_folders(folder))
+        if resume and not _same_training(folder, cfg):
+            raise ValueError(f"{folder} holds a checkpoint of other training settings (another --steps, learning "
+                             "rate or model; another bench's work?); give this bench its own --work, or delete that "
+                             "folder to train the run from the start")
         t0 = time.perf_counter()
         trainer = Trainer(cfg, resume=resume, progress=self.progress, overwrite=not resume)
         try:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from phaselm.evaluation.grid_report import _T95, mean_ci
-from phaselm.evaluation.tasks_bench import BASELINE, DIFFICULTIES, MIX, MODELS, choose_lr
+from phaselm.evaluation.tasks_bench import BASELINE, DIFFICULTIES, MIX, MODELS, choose_lr, read_run
 from phaselm.evaluation.text_metrics import bootstrap_ci
 from phaselm.utils import atomic_write, pyplot, save_figure
 
@@ -42,9 +42,15 @@ _T80 = {1: 1.376, 2: 1.061, 3: 0.978, 4: 0.941, 5: 0.920, 6: 0.906, 7: 0.896, 8:
 
 def load(out: str | Path) -> tuple[list[dict], list[dict]]:
     """``(main runs, sweep runs)`` of a bench folder, in a fixed order."""
-    runs = [json.loads(p.read_text()) for p in sorted((Path(out) / "runs").glob("*.json"))]
+    paths = sorted((Path(out) / "runs").glob("*.json"))
+    runs = [read_run(p) for p in paths]
     if not runs:
         raise ValueError(f"{out}/runs holds no run results; pass the --out folder of phaselm bench tasks")
+    settings = [{"training": "per difficulty", **r["protocol"], "lrs": None} for r in runs]  # a sweep may gain rates
+    for path, saved in zip(paths, settings):
+        if key := next((k for k in {*saved, *settings[0]} if saved.get(k) != settings[0].get(k)), None):
+            raise ValueError(f"{out}/runs mixes runs of different settings ({paths[0].name}: {key}="
+                             f"{settings[0].get(key)!r}, {path.name}: {saved.get(key)!r}); keep one bench's runs per folder")
     key = lambda r: (r["difficulty"], r["model"], r["width"], r["seed"], r["lr"])  # noqa: E731
     main = sorted((r for r in runs if not r["sweep"] and r["difficulty"] != MIX), key=key)  # MIX: split per difficulty
     sweep = sorted((r for r in runs if r["sweep"]), key=key)
@@ -298,6 +304,17 @@ def _plot_seeds(main: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def _ranges(values: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5"."""
+    spans: list[list[int]] = []
+    for v in values:
+        if spans and v == spans[-1][1] + 1:
+            spans[-1][1] = v
+        else:
+            spans.append([v, v])
+    return ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+
+
 def parse_seeds(text: str) -> range:
     """``"4-13"`` -> seeds 4..13 (a confirmatory analysis on seeds fixed in advance, docs/tasks.md)."""
     lo, sep, hi = text.partition("-")
@@ -314,9 +331,13 @@ def render(out: str | Path, seeds: range | None = None) -> list[Path]:
     main, sweep = load(out)
     tag, note = "", {}
     if seeds is not None:
+        have = sorted({r["seed"] for r in main})
         main = [r for r in main if r["seed"] in seeds]
         if not main:
             raise ValueError(f"{out}/runs holds no test results of seeds {seeds.start}-{seeds.stop - 1}")
+        if absent := [s for s in seeds if s not in have]:
+            raise ValueError(f"--seeds {seeds.start}-{seeds.stop - 1}: {out}/runs has no test results of seed "
+                             f"{absent[0]} (seeds there: {_ranges(have)}); pass a range of seeds it holds")
         tag, note = f"_seeds{seeds.start}-{seeds.stop - 1}", {"seeds": list(seeds)}
     text, summary = markdown(main, sweep)
     if note:
