@@ -37,6 +37,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -119,7 +120,7 @@ class TasksConfig:
             raise ValueError(f"--widths must be multiples of {N_HEAD} and >= {N_HEAD * 4}, got {self.widths}")
         if not self.lrs or not all(0 < lr < math.inf for lr in self.lrs):
             raise ValueError(f"--lrs must be finite positive learning rates, got {self.lrs}")
-        if not (self.device in ("cpu", "cuda", "auto") or self.device.startswith("cuda:")):
+        if not (self.device in ("cpu", "cuda", "auto") or re.fullmatch(r"cuda:\d+", self.device)):
             raise ValueError(f"--device must be cpu, cuda, cuda:N or auto, got {self.device!r}")
         if self.device.startswith("cuda"):
             import torch
@@ -367,12 +368,12 @@ class TasksBench:
             saved = {"training": "per difficulty", **read_run(path)["protocol"]}
             key = next((k for k in mine if k != "lrs" and saved.get(k) != mine[k]), None)
             if key is not None:
-                raise ValueError(f"--resume: {path.name} was made with {key}={saved.get(key)!r}, this run has "
+                raise ValueError(f"{path} was made with {key}={saved.get(key)!r}, this run has "
                                  f"{mine[key]!r}; use the same settings or another --out")
             swept |= set(saved["lrs"])
         dropped = sorted(swept - set(mine["lrs"]))
         if dropped:
-            raise ValueError(f"--resume: {self.runs_dir} holds a sweep over --lrs {_rates(sorted(swept))}; --lrs must "
+            raise ValueError(f"{self.runs_dir} holds a sweep over --lrs {_rates(sorted(swept))}; --lrs must "
                              f"include {_rates(dropped)} (a sweep can gain rates, not lose them), or choose another --out")
 
     def protocol(self) -> dict:
