@@ -25,6 +25,9 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):
+        if message.startswith("argument --") and message.endswith("expected one argument"):  # --lrs -1e-3
+            flag = message.split()[1].split("/")[-1].rstrip(":")  # argparse read -1e-3 as a flag
+            message += f"; a value that starts with '-' must be attached with '=' ({flag}=VALUE)"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 

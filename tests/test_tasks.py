@@ -362,6 +362,7 @@ def test_bench_tasks_refuses_bad_arguments_in_one_line(tmp_path):
              ("--lrs", "nan"): "--lrs must be finite positive", ("--lrs", "1e-3,inf"): "--lrs must be finite positive",
              ("--mixture",): "--mixture trains on a mixture of at least two difficulties",
              ("--device", "cuda:x"): "--device must be cpu, cuda, cuda:N or auto",
+             ("--lrs", "-1e-3"): "must be attached with '=' (--lrs=VALUE)",
              ("--out", str(tmp_path / "file")): "cannot create it"}
     (tmp_path / "file").write_text("")
     for extra, message in cases.items():
