@@ -490,7 +490,7 @@ def test_a_sweep_gains_a_rate_without_retraining_the_runs_it_has(uninterrupted, 
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-def test_a_checkpoint_of_other_training_settings_is_started_again_not_continued(tmp_path):
+def test_a_checkpoint_of_other_training_settings_is_not_counted_as_the_same(tmp_path):
     from phaselm.evaluation.tasks_bench import _same_training
     from phaselm.training.config import load_config
     from phaselm.training.trainer import Trainer

@@ -284,8 +284,8 @@ def _same_model(saved: dict, mine: dict) -> bool:
 
 def _same_training(folder: Path, cfg) -> bool:
     """Whether the newest checkpoint in ``folder`` was trained with ``cfg``'s training settings and
-    model (a checkpoint of another learning rate, say, is started again, not continued). A damaged
-    checkpoint counts as the same: the trainer's ``--resume`` falls back past it."""
+    model (a checkpoint of another learning rate, say, is not continued: :meth:`TasksBench.train`
+    refuses it). A damaged checkpoint counts as the same: the trainer's ``--resume`` falls back past it."""
     from phaselm.training import checkpoint as ckpt
 
     try:
