@@ -327,6 +327,11 @@ def read_run(path: Path) -> dict:
     return record
 
 
+def protocol_of(record: dict) -> dict:
+    """A run file's protocol; runs made before mixtures existed lack ``training``: per difficulty."""
+    return {"training": "per difficulty", **record["protocol"]}
+
+
 class SweepPending(RuntimeError):
     """This shard's main runs need the chosen learning rates, and other shards' sweep runs are unfinished."""
 
@@ -365,7 +370,7 @@ class TasksBench:
                              "continue it, or choose another --out")
         mine, swept = self.protocol(), set()
         for path in existing:
-            saved = {"training": "per difficulty", **read_run(path)["protocol"]}
+            saved = protocol_of(read_run(path))
             key = next((k for k in mine if k != "lrs" and saved.get(k) != mine[k]), None)
             if key is not None:
                 raise ValueError(f"{path} was made with {key}={saved.get(key)!r}, this run has "

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from phaselm.evaluation.grid_report import _T95, mean_ci
-from phaselm.evaluation.tasks_bench import BASELINE, DIFFICULTIES, MIX, MODELS, choose_lr, read_run
+from phaselm.evaluation.tasks_bench import BASELINE, DIFFICULTIES, MIX, MODELS, choose_lr, protocol_of, read_run
 from phaselm.evaluation.text_metrics import bootstrap_ci
 from phaselm.utils import atomic_write, pyplot, save_figure
 
@@ -46,7 +46,7 @@ def load(out: str | Path) -> tuple[list[dict], list[dict]]:
     runs = [read_run(p) for p in paths]
     if not runs:
         raise ValueError(f"{out}/runs holds no run results; pass the --out folder of phaselm bench tasks")
-    settings = [{"training": "per difficulty", **r["protocol"], "lrs": None} for r in runs]  # a sweep may gain rates
+    settings = [{**protocol_of(r), "lrs": None} for r in runs]  # a sweep may gain rates
     for path, saved in zip(paths, settings):
         if key := next((k for k in {*saved, *settings[0]} if saved.get(k) != settings[0].get(k)), None):
             raise ValueError(f"{out}/runs mixes runs of different settings ({paths[0].name}: {key}="
