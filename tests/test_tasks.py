@@ -567,6 +567,13 @@ def test_bench_on_the_mixture_tests_one_model_per_seed_on_every_difficulty(tmp_p
         assert r["test"]["accuracy"] == evaluate_answers(model, *part.test, torch.device("cpu"))["accuracy"]
     main, sweep = load(tmp_path / "out")
     assert {r["difficulty"] for r in main} == {"L64-kv4", "L128-kv8"} and len(sweep) == 1
+    # a folder holding only the mixture runs (an experiment that wrote no per-difficulty files) loads the same
+    only_mix = tmp_path / "only_mix"
+    (only_mix / "runs").mkdir(parents=True)
+    for name, record in runs.items():
+        if name.startswith(MIX):
+            (only_mix / "runs" / name).write_text(json.dumps(record))
+    assert load(only_mix) == (main, sweep)
     text = markdown(main, sweep)[0]
     assert "mixture of L64-kv4, L128-kv8" in text
     # provenance counts a mixture run once, not once per difficulty it was tested on

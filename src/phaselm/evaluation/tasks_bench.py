@@ -255,6 +255,14 @@ class Run:
         return self.run_id.replace("/", "__") + ".json"
 
 
+def split_record(record: dict) -> list[dict]:
+    """One result per difficulty of a mixture run's result ``record`` (``test_by_difficulty``): the
+    same model and seed, with that difficulty's test set as ``test``; none for a record without it."""
+    return [{**record, "run": Run(label, record["model"], record["width"], record["seed"], None).run_id,
+             "difficulty": label, "test": test, "trained_on": record["run"], "test_by_difficulty": None}
+            for label, test in (record.get("test_by_difficulty") or {}).items()]
+
+
 def sweep_runs(cfg: TasksConfig) -> list[Run]:
     return [Run(cfg.sweep_label(), m, w, 1, lr, sweep=True) for m in cfg.models for w in cfg.widths for lr in cfg.lrs]
 
@@ -407,15 +415,12 @@ class TasksBench:
         return done
 
     def split_mixture(self, run: Run) -> list[Path]:
-        """One result per difficulty of a mixture run: its test set's accuracy (same model, same seed)."""
-        record = read_run(self.result_path(run))
+        """Writes :func:`split_record` of a mixture run, a file per difficulty."""
         paths = []
-        for label, test in record["test_by_difficulty"].items():
-            path = self.result_path(Run(label, run.model, run.width, run.seed, None))
+        for record in split_record(read_run(self.result_path(run))):
+            path = self.result_path(Run(record["difficulty"], run.model, run.width, run.seed, None))
             if not path.exists():
-                atomic_write(path, json.dumps({**record, "run": Run(label, run.model, run.width, run.seed, None).run_id,
-                                               "difficulty": label, "test": test, "trained_on": run.run_id,
-                                               "test_by_difficulty": None}, indent=1) + "\n")
+                atomic_write(path, json.dumps(record, indent=1) + "\n")
             paths.append(path)
         return paths
 

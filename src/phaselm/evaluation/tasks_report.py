@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from phaselm.evaluation.grid_report import _T95, mean_ci
-from phaselm.evaluation.tasks_bench import BASELINE, DIFFICULTIES, MIX, MODELS, choose_lr, protocol_of, read_run
+from phaselm.evaluation.tasks_bench import BASELINE, DIFFICULTIES, MIX, MODELS, choose_lr, protocol_of, read_run, split_record
 from phaselm.evaluation.text_metrics import bootstrap_ci
 from phaselm.utils import atomic_write, pyplot, save_figure
 
@@ -52,7 +52,10 @@ def load(out: str | Path) -> tuple[list[dict], list[dict]]:
             raise ValueError(f"{out}/runs mixes runs of different settings ({paths[0].name}: {key}="
                              f"{settings[0].get(key)!r}, {path.name}: {saved.get(key)!r}); keep one bench's runs per folder")
     key = lambda r: (r["difficulty"], r["model"], r["width"], r["seed"], r["lr"])  # noqa: E731
-    main = sorted((r for r in runs if not r["sweep"] and r["difficulty"] != MIX), key=key)  # MIX: split per difficulty
+    main = [r for r in runs if not r["sweep"] and r["difficulty"] != MIX]  # MIX: split per difficulty
+    have = {key(r) for r in main}  # a mixture run without its per-difficulty files (an experiment's): split here
+    main = sorted(main + [s for r in runs if r["difficulty"] == MIX and not r["sweep"]
+                          for s in split_record(r) if key(s) not in have], key=key)
     sweep = sorted((r for r in runs if r["sweep"]), key=key)
     if not main and not sweep:
         raise ValueError(f"{out}/runs holds mixture runs without their per-difficulty test files "
@@ -192,6 +195,8 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
                 lines.append(f"| {m} | {base} | {d} | {c['n']} | {c['baseline'] * 100:.2f} | {_pct(c['mean'], True, k)} | "
                              f"[{_pct(c['ci95'][0], True, k)}, {_pct(c['ci95'][1], True, k)}] | {t95} | "
                              f"{_pct(c['mde'], digits=k)} | {_verdict(c)} |")
+    if not summary:  # no model here has its baseline here
+        lines[-2:] = [f"None: no model in this folder has its baseline here ({', '.join(models)})."]
     if sweep:
         lrs = sorted({r["lr"] for r in sweep})
         lines += ["", f"## Learning-rate sweep ({sweep[0]['difficulty']}, seed 1; val accuracy %)",
