@@ -38,6 +38,7 @@ def main():
                          n_embd=args.width, dropout=0.0, bias=True)).to(args.device)
     hf = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_positions=args.block, n_layer=args.layers, n_head=heads,
                                     n_embd=args.width, resid_pdrop=0, embd_pdrop=0, attn_pdrop=0,
+                                    bos_token_id=None, eos_token_id=None,  # GPT-2's 50256 is outside this vocabulary
                                     attn_implementation="sdpa")).to(args.device)
     x = torch.randint(0, vocab, (args.batch, args.block), device=args.device)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
