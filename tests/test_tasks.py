@@ -363,7 +363,9 @@ def test_bench_tasks_refuses_bad_arguments_in_one_line(tmp_path):
              ("--mixture",): "--mixture trains on a mixture of at least two difficulties",
              ("--device", "cuda:x"): "--device must be cpu, cuda, cuda:N or auto",
              ("--lrs", "-1e-3"): "must be attached with '=' (--lrs=VALUE)",
-             ("--out", str(tmp_path / "file")): "cannot create it"}
+             ("--out", str(tmp_path / "file")): "cannot create it",
+             ("--num-test", "100000000"): "the task data alone would take",
+             ("--vocab-size", "1000000000"): "the embedding and LM head alone would take"}
     (tmp_path / "file").write_text("")
     for extra, message in cases.items():
         out = subprocess.run(bench(tmp_path, "h", *extra), capture_output=True, text=True, timeout=120)

@@ -134,7 +134,28 @@ class TasksConfig:
                 raise ValueError(f"--{key.replace('_', '-')} must be >= 1, got {getattr(self, key)}")
         for label in self.difficulty_labels():  # every task setting is valid before anything runs
             self.data_section(label)
+        self.check_memory()
         return self
+
+    def check_memory(self) -> None:
+        """A one-line error, before anything runs, where a run's task data (int64 inputs and targets,
+        ``[n, L]`` each, of the training set and the val and test sets of ``num_test``; a mixture
+        holds all its components) or the widest model's embedding and LM head (V × width each, with
+        gradients and AdamW's two moments: 16 bytes a weight) would not fit this machine's memory."""
+        def data_bytes(label: str) -> int:
+            section = self.data_section(label)
+            parts = section.get("mixture") or [section]
+            return sum(16 * self.task_of(d).seq_len * (part["num_train"] + 2 * self.num_test)
+                       for d, part in zip(self.difficulty_labels() if label == MIX else [label], parts))
+        data = max(data_bytes(label) for label in self.train_labels())
+        vocab = max(self.task_of(label).vocab_size for label in self.difficulty_labels())
+        weights = 2 * 16 * vocab * max(self.widths)
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        for what, need, fix in (("the task data", data, "--num-train/--num-test"),
+                                ("the embedding and LM head", weights, "--vocab-size/--widths")):
+            if need > total:
+                raise ValueError(f"{what} alone would take {need / 2**30:.1f} GiB, more than this machine's "
+                                 f"{total / 2**30:.1f} GiB of memory; use a smaller {fix}")
 
     def difficulty_labels(self) -> list[str]:
         known = [label for label, _ in DIFFICULTIES[self.task]]
