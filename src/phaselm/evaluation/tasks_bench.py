@@ -150,7 +150,10 @@ class TasksConfig:
         data = max(data_bytes(label) for label in self.train_labels())
         vocab = max(self.task_of(label).vocab_size for label in self.difficulty_labels())
         weights = 2 * 16 * vocab * max(self.widths)
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        try:
+            total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (AttributeError, ValueError, OSError):  # no sysconf (Windows): nothing to check against
+            return
         for what, need, fix in (("the task data", data, "--num-train/--num-test"),
                                 ("the embedding and LM head", weights, "--vocab-size/--widths")):
             if need > total:
