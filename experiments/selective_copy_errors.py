@@ -95,7 +95,7 @@ def markdown(report: dict, command: str) -> str:
              f"every run's count of wrong answers equals its committed one: "
              f"{all(r['reproduced'] for r in report['runs'].values())}).", "",
              "Slips: the content token one place before or after the right one (c_{i−1}, c_{i+1}). Adjacent: "
-             f"answers whose content token has a neighbour at the next position (gap 1; {gap['1']:,} of "
+             f"answers whose content token sits right next to another content token (gap 1; {gap['1']:,} of "
              f"{d['test_answers']:,} answers, {gap['1'] / d['test_answers']:.0%}). Error rates per 1,000 answers.", "",
              "| run | wrong | examples with one | slips | other content | other | wrong per 1,000 adjacent | "
              "per 1,000 at gap 9+ | answers 13–15 among the wrong |", "|---|---|---|---|---|---|---|---|---|"]
