@@ -243,8 +243,11 @@ def test_bench_tasks_end_to_end_and_report_rerenders_identically(uninterrupted):
     for r in main:
         lo, hi = r["test"]["wilson95"]
         assert lo <= r["test"]["accuracy"] <= hi and r["test"]["answers"] == 32 * 16
+        steps, acc = zip(*r["val_curve"])  # every evaluation (--steps 6, --eval-interval 3), the last = "val"
+        assert steps[-2:] == (3, 6) and acc[-1] == r["val"]["accuracy"] and all(0 <= a <= 1 for a in acc)
     out = uninterrupted / "out"
-    names = ["report.md", "summary.json", "accuracy_vs_difficulty.png", "accuracy_vs_width.png", "accuracy_by_seed.png"]
+    names = ["report.md", "summary.json", "accuracy_vs_difficulty.png", "accuracy_vs_width.png", "accuracy_by_seed.png",
+             "val_by_step.png"]
     before = {n: (out / n).read_bytes() for n in names}
     assert "## Paired differences" in before["report.md"].decode() and "| mamba | gpt | L256 | 2 |" in before["report.md"].decode()
     subprocess.run([sys.executable, "-m", "phaselm", "report", "tasks", str(out)], check=True, capture_output=True)

@@ -287,6 +287,14 @@ def split_record(record: dict) -> list[dict]:
             for label, test in (record.get("test_by_difficulty") or {}).items()]
 
 
+def val_curve(folder: Path) -> list[list[float]]:
+    """``[[step, val accuracy], ...]`` of the run trained in ``folder`` (its metrics.jsonl, which a
+    resumed run truncates to match an uninterrupted one): when a seed left a plateau, if it did."""
+    path = folder / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [[r["iter"], r["accuracy"]] for r in rows if r.get("split") == "val" and "accuracy" in r]
+
+
 def sweep_runs(cfg: TasksConfig) -> list[Run]:
     return [Run(cfg.sweep_label(), m, w, 1, lr, sweep=True) for m in cfg.models for w in cfg.widths for lr in cfg.lrs]
 
@@ -540,7 +548,8 @@ class TasksBench:
             "data": cfg.to_dict()["data"], "model_config": cfg.to_dict()["model"],
             "params": matched_params(model), "params_total": sum(p.numel() for p in model.parameters()),
             "steps": self.cfg.steps, "train_seconds": round(seconds, 1), "resumed": resume,
-            "diverged": summary.get("diverged"), "val": val, "test": {**test, "wilson95": [lo, hi]},
+            "diverged": summary.get("diverged"), "val": val, "val_curve": val_curve(folder),
+            "test": {**test, "wilson95": [lo, hi]},
             "test_by_difficulty": dict(zip(self.cfg.difficulty_labels(), tests)) if run.difficulty == MIX else None,
             "protocol": self.protocol(), "command": self.command, **provenance(),
         }

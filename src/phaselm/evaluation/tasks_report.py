@@ -1,5 +1,6 @@
 """Report of a ``phaselm bench tasks`` run: ``report.md``, ``accuracy_vs_difficulty.png``,
-``accuracy_vs_width.png`` and ``accuracy_by_seed.png`` (every run, with the pairs a comparison uses),
+``accuracy_vs_width.png``, ``accuracy_by_seed.png`` (every run, with the pairs a comparison uses) and,
+for runs that record it, ``val_by_step.png`` (val accuracy during training),
 rendered from ``OUT/runs/*.json`` only (``phaselm report tasks OUT`` re-renders them byte for byte).
 
 Statistics. Accuracy is the fraction of the test set's answer tokens predicted right (argmax); each
@@ -309,6 +310,31 @@ def _plot_seeds(main: list[dict], path: Path) -> None:
     save_figure(fig, path)
 
 
+def _plot_curves(trained: list[dict], path: Path) -> None:
+    """Val accuracy against training step of every trained model that records it (``val_curve``),
+    one panel per training set (a difficulty, or the mixture), a colour per model: whether a run left
+    a plateau, and when, which the final accuracies alone do not show."""
+    plt = pyplot()
+    labels = sorted({r["difficulty"] for r in trained})
+    models = sorted({r["model"] for r in trained}, key=MODELS.index)
+    fig, axes = plt.subplots(1, len(labels), figsize=(5.4 * len(labels), 3.8), squeeze=False, sharey=True)
+    for ax, label in zip(axes[0], labels):
+        for r in sorted((r for r in trained if r["difficulty"] == label), key=lambda r: (r["model"], r["width"], r["seed"])):
+            steps, acc = zip(*r["val_curve"])
+            c = models.index(r["model"])
+            ax.plot(steps, [100 * a for a in acc], color=f"C{c}", lw=0.9, alpha=0.75, marker=".", ms=3)
+        ax.set_title(f"trained on {label}")
+        ax.set_xlabel("training step")
+        ax.grid(alpha=0.3)
+    for c, m in enumerate(models):
+        axes[0][0].plot([], [], color=f"C{c}", label=m)
+    axes[0][0].set_ylabel("val accuracy % (each run)")
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"{trained[0]['task']}: val accuracy during training, {len(trained)} runs", fontsize=10)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def _ranges(values: list[int]) -> str:
     """[1, 2, 3, 5] -> "1-3, 5"."""
     spans: list[list[int]] = []
@@ -329,7 +355,7 @@ def parse_seeds(text: str) -> range:
 
 
 def render(out: str | Path, seeds: range | None = None) -> list[Path]:
-    """Write ``report.md``, ``summary.json`` and the three plots of the bench folder ``out``. With
+    """Write ``report.md``, ``summary.json`` and the plots of the bench folder ``out``. With
     ``seeds``, only those seeds' runs (the sweep table stays whole): ``report_seeds<A>-<B>.md`` and
     ``summary_seeds<A>-<B>.json``, the folder's own report untouched."""
     out = Path(out)
@@ -357,4 +383,9 @@ def render(out: str | Path, seeds: range | None = None) -> list[Path]:
             paths.append(out / name)
         _plot_seeds(main, out / "accuracy_by_seed.png")
         paths.append(out / "accuracy_by_seed.png")
+        trained = {r.get("trained_on") or r["run"]: r for r in main if r.get("val_curve")}  # a mixture run once
+        if trained:
+            _plot_curves([{**r, "difficulty": r["trained_on"].split("/")[0] if r.get("trained_on") else r["difficulty"]}
+                          for r in trained.values()], out / "val_by_step.png")
+            paths.append(out / "val_by_step.png")
     return paths
