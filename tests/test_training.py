@@ -12,6 +12,7 @@ from phaselm_cli import main
 from phaselm.training import checkpoint as ckpt
 from phaselm.training.config import ConfigError, load_config
 from phaselm.training.trainer import Trainer, TrainingError
+from phaselm.utils import read_jsonl
 
 TINY = """
 data: {name: tiny-shakespeare, tokenizer: char}
@@ -145,8 +146,11 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path,
         Trainer(cfg, progress=False).train()
     assert ckpt.latest_checkpoint(tmp_path / "cut").name == "step-000006"
     monkeypatch.setattr(trainer_mod, "lr_at", original)
+    with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # a line torn by a kill mid-write
+        f.write('{"split": "train", "it')
+    assert read_jsonl(tmp_path / "cut" / "metrics.jsonl")[-1]["iter"] <= 6  # readers skip the torn line
     Trainer(cfg, resume=True, progress=False).train()
-    a, b = rows(tmp_path / "full", "train"), rows(tmp_path / "cut", "train")
+    a, b = rows(tmp_path / "full", "train"), rows(tmp_path / "cut", "train")  # every line parses: the resume dropped the torn one
     assert [r["iter"] for r in b] == list(range(1, 9))
     assert all(ra["loss"] == pytest.approx(rb["loss"], abs=1e-6) for ra, rb in zip(a, b))
 

@@ -1,9 +1,10 @@
 """Helpers shared by every layer (imports nothing from phaselm): the cache folder, atomic file
-writes, the record of what ran (provenance), data-parallel sharding under torchrun and the
+writes, reading a JSONL log, the record of what ran (provenance), data-parallel sharding under torchrun and the
 plotting backend."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
@@ -33,6 +34,22 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, durable: bool = Fal
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def json_row(line: str) -> dict | None:
+    """One JSONL line as a dict; None for a blank, torn (a run killed mid-write) or non-object line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return row if isinstance(row, dict) else None
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """The rows of a JSONL log such as a run's metrics.jsonl (none when the file is missing), skipping
+    lines :func:`json_row` rejects."""
+    path = Path(path)
+    return [row for line in path.read_text().splitlines() if (row := json_row(line))] if path.exists() else []
 
 
 def provenance() -> dict:

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from phaselm.training import checkpoint as ckpt
-from phaselm.utils import atomic_write, provenance
+from phaselm.utils import atomic_write, provenance, read_jsonl
 
 
 def loss_spike(train_losses: list[float]) -> float:
@@ -41,7 +41,7 @@ def summarize_run(run_dir: str | Path, out_dir: str | Path, command: str = "") -
     metrics = run_dir / "metrics.jsonl"
     if not metrics.is_file():
         raise ValueError(f"{run_dir} has no metrics.jsonl; pass a run folder made by phaselm train")
-    rows = [json.loads(r) for r in metrics.read_text().splitlines() if r.strip()]
+    rows = read_jsonl(metrics)
     train = [r for r in rows if r["split"] == "train"]
     val = [r for r in rows if r["split"] == "val"]
     if not val:

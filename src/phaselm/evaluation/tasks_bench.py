@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phaselm.utils import atomic_write, provenance
+from phaselm.utils import atomic_write, provenance, read_jsonl
 
 # task -> its difficulties: (label, data settings); the default run uses all of them
 DIFFICULTIES = {
@@ -290,8 +290,7 @@ def split_record(record: dict) -> list[dict]:
 def val_curve(folder: Path) -> list[list[float]]:
     """``[[step, val accuracy], ...]`` of the run trained in ``folder`` (its metrics.jsonl, which a
     resumed run truncates to match an uninterrupted one): when a seed left a plateau, if it did."""
-    path = folder / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    rows = read_jsonl(folder / "metrics.jsonl")
     return [[r["iter"], r["accuracy"]] for r in rows if r.get("split") == "val" and "accuracy" in r]
 
 

@@ -46,7 +46,7 @@ from phaselm.data.tasks import TaskData
 from phaselm.models import MODELS, config_from_dict, config_to_dict
 from phaselm.training import checkpoint as ckpt
 from phaselm.training.config import RunConfig, from_dict
-from phaselm.utils import atomic_write
+from phaselm.utils import atomic_write, json_row
 
 
 class TrainingError(RuntimeError):
@@ -659,20 +659,12 @@ class Trainer:
         path = self.out / "metrics.jsonl"
         if not path.exists():
             return
-        rows = [r for r in path.read_text().splitlines() if (row := _json_row(r)) and row.get("iter", 0) <= start_iter]
+        rows = [r for r in path.read_text().splitlines() if (row := json_row(r)) and row.get("iter", 0) <= start_iter]
         atomic_write(path, "".join(r + "\n" for r in rows))
 
 
 def _raise_terminated(signum, frame):
     raise _Terminated()
-
-
-def _json_row(line: str) -> dict | None:
-    try:
-        row = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return row if isinstance(row, dict) else None
 
 
 def evaluate_split(path: str | Path, split: str = "test", device: str = "cpu", max_tokens: int | None = None) -> dict:
