@@ -210,7 +210,7 @@ def test_training_on_a_task_learns_and_reports_accuracy(tmp_path):
 TINY = ["--task", "selective_copy", "--models", "gpt,mamba", "--widths", "16", "--seeds", "2", "--difficulties",
         "L256", "--lrs", "3e-3,1e-2", "--steps", "6", "--batch-size", "8", "--num-train", "64",
         "--num-test", "32", "--eval-interval", "3"]
-VOLATILE = {"train_seconds", "command", "commit", "dirty", "machine", "cpu", "cores", "resumed"}
+VOLATILE = {"train_seconds", "command", "commit", "dirty", "machine", "cpu", "cores", "resumed", "started_at_step"}
 
 
 def bench(tmp_path, name, *extra):
@@ -296,6 +296,9 @@ def test_resumed_bench_equals_uninterrupted(uninterrupted, tmp_path):
     assert len(list(runs.glob("*.json"))) < 8
     subprocess.run(bench(tmp_path, "b", "--resume"), check=True, capture_output=True, env=env)
     assert records(tmp_path / "b") == records(uninterrupted)
+    started = [json.loads(p.read_text())["started_at_step"] for p in sorted(runs.glob("*.json"))]
+    assert set(started) <= set(range(6)) and not any(json.loads(p.read_text())["started_at_step"]
+                                                     for p in (uninterrupted / "out" / "runs").glob("*.json"))
 
 
 def test_union_of_shards_equals_the_unsharded_run(uninterrupted, tmp_path):

@@ -547,6 +547,7 @@ class TasksBench:
             "data": cfg.to_dict()["data"], "model_config": cfg.to_dict()["model"],
             "params": matched_params(model), "params_total": sum(p.numel() for p in model.parameters()),
             "steps": self.cfg.steps, "train_seconds": round(seconds, 1), "resumed": resume,
+            "started_at_step": summary.get("start_iter", 0),
             "diverged": summary.get("diverged"), "val": val, "val_curve": val_curve(folder),
             "test": {**test, "wilson95": [lo, hi]},
             "test_by_difficulty": dict(zip(self.cfg.difficulty_labels(), tests)) if run.difficulty == MIX else None,

@@ -220,7 +220,7 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
         made.setdefault(r.get("trained_on") or r["run"], r)
     trained = [r for r in made.values() if not r.get("reused")]
     commits = sorted({r["commit"] or "?" for r in made.values()})
-    resumed = sum(1 for r in trained if r.get("resumed"))
+    resumed = sum(1 for r in trained if r.get("started_at_step", r.get("resumed")))  # older runs: the --resume flag
     commands = Counter(re.sub(r" --shard \S+| --no-wait", "", r["command"]) for r in made.values())  # in order of first use
     machines = Counter(f"{r['machine']} ({r['cpu']}), torch {r['torch']}" for r in made.values())
     lines += ["", "## Provenance", "", "- commands (runs each; `--shard` and `--no-wait` left out):",
@@ -228,7 +228,8 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
               "- machines (runs each): " + "; ".join(f"{m} ({n})" for m, n in machines.items()),
               f"- training time: {sum(r['train_seconds'] for r in trained) / 3600:.2f} h over {len(trained)} trained "
               f"runs ({len(sweep)} in the sweep; seed-1 runs that reused a sweep run: {len(made) - len(trained)})"
-              + (f"; {resumed} resumed runs count only their time after resuming" if resumed else ""), ""]
+              + (f"; {resumed} runs resumed from a checkpoint (or, recorded before `started_at_step`, ran "
+                 "with --resume) count only their time after resuming" if resumed else ""), ""]
     return "\n".join(lines), summary
 
 
