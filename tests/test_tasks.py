@@ -668,3 +668,24 @@ def test_bench_settings_errors_are_one_line(kw, message):
 
     with pytest.raises(ValueError, match=message):
         TasksConfig(task="mqar", **kw).validate()
+
+
+def test_val_curves_near_the_top_are_drawn_as_error_rates(tmp_path, monkeypatch):
+    """Runs that all end at >= 90% are drawn as error rates on a symlog axis (a run with no error at 0);
+    below that, as accuracy."""
+    import phaselm.evaluation.tasks_report as report
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path: figures.append(fig))
+
+    def run(model, seed, curve):
+        return {"task": "selective_copy", "difficulty": "L256", "model": model, "width": 64, "seed": seed,
+                "val_curve": curve}
+
+    report._plot_curves([run("gpt", 1, [[0, 0.0], [500, 0.99], [1000, 0.9995]]),
+                         run("phasegpt_single", 1, [[0, 0.0], [1000, 1.0]])], tmp_path / "top.png")
+    report._plot_curves([run("gpt", 2, [[0, 0.0], [1000, 0.5]])], tmp_path / "low.png")
+    (top,), (low,) = figures[0].axes[:1], figures[1].axes[:1]
+    assert top.get_yscale() == "symlog" and "error rate" in top.get_ylabel()
+    assert [list(line.get_ydata()) for line in top.lines[:2]] == [pytest.approx([100, 1, 0.05]), [100, 0]]
+    assert low.get_yscale() == "linear" and list(low.lines[0].get_ydata()) == [0.0, 50.0]

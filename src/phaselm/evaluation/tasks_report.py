@@ -318,24 +318,33 @@ def _plot_seeds(main: list[dict], path: Path) -> None:
 def _plot_curves(trained: list[dict], path: Path) -> None:
     """Val accuracy against training step of every trained model that records it (``val_curve``),
     one panel per training set (a difficulty, or the mixture), a colour per model: whether a run left
-    a plateau, and when, which the final accuracies alone do not show."""
+    a plateau, and when, which the final accuracies alone do not show. Where every run ends at or
+    above ``ERROR_AXIS`` the panels show the val error rate 100 − accuracy (%) on a symlog axis (linear
+    below the decade of the smallest error > 0, so a run with none sits at 0): on an accuracy axis the
+    last steps, where the runs differ by a few errors in 10⁴, are one line."""
     plt = pyplot()
     labels = sorted({r["difficulty"] for r in trained})
     models = sorted({r["model"] for r in trained}, key=MODELS.index)
+    errors = min(r["val_curve"][-1][1] for r in trained) >= ERROR_AXIS
     fig, axes = plt.subplots(1, len(labels), figsize=(5.4 * len(labels), 3.8), squeeze=False, sharey=True)
     for ax, label in zip(axes[0], labels):
         for r in sorted((r for r in trained if r["difficulty"] == label), key=lambda r: (r["model"], r["width"], r["seed"])):
             steps, acc = zip(*r["val_curve"])
-            c = models.index(r["model"])
-            ax.plot(steps, [100 * a for a in acc], color=f"C{c}", lw=0.9, alpha=0.75, marker=".", ms=3)
+            y = [100 * (1 - a) if errors else 100 * a for a in acc]
+            ax.plot(steps, y, color=f"C{models.index(r['model'])}", lw=0.9, alpha=0.75, marker=".", ms=3)
         ax.set_title(f"trained on {label}")
         ax.set_xlabel("training step")
         ax.grid(alpha=0.3)
+    if errors:
+        smallest = min((100 * (1 - a) for r in trained for _, a in r["val_curve"] if a < 1), default=1.0)
+        axes[0][0].set_yscale("symlog", linthresh=10 ** math.floor(math.log10(smallest)))
+        axes[0][0].set_ylim(0, 100)
     for c, m in enumerate(models):
         axes[0][0].plot([], [], color=f"C{c}", label=m)
-    axes[0][0].set_ylabel("val accuracy % (each run)")
-    axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"{trained[0]['task']}: val accuracy during training, {len(trained)} runs", fontsize=10)
+    axes[0][0].set_ylabel(f"val {'error rate, 100 − accuracy' if errors else 'accuracy'} % (each run)")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # outside: never over a run
+    fig.suptitle(f"{trained[0]['task']}: val {'error rate' if errors else 'accuracy'} during training, "
+                 f"{len(trained)} runs", fontsize=10)
     fig.tight_layout()
     save_figure(fig, path)
 
