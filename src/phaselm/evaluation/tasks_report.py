@@ -265,6 +265,11 @@ def _plot(main: list[dict], across: str, panels: str, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _symlog(ax, smallest: float) -> None:
+    """An error-rate axis: symlog, linear below the decade of ``smallest`` (> 0), so 0 errors sits at 0."""
+    ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(smallest)))
+
+
 def _plot_seeds(main: list[dict], path: Path) -> None:
     """One panel per difficulty, one column per (width, model): each run's test accuracy with its
     Wilson 95% interval, coloured by seed, and the runs of one seed and width joined, as the paired
@@ -303,7 +308,7 @@ def _plot_seeds(main: list[dict], path: Path) -> None:
         ax.set_title(f"difficulty {d}")
         if errors:
             upper = min(1 - r["test"]["wilson95"][0] for r in main)  # > 0: the Wilson interval never reaches 1
-            ax.set_yscale("symlog", linthresh=10 ** math.floor(math.log10(upper)))
+            _symlog(ax, upper)
             ax.set_ylim(0, 2 * max(1 - r["test"]["wilson95"][0] for r in main))  # shared y: room above every run
         else:
             ax.set_ylim(-0.02, 1.02)
@@ -337,7 +342,7 @@ def _plot_curves(trained: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
     if errors:
         smallest = min((100 * (1 - a) for r in trained for _, a in r["val_curve"] if a < 1), default=1.0)
-        axes[0][0].set_yscale("symlog", linthresh=10 ** math.floor(math.log10(smallest)))
+        _symlog(axes[0][0], smallest)
         axes[0][0].set_ylim(0, 100)
     for c, m in enumerate(models):
         axes[0][0].plot([], [], color=f"C{c}", label=m)
