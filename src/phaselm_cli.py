@@ -191,6 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "part of --out (benches with different --out never share checkpoints)")
     bt.add_argument("--resume", action="store_true", help="keep finished runs, continue interrupted ones")
     bt.add_argument("--shard", default=None, help="I/N: run the I-th of N slices (default: the torchrun rank)")
+    bt.add_argument("--nproc-per-node", type=int, default=None, metavar="N",
+                    help="train each run data-parallel on N processes of this machine (torchrun --standalone under "
+                         "the hood; the global --batch-size is split across them, the results are the one-process "
+                         "run's up to float rounding): for a run too long for one core")
     bt.add_argument("--no-wait", action="store_true",
                     help="where this shard's runs need other shards' unfinished sweep runs, exit with status 75 "
                          "(EX_TEMPFAIL) instead of waiting, so a job scheduler can run other work meanwhile")

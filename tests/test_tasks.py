@@ -280,8 +280,9 @@ def test_report_of_some_seeds_equals_the_report_of_a_folder_holding_only_them(un
 
 
 def test_bench_tasks_refuses_an_earlier_run_without_resume(uninterrupted, tmp_path):
-    out = subprocess.run(bench(uninterrupted.parent, "a"), capture_output=True, text=True)
-    assert out.returncode == 2 and "pass --resume" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    for extra in ([], ["--nproc-per-node", "2"]):  # data-parallel: refused before torchrun starts
+        out = subprocess.run(bench(uninterrupted.parent, "a", *extra), capture_output=True, text=True)
+        assert out.returncode == 2 and "pass --resume" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_resumed_bench_equals_uninterrupted(uninterrupted, tmp_path):
@@ -311,6 +312,27 @@ def test_union_of_shards_equals_the_unsharded_run(uninterrupted, tmp_path):
     provenance = (tmp_path / "c" / "out" / "report.md").read_text().split("## Provenance")[1]
     commands = [line for line in provenance.splitlines() if line.startswith("  - `")]
     assert len(commands) == 1 and "--shard" not in commands[0]  # one grid, one command
+
+
+def test_data_parallel_runs_equal_the_one_process_runs_up_to_float_rounding(uninterrupted, tmp_path):
+    """``--nproc-per-node 2``: each run trained by two processes together (DDP, the global batch split
+    between them): the same runs and learning rates, the same right answers, losses equal to float
+    rounding; the run files name the two processes and the command."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(bench(tmp_path, "dp", "--nproc-per-node", "2"), capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    one, two = records(uninterrupted), records(tmp_path / "dp")
+    assert one.keys() == two.keys()
+    measured = ("val", "test", "val_curve", "test_by_difficulty")
+    for name, a in one.items():
+        b = two[name]
+        assert {k: v for k, v in a.items() if k not in measured} == {k: v for k, v in b.items() if k not in measured}
+        assert (b["test"]["correct"], b["test"]["answers"]) == (a["test"]["correct"], a["test"]["answers"])
+        assert b["val"]["loss"] == pytest.approx(a["val"]["loss"], abs=1e-5)
+        assert [s for s, _ in b["val_curve"]] == [s for s, _ in a["val_curve"]]
+    raw = json.loads(next((tmp_path / "dp" / "out" / "runs").glob("*.json")).read_text())
+    assert raw["machine"].endswith("× 2 processes") and raw["command"].endswith("--nproc-per-node 2")
 
 
 def test_a_shard_without_main_runs_does_not_wait_for_the_sweep(tmp_path):
@@ -371,7 +393,9 @@ def test_bench_tasks_refuses_bad_arguments_in_one_line(tmp_path):
              ("--lrs", "-1e-3"): "must be attached with '=' (--lrs=VALUE)",
              ("--out", str(tmp_path / "file")): "cannot create it",
              ("--num-test", "100000000"): "the task data alone would take",
-             ("--vocab-size", "1000000000"): "the embedding and LM head alone would take"}
+             ("--vocab-size", "1000000000"): "the embedding and LM head alone would take",
+             ("--nproc-per-node", "3"): "--batch-size (8) must be divisible by --nproc-per-node (3)",
+             ("--nproc-per-node", "0"): "--nproc-per-node must be at least 1"}
     (tmp_path / "file").write_text("")
     for extra, message in cases.items():
         out = subprocess.run(bench(tmp_path, "h", *extra), capture_output=True, text=True, timeout=120)

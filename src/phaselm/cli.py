@@ -234,21 +234,30 @@ def _launch_ddp(args, cfg) -> int:
     in one process (a refusal is one line and exit 2: under a bare torchrun the ranks agree on it, but
     torchrun's launcher then adds its own failure report and exit 1), then run ``torchrun --standalone
     --nproc_per_node N -m phaselm train CONFIG ...`` with the same arguments; its exit status is ours."""
-    import subprocess
-
     from phaselm.training.trainer import RunFolder
 
-    n = args.nproc_per_node
     if "RANK" in os.environ:
         raise ValueError("--nproc-per-node launches torchrun itself; drop it when running under torchrun")
+    _check_nproc(args.nproc_per_node, cfg.train.batch_size, "train.batch_size")
+    RunFolder(Path(cfg.train.out_dir)).check_launch(args.resume, args.overwrite)
+    rest = [args.config, *args.overrides] + ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+    return _torchrun(args.nproc_per_node, ["train", *rest])
+
+
+def _check_nproc(n: int, batch_size: int, batch_name: str) -> None:
+    """One-line refusals of ``--nproc-per-node n`` with a global batch of ``batch_size``."""
     if n < 1:
         raise ValueError(f"--nproc-per-node must be at least 1, got {n}")
-    if cfg.train.batch_size % n:
-        raise ValueError(f"train.batch_size ({cfg.train.batch_size}) must be divisible by --nproc-per-node ({n})")
-    RunFolder(Path(cfg.train.out_dir)).check_launch(args.resume, args.overwrite)
+    if batch_size % n:
+        raise ValueError(f"{batch_name} ({batch_size}) must be divisible by --nproc-per-node ({n})")
+
+
+def _torchrun(n: int, phaselm_argv: list[str]) -> int:
+    """Run ``torchrun --standalone --nproc_per_node n -m phaselm PHASELM_ARGV``; its exit status."""
+    import subprocess
+
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-            "-m", "phaselm", "train", args.config, *args.overrides]
-    argv += ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
+            "-m", "phaselm", *phaselm_argv]
     sys.stdout.flush()
     sys.stderr.flush()
     return subprocess.run(argv).returncode
@@ -387,21 +396,36 @@ def cmd_bench_tasks(args) -> int:
                       batch_size=args.batch_size, num_train=args.num_train, num_test=args.num_test,
                       eval_interval=args.eval_interval, vocab_size=args.vocab_size, mixture=args.mixture,
                       device=args.device, short_conv=args.short_conv)
-    shard = parse_shard(args.shard)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # under torchrun each process trains its own runs alone
-        os.environ.pop(key, None)
+    n = args.nproc_per_node
+    if n is not None:
+        _check_nproc(n, cfg.batch_size, "--batch-size")
+    data_parallel = n is not None and n > 1  # each run trained by n processes together (DDP)
+    if data_parallel and "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) != n:
+        raise ValueError(f"--nproc-per-node {n} under a torchrun launch of {os.environ.get('WORLD_SIZE')} processes; "
+                         "leave torchrun out (--nproc-per-node launches it) or give it the same --nproc_per_node")
+    shard = parse_shard(args.shard) if args.shard is not None or not data_parallel else (0, 1)
+    if not data_parallel:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # under torchrun each process trains its own runs alone
+            os.environ.pop(key, None)
     for flag, value in (("--out", args.out), ("--work", args.work)):
         if value is not None and not value.strip():
             raise ValueError(f"{flag} is empty; give a folder, or leave {flag} out for its default")
     out = args.out or f"results/tasks/{args.task}"
-    launch = f"torchrun --nproc_per_node {shard[1]} -m phaselm " if args.shard is None and shard[1] > 1 else "phaselm "
+    sharded = args.shard is None and shard[1] > 1
+    launch = f"torchrun --nproc_per_node {shard[1]} -m phaselm " if sharded else "phaselm "
     bench = TasksBench(cfg, out, args.work or f"runs/tasks/{Path(out).name or args.task}", launch + shlex.join(args.argv),
-                       shard=shard, resume=args.resume, wait=not args.no_wait)
+                       shard=shard, resume=args.resume, wait=not args.no_wait, processes=n if data_parallel else 1)
+    if data_parallel and "RANK" not in os.environ:  # check here (one line, exit 2), then launch the n processes
+        bench.check_start()
+        return _torchrun(n, args.argv)
     try:
         bench.run()
     except SweepPending as e:
-        print(f"phaselm bench tasks: {e} (--no-wait: exit status {EX_TEMPFAIL})", file=sys.stderr)
+        if bench.rank == 0:
+            print(f"phaselm bench tasks: {e} (--no-wait: exit status {EX_TEMPFAIL})", file=sys.stderr)
         return EX_TEMPFAIL
+    if bench.rank != 0:
+        return 0
     if not any(bench.runs_dir.glob("*.json")):  # a shard with no runs of its own (more shards than runs)
         print(f"phaselm bench tasks: shard {shard[0]}/{shard[1]} has no runs of this grid; nothing to render")
         return 0

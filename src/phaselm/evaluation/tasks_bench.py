@@ -21,6 +21,9 @@ checkpoint. ``--shard I/N`` runs the I-th of N slices of each phase (one process
 launch or of a Slurm job array each); before the main runs a shard waits until every sweep run it
 depends on has its JSON (written by whichever shard ran it). The union of the shards' run files is
 the unsharded run's, and ``report.md`` and the plots are re-rendered from the run files.
+``--nproc-per-node P`` (``processes=P``) instead trains each run on P processes together (DDP: the
+global batch split across them, as ``phaselm train --nproc-per-node``), for a run too long for one
+core: rank 0 evaluates and writes, and the ranks meet at a barrier around each run.
 
 Models (``MODELS``): ``gpt``; ``phasegpt_all`` (phase coupling in every attention layer) and
 ``phasegpt_single`` (the published placement: one phase layer, here the last); ``pma`` (Mamba blocks,
@@ -382,10 +385,37 @@ class TasksBench:
 
     def __init__(self, cfg: TasksConfig, out: str | Path, work: str | Path, command: str,
                  shard: tuple[int, int] = (0, 1), resume: bool = False, progress: bool = True,
-                 poll_seconds: float = 2.0, wait: bool = True):
+                 poll_seconds: float = 2.0, wait: bool = True, processes: int = 1):
         self.cfg, self.out, self.work, self.command = cfg.validate(), Path(out), Path(work), command
         self.shard, self.resume, self.progress, self.poll, self.wait = shard, resume, progress, poll_seconds, wait
+        self.processes, self.rank = processes, 0  # rank: this process's, once run() has joined the group
         self.runs_dir = self.out / "runs"
+
+    def _join(self) -> None:
+        """With ``processes`` > 1 (under torchrun): join its process group, as the trainer would (gloo
+        for CPU runs, NCCL for CUDA ones), so the ranks can meet at :meth:`_sync` before any training."""
+        if self.processes == 1:
+            return
+        import torch
+        import torch.distributed as dist
+
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        if world != self.processes:
+            raise ValueError(f"processes={self.processes} needs a torchrun launch of as many processes (WORLD_SIZE "
+                             f"is {world}); run it with --nproc-per-node {self.processes}")
+        if not dist.is_initialized():
+            cuda = self.cfg.device.startswith("cuda") or (self.cfg.device == "auto" and torch.cuda.is_available())
+            if cuda:
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            dist.init_process_group("nccl" if cuda else "gloo")
+        self.rank = dist.get_rank()
+
+    def _sync(self) -> None:
+        """Every rank waits here for the others (one process: nothing to wait for)."""
+        if self.processes > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def result_path(self, run: Run) -> Path:
         return self.runs_dir / run.file_name()
@@ -433,6 +463,7 @@ class TasksBench:
         return runs[i::n]
 
     def run(self) -> list[Path]:
+        self._join()
         self.check_start()
         for run in self.mine(sweep_runs(self.cfg)):
             self.train(run)
@@ -443,6 +474,7 @@ class TasksBench:
             done.append(self.train(run, chosen[run.model, run.width]))
             if run.difficulty == MIX:
                 done += self.split_mixture(run)
+        self._sync()
         return done
 
     def split_mixture(self, run: Run) -> list[Path]:
@@ -450,7 +482,7 @@ class TasksBench:
         paths = []
         for record in split_record(read_run(self.result_path(run))):
             path = self.result_path(Run(record["difficulty"], run.model, run.width, run.seed, None))
-            if not path.exists():
+            if not path.exists() and self.rank == 0:
                 atomic_write(path, json.dumps(record, indent=1) + "\n")
             paths.append(path)
         return paths
@@ -495,6 +527,12 @@ class TasksBench:
 
     def train(self, run: Run, lr: float | None = None) -> Path:
         """Train ``run`` (or, in the main phase, reuse the identical sweep run) and write its JSON."""
+        self._sync()  # every rank sees the files rank 0 wrote, and none is written while they look
+        path = self._train(run, lr)
+        self._sync()
+        return path
+
+    def _train(self, run: Run, lr: float | None) -> Path:
         from contextlib import nullcontext
 
         from phaselm.training.trainer import TaskExamples, Trainer, TrainingError, evaluate_answers
@@ -515,7 +553,8 @@ class TasksBench:
         same = Run(run.difficulty, run.model, run.width, run.seed, lr, sweep=True)
         if not run.sweep and self.result_path(same).exists() and same in sweep_runs(self.cfg):
             record = read_run(self.result_path(same))
-            atomic_write(path, json.dumps({**record, "run": run.run_id, "sweep": False, "reused": same.run_id}, indent=1) + "\n")
+            if self.rank == 0:
+                atomic_write(path, json.dumps({**record, "run": run.run_id, "sweep": False, "reused": same.run_id}, indent=1) + "\n")
             return path
         folder = Path(cfg.train.out_dir)
         from phaselm.training import checkpoint as ckpt
@@ -525,6 +564,7 @@ class TasksBench:
             raise ValueError(f"{folder} holds a checkpoint of other training settings (another --steps, learning "
                              "rate or model; another bench's work?); give this bench its own --work, or delete that "
                              "folder to train the run from the start")
+        self._sync()  # every rank has decided whether to resume before rank 0's trainer touches the folder
         t0 = time.perf_counter()
         trainer = Trainer(cfg, resume=resume, progress=self.progress, overwrite=not resume)
         try:
@@ -534,6 +574,8 @@ class TasksBench:
                 raise
             summary = {"diverged": str(err)}
         seconds = time.perf_counter() - t0
+        if self.rank != 0:  # rank 0 evaluates the (identical) trained model and writes the result
+            return path
         model = trainer.raw_model
         data: TaskExamples = trainer.data
         val = summary.get("final_val") or data.evaluate(model, trainer.device, nullcontext)
