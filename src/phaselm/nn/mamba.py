@@ -76,7 +76,8 @@ class MambaConfig:
 
 
 # ---------------------------------------------------------------------------------------------- scans
-_BLOCK_ELEMS = 1 << 21  # state elements per time block on the CPU (8 MiB buffers in float32)
+_BLOCK_ELEMS = 1 << 19  # state elements per time block on the CPU (2 MiB buffers in float32; the backward
+# keeps four, so two training processes stay inside a 32 MiB L3: benchmarks/scan_block_speed.py)
 _STEP_ELEMS = 1 << 15  # on the CPU, a step of the scan acts on pieces of at most this many elements
 
 
