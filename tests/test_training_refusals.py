@@ -61,6 +61,26 @@ def test_nproc_per_node_trains_ddp_and_refuses_an_occupied_folder_in_one_line_be
         "phaselm train: error: train.batch_size (4) must be divisible by --nproc-per-node (3)"]
 
 
+def test_nproc_per_node_on_cuda_needs_a_gpu_per_process_and_no_fixed_gpu(monkeypatch):
+    """A CUDA launch puts process r on GPU r: too few GPUs, or a fixed cuda:N for every process, is one
+    line naming the fix (``phaselm train`` and ``phaselm bench tasks`` share the check)."""
+    import pytest
+    import torch
+
+    from phaselm.cli import _check_nproc
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ValueError, match=r"^--nproc-per-node 2 on CUDA needs 2 GPUs, this machine has 1; lower"):
+        _check_nproc(2, 8, "--batch-size", "cuda", "--device")
+    with pytest.raises(ValueError, match=r"^train.device=cuda:0 would put all 2 processes on one GPU; use train.device=cuda"):
+        _check_nproc(2, 8, "train.batch_size", "cuda:0", "train.device")
+    with pytest.raises(ValueError, match=r"needs 2 GPUs"):
+        _check_nproc(2, 8, "train.batch_size", "auto", "train.device")
+    _check_nproc(1, 8, "--batch-size", "cuda:0", "--device")  # one process: any device
+    _check_nproc(2, 8, "--batch-size", "cpu", "--device")
+
+
 def test_a_char_run_from_before_the_special_tokens_resumes_with_its_own_vocabulary(tmp_path, monkeypatch):
     """A checkpoint whose char vocabulary has no end-of-text/unknown tokens (saved by an older
     phaselm) resumes with that vocabulary: same ids, same embedding rows, no shape error."""

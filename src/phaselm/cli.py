@@ -238,18 +238,28 @@ def _launch_ddp(args, cfg) -> int:
 
     if "RANK" in os.environ:
         raise ValueError("--nproc-per-node launches torchrun itself; drop it when running under torchrun")
-    _check_nproc(args.nproc_per_node, cfg.train.batch_size, "train.batch_size")
+    _check_nproc(args.nproc_per_node, cfg.train.batch_size, "train.batch_size", cfg.train.device, "train.device")
     RunFolder(Path(cfg.train.out_dir)).check_launch(args.resume, args.overwrite)
     rest = [args.config, *args.overrides] + ["--resume"] * args.resume + ["--overwrite"] * args.overwrite
     return _torchrun(args.nproc_per_node, ["train", *rest])
 
 
-def _check_nproc(n: int, batch_size: int, batch_name: str) -> None:
-    """One-line refusals of ``--nproc-per-node n`` with a global batch of ``batch_size``."""
+def _check_nproc(n: int, batch_size: int, batch_name: str, device: str, device_name: str) -> None:
+    """One-line refusals of ``--nproc-per-node n`` with a global batch of ``batch_size`` on ``device``
+    (a CUDA launch puts rank r on GPU r, so it needs n GPUs and no fixed ``cuda:N``)."""
+    import torch
+
     if n < 1:
         raise ValueError(f"--nproc-per-node must be at least 1, got {n}")
     if batch_size % n:
         raise ValueError(f"{batch_name} ({batch_size}) must be divisible by --nproc-per-node ({n})")
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if n > 1 and cuda and ":" in device:
+        raise ValueError(f"{device_name}={device} would put all {n} processes on one GPU; use {device_name}=cuda "
+                         "(process r takes GPU r)")
+    if n > 1 and cuda and torch.cuda.device_count() < n:
+        raise ValueError(f"--nproc-per-node {n} on CUDA needs {n} GPUs, this machine has "
+                         f"{torch.cuda.device_count()}; lower --nproc-per-node or train on the CPU")
 
 
 def _torchrun(n: int, phaselm_argv: list[str]) -> int:
@@ -398,7 +408,7 @@ def cmd_bench_tasks(args) -> int:
                       device=args.device, short_conv=args.short_conv)
     n = args.nproc_per_node
     if n is not None:
-        _check_nproc(n, cfg.batch_size, "--batch-size")
+        _check_nproc(n, cfg.batch_size, "--batch-size", cfg.device, "--device")
     data_parallel = n is not None and n > 1  # each run trained by n processes together (DDP)
     if data_parallel and "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) != n:
         raise ValueError(f"--nproc-per-node {n} under a torchrun launch of {os.environ.get('WORLD_SIZE')} processes; "
