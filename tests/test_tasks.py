@@ -457,6 +457,33 @@ def test_each_control_differs_from_the_model_it_controls_in_its_one_setting():
     assert model_section("phasegpt_all", 64, 128, 16, 3)["phase_layers"] == [0, 1]
 
 
+@pytest.mark.parametrize("coupling_mode", ["context", "constant"])
+def test_every_trainable_parameter_of_every_suite_model_gets_a_gradient(coupling_mode):
+    """DDP (``--nproc-per-node``) needs a gradient for every trainable parameter: the frozen-phase
+    controls' ω and K, which never reach the output, do not require one."""
+    import torch
+
+    from phaselm.evaluation.tasks_bench import MODELS, model_section
+    from phaselm.models import MODELS as ARCH, config_from_dict
+
+    for name in MODELS:
+        section = model_section(name, 16, 32, 32, 3)
+        if section["type"] == "pma":
+            section["coupling_mode"] = coupling_mode
+        torch.manual_seed(0)
+        model = ARCH[section["type"]][1](config_from_dict(section, 32))
+        x = torch.randint(0, 32, (2, 32))
+        loss = model(x, targets=x).loss
+        reg = model.coherence_loss()
+        (loss if reg is None else loss + reg).backward()
+        missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing, (name, missing)
+        frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+        if name.endswith("frozen"):
+            assert frozen and all(n.rsplit(".", 1)[-1] in ("omega", "coupling", "coupling_raw", "weight", "bias")
+                                  and (".attn." in n or ".pma." in n) for n in frozen), (name, frozen)
+
+
 def test_resume_refuses_a_run_trained_at_another_rate_than_the_sweep_chooses(uninterrupted, tmp_path):
     import shutil
 

@@ -50,6 +50,9 @@ class PhaseCoupledAttention(CausalSelfAttention):
         self.omega = nn.Parameter(self.initial_value("omega"))
         self.omega._no_weight_decay = True
         self.coupling = nn.Parameter(self.initial_value("coupling"))
+        if kuramoto_steps == 0:  # phases frozen at θ⁰: ω and K never reach the output, so they take no gradient
+            self.omega.requires_grad_(False)  # (as DDP requires of every trainable parameter)
+            self.coupling.requires_grad_(False)
         self.coherence = nn.Parameter(self.initial_value("coherence"), requires_grad=coherence_trainable)
         self.last_r: torch.Tensor | None = None  # [H], with gradients
         self.last_phases: torch.Tensor | None = None  # θ [B, H, T, N] of the last forward, with gradients

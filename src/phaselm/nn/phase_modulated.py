@@ -78,6 +78,11 @@ class PhaseModulatedAttention(CausalSelfAttention):
             self.coupling_map = nn.Linear(n_embd, n_head)
         else:
             self.coupling_raw = nn.Parameter(self.initial_value("coupling_raw"))
+        if kuramoto_steps == 0:  # phases frozen at φ⁰: ω and K (its map) never reach the output, so they take no
+            coupling = [self.coupling_raw] if coupling_mode == "constant" else [  # gradient (as DDP requires of
+                *self.context_norm.parameters(), *self.coupling_map.parameters()]  # every trainable parameter)
+            for p in (self.omega, *coupling):
+                p.requires_grad_(False)
         self.phi_pos = nn.Parameter(self.initial_value("phi_pos"))
         self.phi_pos._no_weight_decay = True
         if lam_trainable:
