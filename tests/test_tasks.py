@@ -345,20 +345,22 @@ def test_a_shard_without_main_runs_does_not_wait_for_the_sweep(tmp_path):
     assert not list((tmp_path / "e" / "out" / "runs").glob("*.json"))
 
 
-def test_no_wait_exits_75_instead_of_waiting_for_other_shards_sweep_runs(uninterrupted, tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--nproc-per-node", "2"]], ids=["one process", "data-parallel"])
+def test_no_wait_exits_75_instead_of_waiting_for_other_shards_sweep_runs(uninterrupted, tmp_path, extra):
     """Shard 0 of 5 holds one sweep run and one main run: with ``--no-wait`` it trains its sweep run,
     then exits with status 75 before any main run, because the other sweep runs are missing; once
-    they exist the same command finishes its main run, equal to the unsharded run's."""
+    they exist the same command finishes its main run, equal to the unsharded run's. The same with
+    each run on two processes (whose ranks agree on what is missing)."""
     import shutil
 
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(bench(tmp_path, "f", "--shard", "0/5", "--no-wait"), capture_output=True, text=True,
+    out = subprocess.run(bench(tmp_path, "f", "--shard", "0/5", "--no-wait", *extra), capture_output=True, text=True,
                          timeout=120, env=env)
     assert out.returncode == 75 and "the sweep is incomplete" in out.stderr, (out.returncode, out.stderr)
     assert [p.name for p in (tmp_path / "f" / "out" / "runs").glob("*.json")] == ["L256__gpt__w16__seed1_lr0.003.json"]
     for path in (uninterrupted / "out" / "runs").glob("*_lr*.json"):  # the other shards' sweep runs
         shutil.copy(path, tmp_path / "f" / "out" / "runs")
-    out = subprocess.run(bench(tmp_path, "f", "--shard", "0/5", "--no-wait", "--resume"), capture_output=True,
+    out = subprocess.run(bench(tmp_path, "f", "--shard", "0/5", "--no-wait", "--resume", *extra), capture_output=True,
                          text=True, timeout=120, env=env)
     assert out.returncode == 0, out.stderr
     main = "L256__gpt__w16__seed1.json"

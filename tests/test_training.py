@@ -109,8 +109,17 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(tmp_p
     assert ckpt.latest_checkpoint(tmp_path / "run").name == "step-000004"
 
 
-def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path):
-    cfg_path = config_file(tmp_path)
+TASK = """
+data: {name: fuzzy_recall, seq_len: 64, num_train: 256, num_test: 64}
+model: {block_size: 64, n_layer: 1, n_head: 2, n_embd: 16}
+train: {max_iters: 8, lr_decay_iters: 8, batch_size: 4, warmup_iters: 2, eval_interval: 4, log_interval: 1,
+        device: cpu, seed: 3}
+"""
+
+
+@pytest.mark.parametrize("text", [TINY, TASK], ids=["text", "fuzzy recall (targets per example vary)"])
+def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path, text):
+    cfg_path = config_file(tmp_path, text)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     one = subprocess.run([sys.executable, "-m", "phaselm", "train", str(cfg_path), f"train.out_dir={tmp_path / 'one'}"],
                          capture_output=True, text=True, env=env, timeout=300)

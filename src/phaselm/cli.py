@@ -263,14 +263,27 @@ def _check_nproc(n: int, batch_size: int, batch_name: str, device: str, device_n
 
 
 def _torchrun(n: int, phaselm_argv: list[str]) -> int:
-    """Run ``torchrun --standalone --nproc_per_node n -m phaselm PHASELM_ARGV``; its exit status."""
+    """Run ``torchrun --standalone --nproc_per_node n -m phaselm PHASELM_ARGV``; its exit status.
+
+    Stopping it stops the processes cleanly (each saves a checkpoint, ``--resume`` continues): Ctrl-C
+    reaches torchrun from the terminal, which passes it on, and this process waits for it rather than
+    killing it (that would leave the training processes running, holding the run folder); a SIGTERM
+    to this process is passed on to torchrun the same way."""
+    import signal
     import subprocess
 
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
             "-m", "phaselm", *phaselm_argv]
     sys.stdout.flush()
     sys.stderr.flush()
-    return subprocess.run(argv).returncode
+    proc = subprocess.Popen(argv)
+    handlers = {signal.SIGINT: signal.SIG_IGN, signal.SIGTERM: lambda signum, frame: proc.send_signal(signum)}
+    previous = {sig: signal.signal(sig, handler) for sig, handler in handlers.items()}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def cmd_eval(args) -> int:
@@ -427,13 +440,18 @@ def cmd_bench_tasks(args) -> int:
                        shard=shard, resume=args.resume, wait=not args.no_wait, processes=n if data_parallel else 1)
     if data_parallel and "RANK" not in os.environ:  # check here (one line, exit 2), then launch the n processes
         bench.check_start()
-        return _torchrun(n, args.argv)
+        status = _torchrun(n, args.argv)
+        # the ranks exit 0 on --no-wait's early stop (torchrun reports any other status as a failure)
+        return EX_TEMPFAIL if status == 0 and bench.unfinished() else status
     try:
         bench.run()
     except SweepPending as e:
         if bench.rank == 0:
             print(f"phaselm bench tasks: {e} (--no-wait: exit status {EX_TEMPFAIL})", file=sys.stderr)
-        return EX_TEMPFAIL
+        return 0 if data_parallel else EX_TEMPFAIL
+    except ValueError as err:
+        err.quiet = bench.rank != 0  # rank 0 says it
+        raise
     if bench.rank != 0:
         return 0
     if not any(bench.runs_dir.glob("*.json")):  # a shard with no runs of its own (more shards than runs)

@@ -417,6 +417,16 @@ class TasksBench:
 
             dist.barrier()
 
+    def _agreed(self, value):
+        """Rank 0's ``value`` on every rank (what it saw of files other shards may be writing)."""
+        if self.processes == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     def result_path(self, run: Run) -> Path:
         return self.runs_dir / run.file_name()
 
@@ -462,6 +472,11 @@ class TasksBench:
         i, n = self.shard
         return runs[i::n]
 
+    def unfinished(self) -> list[Run]:
+        """This shard's runs that have no result file yet."""
+        return [r for r in self.mine(sweep_runs(self.cfg)) + self.mine(main_runs(self.cfg))
+                if not self.result_path(r).exists()]
+
     def run(self) -> list[Path]:
         self._join()
         self.check_start()
@@ -492,13 +507,13 @@ class TasksBench:
         ``wait``, else raises :class:`SweepPending` while any is missing."""
         runs, waiting_for = sweep_runs(self.cfg), None
         while True:
-            missing = [r for r in runs if not self.result_path(r).exists()]
+            missing = self._agreed([r for r in runs if not self.result_path(r).exists()])
             if not missing:
                 break
             if not wait:
                 raise SweepPending(f"the sweep is incomplete ({len(missing)} runs missing, e.g. {missing[0].run_id}); "
                                    "run this shard again once the other shards have finished their sweep runs")
-            if len(missing) != waiting_for:
+            if len(missing) != waiting_for and self.rank == 0:
                 waiting_for = len(missing)
                 print(f"phaselm bench tasks: waiting for {waiting_for} sweep runs of other shards (e.g. "
                       f"{missing[0].run_id}); start those shards, or pass --no-wait", file=sys.stderr)

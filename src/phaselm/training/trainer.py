@@ -16,8 +16,9 @@ process is gone is taken over), a folder that already holds a run is refused unl
 
 Under ``torchrun --nproc_per_node N`` the same command runs DDP (gloo on CPU, NCCL on GPU). The
 global batch (``train.batch_size``) is drawn identically on every rank from one seeded generator
-and each rank takes its slice, so N processes follow the same data as one; rank 0 logs and
-checkpoints.
+and each rank takes its slice, so N processes follow the same data as one, and each rank's loss is
+weighted by its share of the batch's targets, so the gradient is the one process's (tested where
+examples have different numbers of targets); rank 0 logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -592,6 +593,8 @@ class Trainer:
                     with (model.no_sync() if sync else nullcontext()), self.autocast():
                         loss = model(x, y, head_at_targets=self.data.head_at_targets).loss
                         reg = self.raw_model.coherence_loss()
+                    if self.ddp:  # DDP averages the ranks' gradients: weight each by its share of the targets
+                        loss = loss * self._target_share(y)
                     total = loss if reg is None else loss + reg
                     scaler.scale(total / t.grad_accum).backward()
                     loss_sum += loss.item() / t.grad_accum
@@ -643,6 +646,16 @@ class Trainer:
                 self.tb.close()
         summary.update({"iters": it, "best_val_loss": best, "final_val": last_val})
         return summary
+
+    def _target_share(self, y: torch.Tensor) -> torch.Tensor:
+        """n_r·W / Σ n: this rank's share of the global micro-batch's targets (``y >= 0``), times the
+        world size W, so the ranks' mean loss times it, averaged by DDP, is the mean over every target
+        of the global batch, as in one process (1 exactly where every rank has as many targets: text,
+        MQAR, selective copying; fuzzy and noisy recall have a varying number per example)."""
+        n = (y >= 0).sum().to(torch.float32)
+        total = n.clone()
+        dist.all_reduce(total)
+        return n * self.world / total.clamp_min(1)
 
     def _stop_message(self, what: str) -> str:
         """The stop message; it names the newest checkpoint that is intact, finite and not diverged."""
