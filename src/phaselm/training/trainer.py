@@ -637,7 +637,9 @@ class Trainer:
             path = self._save(it, rng, {"best_val_loss": best, "val": last_val, "interrupted": True})
             bar.close()
             how = "terminated (SIGTERM)" if isinstance(stop, _Terminated) else "interrupted"
-            raise TrainingError(f"{how} at iteration {it}; saved {path}; continue with --resume") from None
+            err = TrainingError(f"{how} at iteration {it}; saved {path}; continue with --resume")
+            err.quiet = self.rank != 0  # rank 0 saved and says where
+            raise err from None
         finally:
             if on_main:
                 signal.signal(signal.SIGTERM, previous)
