@@ -249,11 +249,13 @@ def _check_nproc(n: int, batch_size: int, batch_name: str, device: str, device_n
     (a CUDA launch puts rank r on GPU r, so it needs n GPUs and no fixed ``cuda:N``)."""
     import torch
 
+    from phaselm.utils import wants_cuda
+
     if n < 1:
         raise ValueError(f"--nproc-per-node must be at least 1, got {n}")
     if batch_size % n:
         raise ValueError(f"{batch_name} ({batch_size}) must be divisible by --nproc-per-node ({n})")
-    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    cuda = wants_cuda(device)
     if n > 1 and cuda and ":" in device:
         raise ValueError(f"{device_name}={device} would put all {n} processes on one GPU; use {device_name}=cuda "
                          "(process r takes GPU r)")
@@ -423,9 +425,6 @@ def cmd_bench_tasks(args) -> int:
     if n is not None:
         _check_nproc(n, cfg.batch_size, "--batch-size", cfg.device, "--device")
     data_parallel = n is not None and n > 1  # each run trained by n processes together (DDP)
-    if data_parallel and "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", 1)) != n:
-        raise ValueError(f"--nproc-per-node {n} under a torchrun launch of {os.environ.get('WORLD_SIZE')} processes; "
-                         "leave torchrun out (--nproc-per-node launches it) or give it the same --nproc_per_node")
     shard = parse_shard(args.shard) if args.shard is not None or not data_parallel else (0, 1)
     if not data_parallel:
         for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):  # under torchrun each process trains its own runs alone

@@ -83,6 +83,13 @@ def _cpu_name() -> str | None:
     return None
 
 
+def wants_cuda(device: str) -> bool:
+    """Whether a ``device`` setting (cpu | cuda | cuda:N | auto) means CUDA here."""
+    import torch
+
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+
+
 def dist_info() -> tuple[int, int]:
     """``(rank, world_size)`` of a torch.distributed launch; ``(0, 1)`` without a process group."""
     import torch

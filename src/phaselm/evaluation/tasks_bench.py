@@ -46,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from phaselm.utils import atomic_write, provenance, read_jsonl
+from phaselm.utils import atomic_write, provenance, read_jsonl, wants_cuda
 
 # task -> its difficulties: (label, data settings); the default run uses all of them
 DIFFICULTIES = {
@@ -401,10 +401,10 @@ class TasksBench:
 
         world = int(os.environ.get("WORLD_SIZE", 1))
         if world != self.processes:
-            raise ValueError(f"processes={self.processes} needs a torchrun launch of as many processes (WORLD_SIZE "
-                             f"is {world}); run it with --nproc-per-node {self.processes}")
+            raise ValueError(f"--nproc-per-node {self.processes} under a launch of {world} processes; leave torchrun "
+                             "out (--nproc-per-node launches it) or give it the same --nproc_per_node")
         if not dist.is_initialized():
-            cuda = self.cfg.device.startswith("cuda") or (self.cfg.device == "auto" and torch.cuda.is_available())
+            cuda = wants_cuda(self.cfg.device)
             if cuda:
                 torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
             dist.init_process_group("nccl" if cuda else "gloo")

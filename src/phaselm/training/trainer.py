@@ -47,7 +47,7 @@ from phaselm.data.tasks import TaskData
 from phaselm.models import MODELS, config_from_dict, config_to_dict
 from phaselm.training import checkpoint as ckpt
 from phaselm.training.config import RunConfig, from_dict
-from phaselm.utils import atomic_write, json_row
+from phaselm.utils import atomic_write, json_row, wants_cuda
 
 
 class TrainingError(RuntimeError):
@@ -392,7 +392,7 @@ class Trainer:
         self.ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
         self.rank = int(os.environ.get("RANK", 0))
         self.world = int(os.environ.get("WORLD_SIZE", 1))
-        want_cuda = t.device.startswith("cuda") or (t.device == "auto" and torch.cuda.is_available())
+        want_cuda = wants_cuda(t.device)
         if t.device.startswith("cuda") and not torch.cuda.is_available():
             raise TrainingError("train.device is cuda but no GPU is available; use train.device=cpu")
         if self.ddp and not dist.is_initialized():
