@@ -210,7 +210,7 @@ def test_training_on_a_task_learns_and_reports_accuracy(tmp_path):
 TINY = ["--task", "selective_copy", "--models", "gpt,mamba", "--widths", "16", "--seeds", "2", "--difficulties",
         "L256", "--lrs", "3e-3,1e-2", "--steps", "6", "--batch-size", "8", "--num-train", "64",
         "--num-test", "32", "--eval-interval", "3"]
-VOLATILE = {"train_seconds", "command", "commit", "dirty", "machine", "cpu", "cores", "resumed", "started_at_step"}
+VOLATILE = {"train_seconds", "command", "commit", "dirty", "machine", "cpu", "cores", "resumed", "started_at_step", "parts"}
 
 
 def bench(tmp_path, name, *extra):
@@ -300,6 +300,12 @@ def test_resumed_bench_equals_uninterrupted(uninterrupted, tmp_path):
     started = [json.loads(p.read_text())["started_at_step"] for p in sorted(runs.glob("*.json"))]
     assert set(started) <= set(range(6)) and not any(json.loads(p.read_text())["started_at_step"]
                                                      for p in (uninterrupted / "out" / "runs").glob("*.json"))
+    for path in runs.glob("*.json"):  # the parts cover the run's steps, one per start or resume, and add up
+        raw = json.loads(path.read_text())
+        steps = [p["steps"] for p in raw["parts"]]
+        assert steps[0][0] == 0 and steps[-1][1] == 6 and all(a[1] == b[0] for a, b in zip(steps, steps[1:]))
+        assert len(steps) == 1 + (raw["started_at_step"] > 0) and all(p["machine"] for p in raw["parts"])
+        assert raw["train_seconds"] == pytest.approx(sum(p["seconds"] for p in raw["parts"]), abs=0.1)
 
 
 def test_union_of_shards_equals_the_unsharded_run(uninterrupted, tmp_path):

@@ -137,6 +137,26 @@ def test_two_process_ddp_matches_one_process_with_the_same_global_batch(tmp_path
     assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
 
 
+def test_a_checkpoint_saved_before_parts_were_recorded_resumes_with_an_unknown_first_part(tmp_path, monkeypatch):
+    save = ckpt.save_checkpoint
+
+    def without_parts(*args, **kwargs):  # the state a checkpoint of before 2026-12-08 holds
+        args[5]["metrics"].pop("parts")
+        return save(*args, **kwargs)
+
+    cfg_path = config_file(tmp_path)
+    monkeypatch.setattr(ckpt, "save_checkpoint", without_parts)
+    Trainer(load_config(cfg_path, [f"train.out_dir={tmp_path / 'r'}", "train.max_iters=4"]), progress=False).train()
+    monkeypatch.setattr(ckpt, "save_checkpoint", save)
+    summary = Trainer(load_config(cfg_path, [f"train.out_dir={tmp_path / 'r'}"]), resume=True, progress=False).train()
+    first, second = summary["parts"]
+    assert first == {"steps": [0, 4], "seconds": None} and second["steps"] == [4, 8] and second["seconds"] >= 0
+    from phaselm.evaluation.tasks_bench import train_seconds
+
+    assert train_seconds(summary, 99.0) == round(second["seconds"], 1)  # the unknown part counts 0
+    assert train_seconds({"diverged": "..."}, 99.0) == 99.0
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path, monkeypatch):
     import phaselm.training.trainer as trainer_mod
 
@@ -158,7 +178,9 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_continues_the_same_curve(tmp_path,
     with open(tmp_path / "cut" / "metrics.jsonl", "a") as f:  # a line torn by a kill mid-write
         f.write('{"split": "train", "it')
     assert read_jsonl(tmp_path / "cut" / "metrics.jsonl")[-1]["iter"] <= 6  # readers skip the torn line
-    Trainer(cfg, resume=True, progress=False).train()
+    summary = Trainer(cfg, resume=True, progress=False).train()
+    assert [p["steps"] for p in summary["parts"]] == [[0, 6], [6, 8]]  # how the run was trained, part by part
+    assert all(p["seconds"] >= 0 and p["machine"] and p["device"] == "cpu" for p in summary["parts"])
     a, b = rows(tmp_path / "full", "train"), rows(tmp_path / "cut", "train")  # every line parses: the resume dropped the torn one
     assert [r["iter"] for r in b] == list(range(1, 9))
     assert all(ra["loss"] == pytest.approx(rb["loss"], abs=1e-6) for ra, rb in zip(a, b))

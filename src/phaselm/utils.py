@@ -64,13 +64,26 @@ def provenance() -> dict:
         except (OSError, subprocess.SubprocessError):
             return ""
 
-    _, world = dist_info()
     return {"commit": git("rev-parse", "--short", "HEAD") or None, "dirty": bool(git("status", "--porcelain", "--", "src")),
-            "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip()
-            + (f" × {world} processes" if world > 1 else ""),
-            "cpu": _cpu_name(), "cores": os.cpu_count(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "machine": machine_name(), "cpu": _cpu_name(), "cores": os.cpu_count(), "device": device_name(),
             "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()}
+
+
+def machine_name() -> str:
+    """The machine as results record it: architecture, processor, torch threads, and the processes of
+    a torchrun launch, e.g. ``x86_64 x86_64 1 threads × 2 processes``."""
+    import torch
+
+    _, world = dist_info()
+    return (f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip()
+            + (f" × {world} processes" if world > 1 else ""))
+
+
+def device_name() -> str:
+    """The GPU's name where CUDA is available, else ``cpu``."""
+    import torch
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def _cpu_name() -> str | None:

@@ -297,6 +297,14 @@ def val_curve(folder: Path) -> list[list[float]]:
     return [[r["iter"], r["accuracy"]] for r in rows if r.get("split") == "val" and "accuracy" in r]
 
 
+def train_seconds(summary: dict, seconds: float) -> float:
+    """A run's training time: its parts' seconds summed (each start or resume is a part,
+    :meth:`Trainer._parts`; a part saved before parts were recorded counts 0), else ``seconds`` (this
+    process's, when training stopped without a summary of parts: a diverged run)."""
+    parts = summary.get("parts")
+    return round(sum(p["seconds"] or 0.0 for p in parts) if parts else seconds, 1)
+
+
 def sweep_runs(cfg: TasksConfig) -> list[Run]:
     return [Run(cfg.sweep_label(), m, w, 1, lr, sweep=True) for m in cfg.models for w in cfg.widths for lr in cfg.lrs]
 
@@ -603,8 +611,8 @@ class TasksBench:
             "width": run.width, "seed": run.seed, "lr": lr, "sweep": run.sweep,
             "data": cfg.to_dict()["data"], "model_config": cfg.to_dict()["model"],
             "params": matched_params(model), "params_total": sum(p.numel() for p in model.parameters()),
-            "steps": self.cfg.steps, "train_seconds": round(seconds, 1), "resumed": resume,
-            "started_at_step": summary.get("start_iter", 0),
+            "steps": self.cfg.steps, "train_seconds": train_seconds(summary, seconds), "resumed": resume,
+            "started_at_step": summary.get("start_iter", 0), "parts": summary.get("parts"),
             "diverged": summary.get("diverged"), "val": val, "val_curve": val_curve(folder),
             "test": {**test, "wilson95": [lo, hi]},
             "test_by_difficulty": dict(zip(self.cfg.difficulty_labels(), tests)) if run.difficulty == MIX else None,

@@ -220,7 +220,8 @@ def markdown(main: list[dict], sweep: list[dict]) -> tuple[str, dict]:
         made.setdefault(r.get("trained_on") or r["run"], r)
     trained = [r for r in made.values() if not r.get("reused")]
     commits = sorted({r["commit"] or "?" for r in made.values()})
-    resumed = sum(1 for r in trained if r.get("started_at_step", r.get("resumed")))  # older runs: the --resume flag
+    resumed = sum(1 for r in trained if r.get("started_at_step", r.get("resumed"))  # older runs: the --resume flag
+                  and any(p["seconds"] is None for p in r.get("parts") or [{"seconds": None}]))  # time before unknown
     commands = Counter(re.sub(r" --shard \S+| --no-wait", "", r["command"]) for r in made.values())  # in order of first use
     machines = Counter(f"{r['machine']} ({r['cpu']}), torch {r['torch']}" for r in made.values())
     lines += ["", "## Provenance", "", "- commands (runs each; `--shard` and `--no-wait` left out):",

@@ -47,7 +47,7 @@ from phaselm.data.tasks import TaskData
 from phaselm.models import MODELS, config_from_dict, config_to_dict
 from phaselm.training import checkpoint as ckpt
 from phaselm.training.config import RunConfig, from_dict
-from phaselm.utils import atomic_write, json_row, wants_cuda
+from phaselm.utils import atomic_write, device_name, json_row, machine_name, wants_cuda
 
 
 class TrainingError(RuntimeError):
@@ -465,8 +465,8 @@ class Trainer:
     def _save(self, it: int, rng: dict, extra: dict) -> Path | None:
         if self.rank != 0:
             return None
-        state = {"config": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_json(),
-                 "metrics": dict(extra, initial_val_loss=self.initial_val_loss), "world_size": self.world}
+        state = {"config": self.cfg.to_dict(), "tokenizer": self.tokenizer.to_json(), "world_size": self.world,
+                 "metrics": dict(extra, initial_val_loss=self.initial_val_loss, parts=self._parts(it))}
         return ckpt.save_checkpoint(self.out, it, self.raw_model, self.optimizer, rng, state,
                                     keep=self.cfg.train.keep_checkpoints, tokenizer=self.tokenizer.tok)
 
@@ -503,7 +503,7 @@ class Trainer:
         """Clear an earlier run on ``--overwrite`` (the refusals came in :meth:`train`); restore a
         checkpoint on ``--resume``; return ``(start_iter, best)``."""
         cfg, start_iter, best = self.cfg, 0, float("inf")
-        self.initial_val_loss = None
+        self.initial_val_loss, self.earlier_parts = None, []
         if self.overwrite and self.rank == 0:  # an earlier run without --overwrite was refused in train()
             self.run_folder.clear()
         if self.rank == 0:
@@ -531,12 +531,25 @@ class Trainer:
         torch.set_rng_state(rng["torch"])
         batch_gen.set_state(rng["batch"])
         self.initial_val_loss = state["metrics"].get("initial_val_loss")
+        unknown = [{"steps": [0, state["step"]], "seconds": None}] if state["step"] else []  # saved before parts were
+        self.earlier_parts = state["metrics"].get("parts", unknown)
         return state["step"], state["metrics"].get("best_val_loss", best)
+
+    def _parts(self, it: int) -> list[dict]:
+        """The run's parts up to iteration ``it``: one per start or resume, ``{"steps": [first, last],
+        "seconds", "machine", "device"}`` (seconds: the training loop's wall time; None for a part
+        saved before parts were recorded), so a run trained in pieces, on other machines or numbers of
+        processes, says so; parts of no steps are left out."""
+        first, t0 = self.part_start
+        part = {"steps": [first, it], "seconds": round(time.perf_counter() - t0, 1), "machine": machine_name(),
+                "device": device_name()}
+        return self.earlier_parts + ([part] if it > first else [])
 
     def _train(self) -> dict:
         cfg, t = self.cfg, self.cfg.train
         batch_gen = torch.Generator().manual_seed(t.seed)
         start_iter, best = self._start(batch_gen)
+        self.part_start = (start_iter, time.perf_counter())
         if self.rank == 0:
             self._truncate_metrics(start_iter)
         self.tb = None
@@ -646,7 +659,7 @@ class Trainer:
             bar.close()
             if self.tb is not None:
                 self.tb.close()
-        summary.update({"iters": it, "best_val_loss": best, "final_val": last_val})
+        summary.update({"iters": it, "best_val_loss": best, "final_val": last_val, "parts": self._parts(it)})
         return summary
 
     def _target_share(self, y: torch.Tensor) -> torch.Tensor:
